@@ -1,0 +1,72 @@
+//! The clusterset: every cluster's objects, keyed as the API keys them.
+
+use std::collections::BTreeMap;
+
+use super::{ClusterId, ClusterSettings, Namespace, NetworkPolicy, Node, Pod};
+
+/// One cluster's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Its id.
+    pub id: ClusterId,
+    /// Its settings.
+    pub settings: ClusterSettings,
+    /// Namespaces by name (declared and implied).
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods by uid.
+    pub pods: BTreeMap<String, Pod>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// NetworkPolicies by (namespace, name).
+    pub policies: BTreeMap<(String, String), NetworkPolicy>,
+}
+
+impl Cluster {
+    /// An empty cluster.
+    pub fn new(id: ClusterId, settings: ClusterSettings) -> Self {
+        Self {
+            id,
+            settings,
+            namespaces: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            policies: BTreeMap::new(),
+        }
+    }
+
+    /// The pod named `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods
+            .values()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+}
+
+/// Every cluster of the set, by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterSet {
+    /// Clusters by id.
+    pub clusters: BTreeMap<ClusterId, Cluster>,
+}
+
+impl ClusterSet {
+    /// All pods of all clusters.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.clusters.values().flat_map(|c| c.pods.values())
+    }
+
+    /// All namespaces of all clusters.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.clusters.values().flat_map(|c| c.namespaces.values())
+    }
+
+    /// All NetworkPolicies of all clusters.
+    pub fn policies(&self) -> impl Iterator<Item = &NetworkPolicy> {
+        self.clusters.values().flat_map(|c| c.policies.values())
+    }
+
+    /// All nodes of all clusters.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.clusters.values().flat_map(|c| c.nodes.values())
+    }
+}

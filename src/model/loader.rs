@@ -1,0 +1,1 @@
+//! Loads a clusterset directory: one subdirectory per cluster, holding manifests.
