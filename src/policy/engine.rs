@@ -1,0 +1,886 @@
+//! The engine's state: interned clusters, namespaces, pods and policies, with the indexes a
+//! decision needs, each updated incrementally.
+//!
+//! Costs: deciding touches only the policies that select the two pods (listed per pod) and
+//! their rules; namespace selectors are precomputed as one bit per (namespace, selector).
+//! A pod update costs the policies of its namespace; a policy update the pods of its
+//! namespace (plus, for a new namespace selector, every namespace); a namespace update every
+//! namespace selector.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use smallvec::SmallVec;
+
+use super::compile::{Peer, Port, PortMatch, Rule, Selector};
+use super::decision::{
+    Connection, Decision, Direction, DirectionExplanation, Endpoint, Explanation, PolicyId,
+    RuleRef, Verdict, Why,
+};
+use super::intern::{Interner, LabelSet, Sym};
+use crate::model::{self, ClusterId, ClusterSet, LabelSelector, Labels, Protocol};
+
+/// A pod, by index in the engine (valid until that pod is removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodId(u32);
+
+/// Why a pod cannot be an endpoint of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// The pod has no address of the family asked for.
+    #[error("pod {pod} has no {family} address")]
+    NoAddress {
+        /// `cluster/namespace/name`.
+        pod: String,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
+    /// The pod does not own its addresses (finished, or not addressed yet).
+    #[error("pod {pod} owns no address (phase {phase})")]
+    NotLive {
+        /// `cluster/namespace/name`.
+        pod: String,
+        /// Its phase.
+        phase: String,
+    },
+}
+
+type ClusterIdx = u32;
+type NsIdx = u32;
+type PolicyIdx = u32;
+type PodIdx = u32;
+
+#[derive(Debug)]
+struct NsEntry {
+    cluster: ClusterIdx,
+    name: Box<str>,
+    labels: LabelSet,
+    /// Declared by a Namespace object (else implied by a pod or policy in it).
+    declared: bool,
+    /// Bit `i` set when namespace selector `i` matches this namespace.
+    selected_by: Vec<u64>,
+    pods: Vec<PodIdx>,
+    policies: Vec<PolicyIdx>,
+}
+
+impl NsEntry {
+    #[inline]
+    fn selected_by(&self, sel: u32) -> bool {
+        self.selected_by
+            .get((sel / 64) as usize)
+            .is_some_and(|w| w >> (sel % 64) & 1 == 1)
+    }
+
+    fn set_selected_by(&mut self, sel: u32, on: bool) {
+        let word = (sel / 64) as usize;
+        if word >= self.selected_by.len() {
+            if !on {
+                return;
+            }
+            self.selected_by.resize(word + 1, 0);
+        }
+        let bit = 1u64 << (sel % 64);
+        if on {
+            self.selected_by[word] |= bit;
+        } else {
+            self.selected_by[word] &= !bit;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PodEntry {
+    cluster: ClusterIdx,
+    name: Box<str>,
+    ns: NsIdx,
+    labels: LabelSet,
+    ips: SmallVec<[IpAddr; 2]>,
+    owns_ips: bool,
+    host_network: bool,
+    phase: model::PodPhase,
+    node: Option<Box<str>>,
+    /// (name, protocol, port), the first in container order for each (name, protocol).
+    named_ports: Box<[(Sym, Protocol, u16)]>,
+    /// Policies selecting this pod for ingress, sorted.
+    ingress: Vec<PolicyIdx>,
+    /// Policies selecting this pod for egress, sorted.
+    egress: Vec<PolicyIdx>,
+}
+
+impl PodEntry {
+    #[inline]
+    fn named_port(&self, name: Sym, protocol: Protocol) -> Option<u16> {
+        self.named_ports
+            .iter()
+            .find(|&&(n, p, _)| n == name && p == protocol)
+            .map(|&(_, _, port)| port)
+    }
+}
+
+#[derive(Debug)]
+struct PolicyEntry {
+    ns: NsIdx,
+    name: Box<str>,
+    selector: Selector,
+    ingress: Option<Box<[Rule]>>,
+    egress: Option<Box<[Rule]>>,
+    /// Namespace selectors this policy holds a reference on.
+    ns_sels: Vec<u32>,
+}
+
+#[derive(Debug)]
+struct NsSelEntry {
+    model: LabelSelector,
+    compiled: Selector,
+    refs: u32,
+}
+
+/// Slots with a free list, so indices stay small and stable.
+#[derive(Debug)]
+struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, v: T) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i as usize] = Some(v);
+                i
+            }
+            None => {
+                self.items.push(Some(v));
+                u32::try_from(self.items.len() - 1).expect("fewer than 2^32 objects")
+            }
+        }
+    }
+
+    fn remove(&mut self, i: u32) -> Option<T> {
+        let v = self.items.get_mut(i as usize)?.take();
+        if v.is_some() {
+            self.free.push(i);
+        }
+        v
+    }
+
+    #[inline]
+    fn get(&self, i: u32) -> Option<&T> {
+        self.items.get(i as usize)?.as_ref()
+    }
+
+    #[inline]
+    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
+        self.items.get_mut(i as usize)?.as_mut()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((i as u32, v.as_ref()?)))
+    }
+
+    fn len(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+}
+
+/// The policy engine over every cluster of a clusterset.
+#[derive(Debug, Default)]
+pub struct Engine {
+    interner: Interner,
+    clusters: Vec<ClusterId>,
+    cluster_index: HashMap<ClusterId, ClusterIdx>,
+    namespaces: Slab<NsEntry>,
+    ns_index: HashMap<(ClusterIdx, Box<str>), NsIdx>,
+    pods: Slab<PodEntry>,
+    pod_index: HashMap<(ClusterIdx, Box<str>), PodIdx>,
+    policies: Slab<PolicyEntry>,
+    policy_index: HashMap<(ClusterIdx, NsIdx, Box<str>), PolicyIdx>,
+    ns_selectors: Slab<NsSelEntry>,
+    ns_selector_index: HashMap<LabelSelector, u32>,
+    /// Addresses owned by live pods; more than one owner makes an address ambiguous.
+    ips: HashMap<IpAddr, SmallVec<[PodIdx; 1]>>,
+    /// InternalIP addresses of nodes, by (cluster, node name).
+    nodes: HashMap<(ClusterIdx, Box<str>), SmallVec<[IpAddr; 2]>>,
+}
+
+impl Engine {
+    /// An empty engine.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An engine holding every object of `set`.
+    pub fn from_clusterset(set: &ClusterSet) -> Self {
+        let mut e = Self::new();
+        for ns in set.namespaces() {
+            e.upsert_namespace(ns);
+        }
+        for node in set.nodes() {
+            e.upsert_node(node);
+        }
+        for pod in set.pods() {
+            e.upsert_pod(pod);
+        }
+        for p in set.policies() {
+            e.upsert_policy(p);
+        }
+        e
+    }
+
+    /// Number of (pods, namespaces, policies) held.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.pods.len(), self.namespaces.len(), self.policies.len())
+    }
+
+    fn cluster_idx(&mut self, id: &ClusterId) -> ClusterIdx {
+        if let Some(&i) = self.cluster_index.get(id) {
+            return i;
+        }
+        let i = ClusterIdx::try_from(self.clusters.len()).expect("fewer than 2^32 clusters");
+        self.clusters.push(id.clone());
+        self.cluster_index.insert(id.clone(), i);
+        i
+    }
+
+    /// The namespace entry for (cluster, name), implied with automatic labels if new.
+    fn ns_idx(&mut self, cluster: &ClusterId, name: &str) -> NsIdx {
+        let c = self.cluster_idx(cluster);
+        if let Some(&i) = self.ns_index.get(&(c, name.into())) {
+            return i;
+        }
+        let implied = model::Namespace::implied(cluster, name);
+        let labels = LabelSet::new(&implied.labels, &mut self.interner);
+        let i = self.namespaces.insert(NsEntry {
+            cluster: c,
+            name: name.into(),
+            labels,
+            declared: false,
+            selected_by: Vec::new(),
+            pods: Vec::new(),
+            policies: Vec::new(),
+        });
+        self.ns_index.insert((c, name.into()), i);
+        self.refresh_ns_selection(i);
+        i
+    }
+
+    /// Recomputes which namespace selectors match namespace `i`.
+    fn refresh_ns_selection(&mut self, i: NsIdx) {
+        let Some(ns) = self.namespaces.get_mut(i) else {
+            return;
+        };
+        ns.selected_by.clear();
+        for (s, sel) in self.ns_selectors.iter() {
+            if sel.compiled.matches(&ns.labels) {
+                ns.set_selected_by(s, true);
+            }
+        }
+    }
+
+    /// Drops namespace `i` if nothing declares or uses it.
+    fn release_ns(&mut self, i: NsIdx) {
+        let unused = self
+            .namespaces
+            .get(i)
+            .is_some_and(|ns| !ns.declared && ns.pods.is_empty() && ns.policies.is_empty());
+        if unused && let Some(ns) = self.namespaces.remove(i) {
+            self.ns_index.remove(&(ns.cluster, ns.name));
+        }
+    }
+
+    /// Adds or replaces a namespace (its labels as the model set them).
+    pub fn upsert_namespace(&mut self, ns: &model::Namespace) {
+        let i = self.ns_idx(&ns.cluster, &ns.name);
+        let labels = LabelSet::new(&ns.labels, &mut self.interner);
+        if let Some(entry) = self.namespaces.get_mut(i) {
+            entry.declared = true;
+            if entry.labels == labels {
+                return;
+            }
+            entry.labels = labels;
+        }
+        self.refresh_ns_selection(i);
+    }
+
+    /// Removes a namespace; while pods or policies remain in it, it keeps its automatic labels.
+    pub fn remove_namespace(&mut self, cluster: &ClusterId, name: &str) {
+        let Some(&c) = self.cluster_index.get(cluster) else {
+            return;
+        };
+        let Some(&i) = self.ns_index.get(&(c, name.into())) else {
+            return;
+        };
+        let implied = model::Namespace::implied(cluster, name);
+        let labels = LabelSet::new(&implied.labels, &mut self.interner);
+        if let Some(entry) = self.namespaces.get_mut(i) {
+            entry.declared = false;
+            entry.labels = labels;
+        }
+        self.refresh_ns_selection(i);
+        self.release_ns(i);
+    }
+
+    /// Adds or replaces a node (its addresses stand for its host-network pods).
+    pub fn upsert_node(&mut self, node: &model::Node) {
+        let c = self.cluster_idx(&node.cluster);
+        self.nodes
+            .insert((c, node.name.as_str().into()), node.addresses.iter().copied().collect());
+    }
+
+    /// Removes a node.
+    pub fn remove_node(&mut self, cluster: &ClusterId, name: &str) {
+        if let Some(&c) = self.cluster_index.get(cluster) {
+            self.nodes.remove(&(c, name.into()));
+        }
+    }
+
+    /// Adds or replaces a pod, keyed by (cluster, uid).
+    pub fn upsert_pod(&mut self, pod: &model::Pod) {
+        let c = self.cluster_idx(&pod.cluster);
+        if let Some(&old) = self.pod_index.get(&(c, pod.uid.as_str().into())) {
+            self.detach_pod(old);
+            self.pods.remove(old);
+        }
+        let ns = self.ns_idx(&pod.cluster, &pod.namespace);
+        let labels = LabelSet::new(&pod.labels, &mut self.interner);
+        let mut named_ports: Vec<(Sym, Protocol, u16)> = Vec::new();
+        for p in &pod.ports {
+            if let Some(name) = &p.name {
+                let sym = self.interner.intern(name);
+                if !named_ports.iter().any(|&(n, pr, _)| n == sym && pr == p.protocol) {
+                    named_ports.push((sym, p.protocol, p.port));
+                }
+            }
+        }
+        let mut entry = PodEntry {
+            cluster: c,
+            name: pod.name.as_str().into(),
+            ns,
+            labels,
+            ips: pod.ips.iter().copied().collect(),
+            owns_ips: pod.owns_ips(),
+            host_network: pod.host_network,
+            phase: pod.phase,
+            node: pod.node_name.as_deref().map(Into::into),
+            named_ports: named_ports.into_boxed_slice(),
+            ingress: Vec::new(),
+            egress: Vec::new(),
+        };
+        // Host-network pods are never isolated by policy.
+        if !entry.host_network
+            && let Some(nse) = self.namespaces.get(ns)
+        {
+            for &p in &nse.policies {
+                if let Some(pol) = self.policies.get(p)
+                    && pol.selector.matches(&entry.labels)
+                {
+                    if pol.ingress.is_some() {
+                        entry.ingress.push(p);
+                    }
+                    if pol.egress.is_some() {
+                        entry.egress.push(p);
+                    }
+                }
+            }
+            entry.ingress.sort_unstable();
+            entry.egress.sort_unstable();
+        }
+        let owned: SmallVec<[IpAddr; 2]> = if entry.owns_ips {
+            entry.ips.clone()
+        } else {
+            SmallVec::new()
+        };
+        let i = self.pods.insert(entry);
+        self.pod_index.insert((c, pod.uid.as_str().into()), i);
+        if let Some(nse) = self.namespaces.get_mut(ns) {
+            nse.pods.push(i);
+        }
+        for ip in owned {
+            self.ips.entry(ip).or_default().push(i);
+        }
+    }
+
+    /// Unlinks pod `i` from its namespace and the address index.
+    fn detach_pod(&mut self, i: PodIdx) {
+        let Some(p) = self.pods.get(i) else {
+            return;
+        };
+        let ns = p.ns;
+        for ip in p.ips.clone() {
+            if let Some(owners) = self.ips.get_mut(&ip) {
+                owners.retain(|o| *o != i);
+                if owners.is_empty() {
+                    self.ips.remove(&ip);
+                }
+            }
+        }
+        if let Some(nse) = self.namespaces.get_mut(ns) {
+            nse.pods.retain(|&x| x != i);
+        }
+        self.release_ns(ns);
+    }
+
+    /// Removes the pod (cluster, uid); a later pod that reuses its address is untouched.
+    pub fn remove_pod(&mut self, cluster: &ClusterId, uid: &str) {
+        let Some(&c) = self.cluster_index.get(cluster) else {
+            return;
+        };
+        if let Some(i) = self.pod_index.remove(&(c, uid.into())) {
+            self.detach_pod(i);
+            self.pods.remove(i);
+        }
+    }
+
+    /// The id of a namespace selector equal to `sel`, taking a reference on it.
+    fn acquire_ns_selector(&mut self, sel: &LabelSelector) -> u32 {
+        if let Some(&s) = self.ns_selector_index.get(sel) {
+            if let Some(e) = self.ns_selectors.get_mut(s) {
+                e.refs += 1;
+            }
+            return s;
+        }
+        let compiled = Selector::new(sel, &mut self.interner);
+        let s = self.ns_selectors.insert(NsSelEntry {
+            model: sel.clone(),
+            compiled,
+            refs: 1,
+        });
+        self.ns_selector_index.insert(sel.clone(), s);
+        if let Some(e) = self.ns_selectors.get(s) {
+            for ns in self.namespaces.items.iter_mut().flatten() {
+                let on = e.compiled.matches(&ns.labels);
+                ns.set_selected_by(s, on);
+            }
+        }
+        s
+    }
+
+    fn release_ns_selector(&mut self, s: u32) {
+        let Some(e) = self.ns_selectors.get_mut(s) else {
+            return;
+        };
+        e.refs -= 1;
+        if e.refs == 0
+            && let Some(e) = self.ns_selectors.remove(s)
+        {
+            self.ns_selector_index.remove(&e.model);
+        }
+    }
+
+    fn compile_rules(&mut self, ns: NsIdx, rules: &[model::Rule], ns_sels: &mut Vec<u32>) -> Box<[Rule]> {
+        rules
+            .iter()
+            .map(|r| Rule {
+                ports: r
+                    .ports
+                    .iter()
+                    .map(|p| Port::new(p.protocol, p.port.as_ref(), &mut self.interner))
+                    .collect(),
+                peers: r
+                    .peers
+                    .iter()
+                    .map(|peer| match peer {
+                        model::Peer::IpBlock(b) => Peer::Block(b.clone()),
+                        model::Peer::Pods {
+                            pod_selector,
+                            namespace_selector: None,
+                        } => Peer::Local {
+                            ns,
+                            pods: Selector::new(
+                                pod_selector.as_ref().unwrap_or(&LabelSelector::default()),
+                                &mut self.interner,
+                            ),
+                        },
+                        model::Peer::Pods {
+                            pod_selector,
+                            namespace_selector: Some(nsel),
+                        } => {
+                            let s = self.acquire_ns_selector(nsel);
+                            ns_sels.push(s);
+                            Peer::Namespaces {
+                                ns_sel: s,
+                                pods: pod_selector
+                                    .as_ref()
+                                    .filter(|p| !p.is_empty())
+                                    .map(|p| Selector::new(p, &mut self.interner)),
+                            }
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Adds or replaces a NetworkPolicy, keyed by (cluster, namespace, name).
+    pub fn upsert_policy(&mut self, p: &model::NetworkPolicy) {
+        let c = self.cluster_idx(&p.cluster);
+        let ns = self.ns_idx(&p.cluster, &p.namespace);
+        let key = (c, ns, p.name.as_str().into());
+        let mut ns_sels = Vec::new();
+        let entry = PolicyEntry {
+            ns,
+            name: p.name.as_str().into(),
+            selector: Selector::new(&p.pod_selector, &mut self.interner),
+            ingress: p
+                .ingress
+                .as_ref()
+                .map(|r| self.compile_rules(ns, r, &mut ns_sels)),
+            egress: p
+                .egress
+                .as_ref()
+                .map(|r| self.compile_rules(ns, r, &mut ns_sels)),
+            ns_sels,
+        };
+        let idx = match self.policy_index.get(&key) {
+            Some(&idx) => {
+                if let Some(old) = self.policies.get_mut(idx) {
+                    let old = std::mem::replace(old, entry);
+                    for s in old.ns_sels {
+                        self.release_ns_selector(s);
+                    }
+                }
+                idx
+            }
+            None => {
+                let idx = self.policies.insert(entry);
+                self.policy_index.insert(key, idx);
+                if let Some(nse) = self.namespaces.get_mut(ns) {
+                    nse.policies.push(idx);
+                }
+                idx
+            }
+        };
+        self.refresh_selection_of(idx, ns);
+    }
+
+    /// Recomputes, for every pod of namespace `ns`, whether policy `idx` selects it.
+    fn refresh_selection_of(&mut self, idx: PolicyIdx, ns: NsIdx) {
+        let Some(nse) = self.namespaces.get(ns) else {
+            return;
+        };
+        let pol = self.policies.get(idx);
+        for &pi in &nse.pods {
+            let Some(pod) = self.pods.get_mut(pi) else {
+                continue;
+            };
+            let selected =
+                pol.filter(|_| !pod.host_network).filter(|p| p.selector.matches(&pod.labels));
+            set_member(&mut pod.ingress, idx, selected.is_some_and(|p| p.ingress.is_some()));
+            set_member(&mut pod.egress, idx, selected.is_some_and(|p| p.egress.is_some()));
+        }
+    }
+
+    /// Removes the NetworkPolicy (cluster, namespace, name).
+    pub fn remove_policy(&mut self, cluster: &ClusterId, namespace: &str, name: &str) {
+        let Some(&c) = self.cluster_index.get(cluster) else {
+            return;
+        };
+        let Some(&ns) = self.ns_index.get(&(c, namespace.into())) else {
+            return;
+        };
+        let Some(idx) = self.policy_index.remove(&(c, ns, name.into())) else {
+            return;
+        };
+        let Some(old) = self.policies.remove(idx) else {
+            return;
+        };
+        self.refresh_selection_of(idx, ns);
+        for s in old.ns_sels {
+            self.release_ns_selector(s);
+        }
+        if let Some(nse) = self.namespaces.get_mut(ns) {
+            nse.policies.retain(|&x| x != idx);
+        }
+        self.release_ns(ns);
+    }
+
+    /// The pod `cluster/namespace/name`.
+    pub fn pod_by_name(&self, cluster: &str, namespace: &str, name: &str) -> Option<PodId> {
+        let c = *self.cluster_index.get(&ClusterId::new(cluster).ok()?)?;
+        let ns = self.namespaces.get(*self.ns_index.get(&(c, namespace.into()))?)?;
+        ns.pods
+            .iter()
+            .copied()
+            .find(|&i| self.pods.get(i).is_some_and(|p| &*p.name == name))
+            .map(PodId)
+    }
+
+    /// `cluster/namespace/name` of a pod.
+    pub fn pod_name(&self, pod: PodId) -> String {
+        match self.pods.get(pod.0) {
+            Some(p) => format!("{}/{}", self.ns_name(p.ns), p.name),
+            None => format!("<removed pod {}>", pod.0),
+        }
+    }
+
+    fn ns_name(&self, ns: NsIdx) -> String {
+        match self.namespaces.get(ns) {
+            Some(n) => format!("{}/{}", self.clusters[n.cluster as usize], n.name),
+            None => format!("<removed namespace {ns}>"),
+        }
+    }
+
+    /// The endpoint `pod` is on a connection of the family of `v6`: the pod itself, or for a
+    /// host-network pod its node's address.
+    pub fn pod_endpoint(&self, pod: PodId, v6: bool) -> Result<Endpoint, EndpointError> {
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        let Some(p) = self.pods.get(pod.0) else {
+            return Err(EndpointError::NoAddress {
+                pod: self.pod_name(pod),
+                family,
+            });
+        };
+        let no_address = || EndpointError::NoAddress {
+            pod: self.pod_name(pod),
+            family,
+        };
+        if p.host_network {
+            let node_ips = p
+                .node
+                .as_ref()
+                .and_then(|n| self.nodes.get(&(p.cluster, n.clone())));
+            return p
+                .ips
+                .iter()
+                .chain(node_ips.into_iter().flatten())
+                .copied()
+                .find(|ip| ip.is_ipv6() == v6)
+                .map(Endpoint::Address)
+                .ok_or_else(no_address);
+        }
+        if !p.owns_ips {
+            if p.ips.is_empty() {
+                return Err(no_address());
+            }
+            return Err(EndpointError::NotLive {
+                pod: self.pod_name(pod),
+                phase: format!("{:?}", p.phase),
+            });
+        }
+        let ip = p
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv6() == v6)
+            .ok_or_else(no_address)?;
+        Ok(self.address_endpoint(ip))
+    }
+
+    /// The endpoint at `ip`: its pod if exactly one live pod owns it, else an address.
+    pub fn address_endpoint(&self, ip: IpAddr) -> Endpoint {
+        let ip = ip.to_canonical();
+        match self.ips.get(&ip).map(|o| o.as_slice()) {
+            Some(&[one]) => Endpoint::Pod {
+                pod: PodId(one),
+                ip,
+            },
+            Some([_, _, ..]) => Endpoint::Ambiguous(ip),
+            _ => Endpoint::Address(ip),
+        }
+    }
+
+    /// The pods claiming an ambiguous address, as `cluster/namespace/name`.
+    pub fn claimants(&self, ip: IpAddr) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ips
+            .get(&ip.to_canonical())
+            .into_iter()
+            .flatten()
+            .map(|&i| self.pod_name(PodId(i)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Decides a connection: egress of the source and ingress of the destination.
+    pub fn decide(&self, c: &Connection) -> Decision {
+        if let (Endpoint::Pod { pod: a, .. }, Endpoint::Pod { pod: b, .. }) = (c.src, c.dst)
+            && a == b
+        {
+            return Decision {
+                egress: Direction::SelfTraffic,
+                ingress: Direction::SelfTraffic,
+            };
+        }
+        let dst_pod = match c.dst {
+            Endpoint::Pod { pod, .. } => self.pods.get(pod.0),
+            _ => None,
+        };
+        let egress = match c.src {
+            Endpoint::Pod { pod, .. } => match self.pods.get(pod.0) {
+                Some(p) => self.direction(&p.egress, false, c.dst, dst_pod, c),
+                None => Direction::NotAPod,
+            },
+            Endpoint::Address(_) => Direction::NotAPod,
+            Endpoint::Ambiguous(_) => Direction::Ambiguous,
+        };
+        let ingress = match (c.dst, dst_pod) {
+            (Endpoint::Pod { .. }, Some(p)) => self.direction(&p.ingress, true, c.src, dst_pod, c),
+            (Endpoint::Ambiguous(_), _) => Direction::Ambiguous,
+            _ => Direction::NotAPod,
+        };
+        Decision { egress, ingress }
+    }
+
+    /// One direction: `selecting` are the policies selecting the pod, `peer` the other end.
+    #[inline]
+    fn direction(
+        &self,
+        selecting: &[PolicyIdx],
+        ingress: bool,
+        peer: Endpoint,
+        dst_pod: Option<&PodEntry>,
+        c: &Connection,
+    ) -> Direction {
+        if selecting.is_empty() {
+            return Direction::NotSelected;
+        }
+        let peer_pod = match peer {
+            Endpoint::Pod { pod, .. } => self.pods.get(pod.0),
+            _ => None,
+        };
+        let peer_ip = peer.ip();
+        let mut allowed: SmallVec<[RuleRef; 2]> = SmallVec::new();
+        for &pi in selecting {
+            let Some(pol) = self.policies.get(pi) else {
+                continue;
+            };
+            let rules = if ingress { &pol.ingress } else { &pol.egress };
+            for (ri, rule) in rules.iter().flatten().enumerate() {
+                if self.port_matches(rule, c.port, c.protocol, dst_pod)
+                    && self.peer_matches(rule, peer_pod, peer_ip)
+                {
+                    allowed.push(RuleRef {
+                        policy: PolicyId(pi),
+                        rule: ri as u16,
+                    });
+                }
+            }
+        }
+        if allowed.is_empty() {
+            Direction::Denied(selecting.iter().map(|&p| PolicyId(p)).collect())
+        } else {
+            Direction::Allowed(allowed)
+        }
+    }
+
+    #[inline]
+    fn port_matches(
+        &self,
+        rule: &Rule,
+        port: u16,
+        protocol: Protocol,
+        dst_pod: Option<&PodEntry>,
+    ) -> bool {
+        rule.ports.is_empty()
+            || rule.ports.iter().any(|p| {
+                p.protocol == protocol
+                    && match p.port {
+                        PortMatch::Any => true,
+                        PortMatch::Range(lo, hi) => (lo..=hi).contains(&port),
+                        // A named port never matches an address that is not a pod.
+                        PortMatch::Named(n) => {
+                            dst_pod.and_then(|d| d.named_port(n, protocol)) == Some(port)
+                        }
+                    }
+            })
+    }
+
+    #[inline]
+    fn peer_matches(&self, rule: &Rule, peer_pod: Option<&PodEntry>, peer_ip: IpAddr) -> bool {
+        rule.peers.is_empty()
+            || rule.peers.iter().any(|peer| match (peer, peer_pod) {
+                (Peer::Block(b), _) => b.contains(peer_ip),
+                (Peer::Local { ns, pods }, Some(p)) => p.ns == *ns && pods.matches(&p.labels),
+                (Peer::Namespaces { ns_sel, pods }, Some(p)) => {
+                    self.namespaces
+                        .get(p.ns)
+                        .is_some_and(|n| n.selected_by(*ns_sel))
+                        && pods.as_ref().is_none_or(|s| s.matches(&p.labels))
+                }
+                (_, None) => peer.matches_address(peer_ip),
+            })
+    }
+
+    /// `cluster/namespace/name` of a policy.
+    pub fn policy_name(&self, p: PolicyId) -> String {
+        match self.policies.get(p.0) {
+            Some(pol) => format!("{}/{}", self.ns_name(pol.ns), pol.name),
+            None => format!("<removed policy {}>", p.0),
+        }
+    }
+
+    /// The decision with names: what is shown and logged.
+    pub fn explain(&self, d: &Decision) -> Explanation {
+        Explanation {
+            verdict: d.verdict(),
+            egress: self.explain_direction(&d.egress),
+            ingress: self.explain_direction(&d.ingress),
+        }
+    }
+
+    fn explain_direction(&self, d: &Direction) -> DirectionExplanation {
+        let (why, mut policies, mut rules) = match d {
+            Direction::SelfTraffic => (Why::SelfTraffic, vec![], vec![]),
+            Direction::NotAPod => (Why::NotAPod, vec![], vec![]),
+            Direction::NotSelected => (Why::NotSelected, vec![], vec![]),
+            Direction::Ambiguous => (Why::Ambiguous, vec![], vec![]),
+            Direction::Denied(ps) => (
+                Why::Denied,
+                ps.iter().map(|&p| self.policy_name(p)).collect(),
+                vec![],
+            ),
+            Direction::Allowed(rs) => {
+                let mut named: Vec<(String, u16)> =
+                    rs.iter().map(|r| (self.policy_name(r.policy), r.rule)).collect();
+                named.sort();
+                let policies = named.iter().map(|(p, _)| p.clone()).collect();
+                let rules = named
+                    .into_iter()
+                    .map(|(p, r)| format!("{p} rule {r}"))
+                    .collect();
+                (Why::Allowed, policies, rules)
+            }
+        };
+        policies.sort();
+        policies.dedup();
+        rules.dedup();
+        DirectionExplanation {
+            verdict: if d.allows() { Verdict::Allow } else { Verdict::Deny },
+            why,
+            policies,
+            rules,
+        }
+    }
+
+    /// The labels of a namespace as the engine holds them (for tests and the admin view).
+    pub fn namespace_labels(&self, cluster: &ClusterId, name: &str) -> Option<Labels> {
+        let c = *self.cluster_index.get(cluster)?;
+        let ns = self.namespaces.get(*self.ns_index.get(&(c, name.into()))?)?;
+        let resolve = |s: Sym| self.interner.resolve(s).to_owned();
+        Some(ns.labels.iter().map(|(k, v)| (resolve(k), resolve(v))).collect())
+    }
+}
+
+/// Inserts or removes `x` in the sorted list `v`.
+fn set_member(v: &mut Vec<u32>, x: u32, member: bool) {
+    match (v.binary_search(&x), member) {
+        (Err(at), true) => v.insert(at, x),
+        (Ok(at), false) => {
+            v.remove(at);
+        }
+        _ => {}
+    }
+}
