@@ -1,1 +1,13 @@
-fn main() {}
+//! The `weft` binary: everything lives in the library; errors are printed as one line.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match weft::cli::run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -13,6 +13,7 @@ pub mod selector;
 pub use cluster::{ClusterId, ClusterSettings};
 pub use clusterset::{Cluster, ClusterSet};
 pub use labels::Labels;
+pub use loader::{LoadError, LoadWarning, Loaded, Origin, load_cluster, load_clusterset};
 pub use netpol::{IpBlock, NetworkPolicy, Peer, PortRule, PortSpec, Rule};
 pub use objects::{ContainerPort, Namespace, Node, Pod, PodPhase, Protocol};
 pub use selector::{LabelSelector, Operator, Requirement};

@@ -15,4 +15,4 @@ pub use decision::{
     Connection, Decision, Direction, DirectionExplanation, Endpoint, Explanation, PolicyId,
     RuleRef, Verdict, Why,
 };
-pub use engine::{Engine, EndpointError, PodId};
+pub use engine::{EndpointError, Engine, PodId};

@@ -1,1 +1,279 @@
-//! Probes.
+//! Probes for `weft policy check`: connections read from a YAML file, resolved against the
+//! engine, decided, and rendered as a table or as JSON Lines.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Protocol;
+use crate::policy::{Connection, DirectionExplanation, Endpoint, Engine, Explanation, Verdict};
+
+/// A probe as written in the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    from: String,
+    to: String,
+    port: serde_json::Value,
+    protocol: Option<String>,
+    family: Option<String>,
+}
+
+/// A probe file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The file cannot be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a YAML list of probes.
+    #[error("{file}: {message}")]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// One probe is wrong.
+    #[error("{file}: probe {number}: {message}")]
+    Probe {
+        /// The file.
+        file: PathBuf,
+        /// Its number, from 1.
+        number: usize,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A probe resolved against the engine, ready to decide.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    from: String,
+    to: String,
+    port: serde_json::Value,
+    protocol: String,
+    connection: Connection,
+}
+
+/// A decided probe: the probe as given, with the decision's explanation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// Source as given.
+    pub from: String,
+    /// Destination as given.
+    pub to: String,
+    /// Port as given.
+    pub port: serde_json::Value,
+    /// Protocol as given (`TCP` when not given).
+    pub protocol: String,
+    /// Overall verdict.
+    pub verdict: Verdict,
+    /// Egress of the source.
+    pub egress: DirectionExplanation,
+    /// Ingress of the destination.
+    pub ingress: DirectionExplanation,
+}
+
+/// Reads and resolves every probe of `file`; the first bad one is the error.
+pub fn load(file: &Path, engine: &Engine) -> Result<Vec<Probe>, ProbeError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ProbeError::Read {
+        file: file.to_owned(),
+        source,
+    })?;
+    parse(file, &text, engine)
+}
+
+/// Parses and resolves probes from `text` (read from `file`, named in errors).
+pub fn parse(file: &Path, text: &str, engine: &Engine) -> Result<Vec<Probe>, ProbeError> {
+    let syntax = |message: String| ProbeError::Syntax {
+        file: file.to_owned(),
+        message,
+    };
+    let items: Vec<serde_json::Value> = match serde_saphyr::from_str::<serde_json::Value>(text)
+        .map_err(|e| syntax(e.to_string()))?
+    {
+        serde_json::Value::Array(items) => items,
+        serde_json::Value::Null => Vec::new(),
+        _ => return Err(syntax("expected a list of probes".into())),
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            resolve(item, engine).map_err(|message| ProbeError::Probe {
+                file: file.to_owned(),
+                number: i + 1,
+                message,
+            })
+        })
+        .collect()
+}
+
+fn resolve(item: serde_json::Value, engine: &Engine) -> Result<Probe, String> {
+    let raw: RawProbe = serde_json::from_value(item).map_err(|e| e.to_string())?;
+    let port = raw
+        .port
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|&p| p != 0)
+        .ok_or_else(|| format!("port {} is not a number between 1 and 65535", raw.port))?;
+    let protocol = match raw.protocol.as_deref() {
+        None => Protocol::Tcp,
+        Some(p) => Protocol::from_api(&p.to_ascii_uppercase())
+            .ok_or_else(|| format!("protocol {p:?} is not TCP, UDP or SCTP"))?,
+    };
+    let from = End::parse(&raw.from, engine).map_err(|e| format!("from: {e}"))?;
+    let to = End::parse(&raw.to, engine).map_err(|e| format!("to: {e}"))?;
+    let v6 = match raw
+        .family
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("ipv4") => false,
+        Some("ipv6") => true,
+        Some(other) => return Err(format!("family {other:?} is not IPv4 or IPv6")),
+        None => !(from.endpoint(false, engine).is_ok() && to.endpoint(false, engine).is_ok()),
+    };
+    let src = from
+        .endpoint(v6, engine)
+        .map_err(|e| format!("from: {e}"))?;
+    let dst = to.endpoint(v6, engine).map_err(|e| format!("to: {e}"))?;
+    Ok(Probe {
+        from: raw.from,
+        to: raw.to,
+        port: raw.port,
+        protocol: raw.protocol.unwrap_or_else(|| "TCP".into()),
+        connection: Connection {
+            src,
+            dst,
+            port,
+            protocol,
+        },
+    })
+}
+
+/// One end of a probe: a named pod or an address.
+enum End {
+    Pod(crate::policy::PodId),
+    Ip(IpAddr),
+}
+
+impl End {
+    fn parse(s: &str, engine: &Engine) -> Result<Self, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(End::Ip(ip.to_canonical()));
+        }
+        let mut parts = s.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(c), Some(ns), Some(name), None) => engine
+                .pod_by_name(c, ns, name)
+                .map(End::Pod)
+                .ok_or_else(|| format!("unknown pod {s:?}")),
+            _ => Err(format!(
+                "{s:?} is neither an IP address nor cluster/namespace/pod"
+            )),
+        }
+    }
+
+    fn endpoint(&self, v6: bool, engine: &Engine) -> Result<Endpoint, String> {
+        match *self {
+            End::Pod(pod) => engine.pod_endpoint(pod, v6).map_err(|e| e.to_string()),
+            End::Ip(ip) if ip.is_ipv6() == v6 => Ok(engine.address_endpoint(ip)),
+            End::Ip(ip) => Err(format!(
+                "{ip} is not an {} address",
+                if v6 { "IPv6" } else { "IPv4" }
+            )),
+        }
+    }
+}
+
+/// Decides every probe.
+pub fn decide(probes: &[Probe], engine: &Engine) -> Vec<Outcome> {
+    probes
+        .iter()
+        .map(|p| {
+            let Explanation {
+                verdict,
+                egress,
+                ingress,
+            } = engine.explain(&engine.decide(&p.connection));
+            Outcome {
+                from: p.from.clone(),
+                to: p.to.clone(),
+                port: p.port.clone(),
+                protocol: p.protocol.clone(),
+                verdict,
+                egress,
+                ingress,
+            }
+        })
+        .collect()
+}
+
+/// JSON Lines: one object per probe, in probe order.
+pub fn render_json(outcomes: &[Outcome]) -> String {
+    let mut out = String::new();
+    for o in outcomes {
+        // Serialising plain strings, numbers and enums cannot fail.
+        out.push_str(&serde_json::to_string(o).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}
+
+/// A readable, aligned table with the reasons of both directions.
+pub fn render_text(outcomes: &[Outcome]) -> String {
+    let header = [
+        "FROM",
+        "TO",
+        "PORT",
+        "VERDICT",
+        "EGRESS (source)",
+        "INGRESS (destination)",
+    ];
+    let rows: Vec<[String; 6]> = outcomes
+        .iter()
+        .map(|o| {
+            [
+                o.from.clone(),
+                o.to.clone(),
+                format!("{}/{}", o.port, o.protocol),
+                o.verdict.to_string(),
+                o.egress.to_string(),
+                o.ingress.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for r in &rows {
+        line(&r.each_ref().map(String::as_str));
+    }
+    out
+}

@@ -72,7 +72,8 @@ pub fn validate_dns_subdomain(s: &str) -> Result<(), String> {
     for part in s.split('.') {
         let b = part.as_bytes();
         let ok = !b.is_empty()
-            && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && b.iter()
+                .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
             && b[0] != b'-'
             && b[b.len() - 1] != b'-';
         if !ok {
@@ -87,13 +88,16 @@ pub fn validate_dns_label(s: &str) -> Result<(), String> {
     let b = s.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= MAX_NAME
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-';
     if ok {
         Ok(())
     } else {
-        Err(format!("{s:?} is not a lowercase DNS label of at most 63 characters"))
+        Err(format!(
+            "{s:?} is not a lowercase DNS label of at most 63 characters"
+        ))
     }
 }
 
@@ -165,7 +169,10 @@ mod tests {
     fn namespace_labels_are_authoritative() {
         let c = ClusterId::new("cluster-2").unwrap();
         let declared = Labels::from([
-            ("cluster.clusterset.k8s.io".to_owned(), "cluster-1".to_owned()),
+            (
+                "cluster.clusterset.k8s.io".to_owned(),
+                "cluster-1".to_owned(),
+            ),
             ("team".to_owned(), "a".to_owned()),
             (METADATA_NAME.to_owned(), "other".to_owned()),
         ]);

@@ -123,7 +123,9 @@ impl NetworkPolicy {
                         other => {
                             return Err(err(FieldError::new(
                                 format!("spec.policyTypes[{n}]"),
-                                format!("unsupported policy type {other:?}: must be Ingress or Egress"),
+                                format!(
+                                    "unsupported policy type {other:?}: must be Ingress or Egress"
+                                ),
                             )));
                         }
                     }
@@ -136,12 +138,15 @@ impl NetworkPolicy {
         let mut ingress = Vec::new();
         for (i, r) in spec.ingress.iter().flatten().enumerate() {
             let at = format!("spec.ingress[{i}]");
-            ingress.push(rule(&at, "from", r.ports.as_deref(), r.from.as_deref(), warnings).map_err(err)?);
+            ingress.push(
+                rule(&at, "from", r.ports.as_deref(), r.from.as_deref(), warnings).map_err(err)?,
+            );
         }
         let mut egress = Vec::new();
         for (i, r) in spec.egress.iter().flatten().enumerate() {
             let at = format!("spec.egress[{i}]");
-            egress.push(rule(&at, "to", r.ports.as_deref(), r.to.as_deref(), warnings).map_err(err)?);
+            egress
+                .push(rule(&at, "to", r.ports.as_deref(), r.to.as_deref(), warnings).map_err(err)?);
         }
         Ok(Self {
             cluster: cluster.clone(),
@@ -229,8 +234,7 @@ fn port_rule(at: &str, p: &net::NetworkPolicyPort) -> Result<PortRule, FieldErro
                     "endPort needs a numeric port, not a named one",
                 ));
             }
-            validate_port_name(name)
-                .map_err(|m| FieldError::new(format!("{at}.port"), m))?;
+            validate_port_name(name).map_err(|m| FieldError::new(format!("{at}.port"), m))?;
             Some(PortSpec::Named(name.clone()))
         }
     };
@@ -242,7 +246,8 @@ fn validate_port_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 15
-        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
         && b.iter().any(|c| c.is_ascii_lowercase())
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
@@ -267,7 +272,11 @@ fn peer(
             at,
             "ipBlock cannot be combined with podSelector or namespaceSelector",
         )),
-        Some(b) => Ok(Peer::IpBlock(ip_block(&format!("{at}.ipBlock"), b, warnings)?)),
+        Some(b) => Ok(Peer::IpBlock(ip_block(
+            &format!("{at}.ipBlock"),
+            b,
+            warnings,
+        )?)),
         None if !has_selector => Err(FieldError::new(
             at,
             "a peer needs podSelector, namespaceSelector or ipBlock",
@@ -293,16 +302,14 @@ fn cidr(at: &str, s: &str, warnings: &mut Vec<String>) -> Result<IpNet, FieldErr
         .map_err(|_| FieldError::new(at, format!("invalid CIDR {s:?}")))?;
     let masked = net.trunc();
     if masked != net {
-        warnings.push(format!("{at}: CIDR {s:?} has host bits set; using {masked}"));
+        warnings.push(format!(
+            "{at}: CIDR {s:?} has host bits set; using {masked}"
+        ));
     }
     Ok(masked)
 }
 
-fn ip_block(
-    at: &str,
-    b: &net::IPBlock,
-    warnings: &mut Vec<String>,
-) -> Result<IpBlock, FieldError> {
+fn ip_block(at: &str, b: &net::IPBlock, warnings: &mut Vec<String>) -> Result<IpBlock, FieldError> {
     let outer = cidr(&format!("{at}.cidr"), &b.cidr, warnings)?;
     let mut except = Vec::new();
     for (k, e) in b.except.iter().flatten().enumerate() {
@@ -312,7 +319,10 @@ fn ip_block(
         if !same_family {
             return Err(FieldError::new(
                 at,
-                format!("{e:?} is not of the same address family as cidr {:?}", b.cidr),
+                format!(
+                    "{e:?} is not of the same address family as cidr {:?}",
+                    b.cidr
+                ),
             ));
         }
         if !(outer.contains(&inner) && inner.prefix_len() > outer.prefix_len()) {
@@ -352,46 +362,127 @@ mod tests {
             (json!({"egress": []}), true, false),
             (json!({"egress": [{}]}), true, true),
             (json!({"policyTypes": [], "egress": [{}]}), true, true),
-            (json!({"policyTypes": ["Egress"], "ingress": [{}]}), false, true),
+            (
+                json!({"policyTypes": ["Egress"], "ingress": [{}]}),
+                false,
+                true,
+            ),
             (json!({"policyTypes": ["Ingress", "Egress"]}), true, true),
         ];
         for (spec, i, e) in cases {
             let p = parse(spec.clone()).0.unwrap();
             assert_eq!((p.ingress.is_some(), p.egress.is_some()), (i, e), "{spec}");
         }
-        let p = parse(json!({"policyTypes": ["Egress"], "ingress": [{}]})).0.unwrap();
-        assert_eq!(p.egress, Some(vec![]), "explicit types ignore the other direction");
+        let p = parse(json!({"policyTypes": ["Egress"], "ingress": [{}]}))
+            .0
+            .unwrap();
+        assert_eq!(
+            p.egress,
+            Some(vec![]),
+            "explicit types ignore the other direction"
+        );
     }
 
     #[test]
     fn host_bits_are_masked_with_a_warning() {
-        let (p, w) = parse(json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.1.2.3/8", "except": ["10.1.0.0/16"]}}]}]}));
+        let (p, w) = parse(
+            json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.1.2.3/8", "except": ["10.1.0.0/16"]}}]}]}),
+        );
         let p = p.unwrap();
-        let Peer::IpBlock(b) = &p.ingress.unwrap()[0].peers[0] else { panic!() };
+        let Peer::IpBlock(b) = &p.ingress.unwrap()[0].peers[0] else {
+            panic!()
+        };
         assert_eq!(b.cidr.to_string(), "10.0.0.0/8");
         assert_eq!(w.len(), 1);
-        assert!(w[0].starts_with("spec.ingress[0].from[0].ipBlock.cidr"), "{w:?}");
+        assert!(
+            w[0].starts_with("spec.ingress[0].from[0].ipBlock.cidr"),
+            "{w:?}"
+        );
     }
 
     #[test]
     fn invalid_policies_name_the_field() {
         let cases = [
-            (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0/8"}}]}]}), "spec.ingress[0].from[0].ipBlock.cidr", "invalid CIDR \"10.0.0/8\""),
-            (json!({"ingress": [{"from": [{}]}]}), "spec.ingress[0].from[0]", "needs"),
-            (json!({"egress": [{"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}), "spec.egress[0].to[1]", "cannot be combined"),
-            (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}]}), "spec.ingress[0].from[0].ipBlock.except[0]", "strictly inside"),
-            (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}), "spec.ingress[0].from[0].ipBlock.except[0]", "strictly inside"),
-            (json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}]}]}), "spec.ingress[0].from[0].ipBlock.except[0]", "family"),
-            (json!({"ingress": [{"ports": [{"port": 0}]}]}), "spec.ingress[0].ports[0].port", "between 1 and 65535"),
-            (json!({"ingress": [{"ports": [{"port": 65536}]}]}), "spec.ingress[0].ports[0].port", "between 1 and 65535"),
-            (json!({"ingress": [{"ports": [{"port": 80, "endPort": 79}]}]}), "spec.ingress[0].ports[0].endPort", "below"),
-            (json!({"ingress": [{"ports": [{"endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort", "numeric"),
-            (json!({"ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}), "spec.ingress[0].ports[0].endPort", "numeric"),
-            (json!({"ingress": [{"ports": [{"port": 80, "endPort": 70000}]}]}), "spec.ingress[0].ports[0].endPort", "between"),
-            (json!({"ingress": [{"ports": [{"port": "Not_A_Name"}]}]}), "spec.ingress[0].ports[0].port", "invalid port name"),
-            (json!({"ingress": [{"ports": [{"protocol": "ICMP"}]}]}), "spec.ingress[0].ports[0].protocol", "unsupported protocol"),
-            (json!({"policyTypes": ["ingress"]}), "spec.policyTypes[0]", "unsupported policy type"),
-            (json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}), "spec.podSelector.matchExpressions[0].values", "must be empty"),
+            (
+                json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0/8"}}]}]}),
+                "spec.ingress[0].from[0].ipBlock.cidr",
+                "invalid CIDR \"10.0.0/8\"",
+            ),
+            (
+                json!({"ingress": [{"from": [{}]}]}),
+                "spec.ingress[0].from[0]",
+                "needs",
+            ),
+            (
+                json!({"egress": [{"to": [{"podSelector": {}}, {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}),
+                "spec.egress[0].to[1]",
+                "cannot be combined",
+            ),
+            (
+                json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.0.0/8"]}}]}]}),
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+                "strictly inside",
+            ),
+            (
+                json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]}),
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+                "strictly inside",
+            ),
+            (
+                json!({"ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["fd00::/64"]}}]}]}),
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+                "family",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"port": 0}]}]}),
+                "spec.ingress[0].ports[0].port",
+                "between 1 and 65535",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"port": 65536}]}]}),
+                "spec.ingress[0].ports[0].port",
+                "between 1 and 65535",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"port": 80, "endPort": 79}]}]}),
+                "spec.ingress[0].ports[0].endPort",
+                "below",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"endPort": 90}]}]}),
+                "spec.ingress[0].ports[0].endPort",
+                "numeric",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}),
+                "spec.ingress[0].ports[0].endPort",
+                "numeric",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"port": 80, "endPort": 70000}]}]}),
+                "spec.ingress[0].ports[0].endPort",
+                "between",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"port": "Not_A_Name"}]}]}),
+                "spec.ingress[0].ports[0].port",
+                "invalid port name",
+            ),
+            (
+                json!({"ingress": [{"ports": [{"protocol": "ICMP"}]}]}),
+                "spec.ingress[0].ports[0].protocol",
+                "unsupported protocol",
+            ),
+            (
+                json!({"policyTypes": ["ingress"]}),
+                "spec.policyTypes[0]",
+                "unsupported policy type",
+            ),
+            (
+                json!({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}),
+                "spec.podSelector.matchExpressions[0].values",
+                "must be empty",
+            ),
         ];
         for (spec, path, msg) in cases {
             let e = parse(spec.clone()).0.unwrap_err();

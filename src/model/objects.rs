@@ -85,8 +85,7 @@ impl Namespace {
             name: name.clone(),
             field,
         };
-        labels::validate_dns_label(&name)
-            .map_err(|m| err(FieldError::new("metadata.name", m)))?;
+        labels::validate_dns_label(&name).map_err(|m| err(FieldError::new("metadata.name", m)))?;
         let declared = metadata_labels(&ns.metadata).map_err(err)?;
         let (labels, corrections) = labels::namespace_labels(cluster, &name, declared);
         Ok((
@@ -212,7 +211,11 @@ impl Pod {
         match &status.pod_ips {
             Some(list) if !list.is_empty() => {
                 for (i, p) in list.iter().enumerate() {
-                    ips.push(parse_ip(&p.ip).map_err(|m| err(FieldError::new(format!("status.podIPs[{i}].ip"), m)))?);
+                    ips.push(
+                        parse_ip(&p.ip).map_err(|m| {
+                            err(FieldError::new(format!("status.podIPs[{i}].ip"), m))
+                        })?,
+                    );
                 }
             }
             _ => {
@@ -455,11 +458,26 @@ mod tests {
     #[test]
     fn bad_pods_name_the_field() {
         let cases = [
-            (serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.300"}}), "status.podIP"),
-            (serde_json::json!({"metadata": {"name": "a"}, "status": {"phase": "Sleeping"}}), "status.phase"),
-            (serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 70000}]}]}}), "spec.containers[0].ports[0].containerPort"),
-            (serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "tcp"}]}]}}), "spec.containers[0].ports[0].protocol"),
-            (serde_json::json!({"metadata": {"name": "a", "labels": {"app": "a b"}}}), "metadata.labels.app"),
+            (
+                serde_json::json!({"metadata": {"name": "a"}, "status": {"podIP": "10.0.0.300"}}),
+                "status.podIP",
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "a"}, "status": {"phase": "Sleeping"}}),
+                "status.phase",
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 70000}]}]}}),
+                "spec.containers[0].ports[0].containerPort",
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "a"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "tcp"}]}]}}),
+                "spec.containers[0].ports[0].protocol",
+            ),
+            (
+                serde_json::json!({"metadata": {"name": "a", "labels": {"app": "a b"}}}),
+                "metadata.labels.app",
+            ),
             (serde_json::json!({"metadata": {}}), "metadata.name"),
         ];
         for (json, path) in cases {

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
 
-use super::labels::{self, Labels};
 use super::FieldError;
+use super::labels::{self, Labels};
 
 /// A selector operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -111,7 +111,10 @@ impl LabelSelector {
             }
             for (j, v) in values.iter().enumerate() {
                 labels::validate_value(v).map_err(|m| {
-                    FieldError::new(format!("{at}.values[{j}]"), format!("invalid value {v:?}: {m}"))
+                    FieldError::new(
+                        format!("{at}.values[{j}]"),
+                        format!("invalid value {v:?}: {m}"),
+                    )
                 })?;
             }
             match_expressions.push(Requirement {
@@ -143,7 +146,10 @@ mod tests {
     }
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -176,13 +182,28 @@ mod tests {
     #[test]
     fn bad_selectors_name_the_field() {
         let cases: &[(meta::LabelSelector, &str)] = &[
-            (req("app", "Equals", Some(&["a"])), "s.matchExpressions[0].operator"),
+            (
+                req("app", "Equals", Some(&["a"])),
+                "s.matchExpressions[0].operator",
+            ),
             (req("app", "In", None), "s.matchExpressions[0].values"),
-            (req("app", "NotIn", Some(&[])), "s.matchExpressions[0].values"),
-            (req("app", "Exists", Some(&["a"])), "s.matchExpressions[0].values"),
-            (req("app", "DoesNotExist", Some(&["a"])), "s.matchExpressions[0].values"),
+            (
+                req("app", "NotIn", Some(&[])),
+                "s.matchExpressions[0].values",
+            ),
+            (
+                req("app", "Exists", Some(&["a"])),
+                "s.matchExpressions[0].values",
+            ),
+            (
+                req("app", "DoesNotExist", Some(&["a"])),
+                "s.matchExpressions[0].values",
+            ),
             (req("bad key", "Exists", None), "s.matchExpressions[0].key"),
-            (req("app", "In", Some(&["ok", "not ok"])), "s.matchExpressions[0].values[1]"),
+            (
+                req("app", "In", Some(&["ok", "not ok"])),
+                "s.matchExpressions[0].values[1]",
+            ),
             (
                 meta::LabelSelector {
                     match_labels: Some(labels(&[("app", "-x")])),

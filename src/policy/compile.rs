@@ -74,7 +74,11 @@ pub(crate) struct Port {
 
 impl Port {
     /// Compiles a model port entry.
-    pub(crate) fn new(protocol: Protocol, spec: Option<&PortSpec>, interner: &mut Interner) -> Self {
+    pub(crate) fn new(
+        protocol: Protocol,
+        spec: Option<&PortSpec>,
+        interner: &mut Interner,
+    ) -> Self {
         let port = match spec {
             None => PortMatch::Any,
             Some(PortSpec::Range { start, end }) => PortMatch::Range(*start, *end),

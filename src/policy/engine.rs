@@ -335,8 +335,10 @@ impl Engine {
     /// Adds or replaces a node (its addresses stand for its host-network pods).
     pub fn upsert_node(&mut self, node: &model::Node) {
         let c = self.cluster_idx(&node.cluster);
-        self.nodes
-            .insert((c, node.name.as_str().into()), node.addresses.iter().copied().collect());
+        self.nodes.insert(
+            (c, node.name.as_str().into()),
+            node.addresses.iter().copied().collect(),
+        );
     }
 
     /// Removes a node.
@@ -359,7 +361,10 @@ impl Engine {
         for p in &pod.ports {
             if let Some(name) = &p.name {
                 let sym = self.interner.intern(name);
-                if !named_ports.iter().any(|&(n, pr, _)| n == sym && pr == p.protocol) {
+                if !named_ports
+                    .iter()
+                    .any(|&(n, pr, _)| n == sym && pr == p.protocol)
+                {
                     named_ports.push((sym, p.protocol, p.port));
                 }
             }
@@ -479,7 +484,12 @@ impl Engine {
         }
     }
 
-    fn compile_rules(&mut self, ns: NsIdx, rules: &[model::Rule], ns_sels: &mut Vec<u32>) -> Box<[Rule]> {
+    fn compile_rules(
+        &mut self,
+        ns: NsIdx,
+        rules: &[model::Rule],
+        ns_sels: &mut Vec<u32>,
+    ) -> Box<[Rule]> {
         rules
             .iter()
             .map(|r| Rule {
@@ -575,10 +585,19 @@ impl Engine {
             let Some(pod) = self.pods.get_mut(pi) else {
                 continue;
             };
-            let selected =
-                pol.filter(|_| !pod.host_network).filter(|p| p.selector.matches(&pod.labels));
-            set_member(&mut pod.ingress, idx, selected.is_some_and(|p| p.ingress.is_some()));
-            set_member(&mut pod.egress, idx, selected.is_some_and(|p| p.egress.is_some()));
+            let selected = pol
+                .filter(|_| !pod.host_network)
+                .filter(|p| p.selector.matches(&pod.labels));
+            set_member(
+                &mut pod.ingress,
+                idx,
+                selected.is_some_and(|p| p.ingress.is_some()),
+            );
+            set_member(
+                &mut pod.egress,
+                idx,
+                selected.is_some_and(|p| p.egress.is_some()),
+            );
         }
     }
 
@@ -609,7 +628,9 @@ impl Engine {
     /// The pod `cluster/namespace/name`.
     pub fn pod_by_name(&self, cluster: &str, namespace: &str, name: &str) -> Option<PodId> {
         let c = *self.cluster_index.get(&ClusterId::new(cluster).ok()?)?;
-        let ns = self.namespaces.get(*self.ns_index.get(&(c, namespace.into()))?)?;
+        let ns = self
+            .namespaces
+            .get(*self.ns_index.get(&(c, namespace.into()))?)?;
         ns.pods
             .iter()
             .copied()
@@ -843,8 +864,10 @@ impl Engine {
                 vec![],
             ),
             Direction::Allowed(rs) => {
-                let mut named: Vec<(String, u16)> =
-                    rs.iter().map(|r| (self.policy_name(r.policy), r.rule)).collect();
+                let mut named: Vec<(String, u16)> = rs
+                    .iter()
+                    .map(|r| (self.policy_name(r.policy), r.rule))
+                    .collect();
                 named.sort();
                 let policies = named.iter().map(|(p, _)| p.clone()).collect();
                 let rules = named
@@ -858,7 +881,11 @@ impl Engine {
         policies.dedup();
         rules.dedup();
         DirectionExplanation {
-            verdict: if d.allows() { Verdict::Allow } else { Verdict::Deny },
+            verdict: if d.allows() {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
             why,
             policies,
             rules,
@@ -868,9 +895,16 @@ impl Engine {
     /// The labels of a namespace as the engine holds them (for tests and the admin view).
     pub fn namespace_labels(&self, cluster: &ClusterId, name: &str) -> Option<Labels> {
         let c = *self.cluster_index.get(cluster)?;
-        let ns = self.namespaces.get(*self.ns_index.get(&(c, name.into()))?)?;
+        let ns = self
+            .namespaces
+            .get(*self.ns_index.get(&(c, name.into()))?)?;
         let resolve = |s: Sym| self.interner.resolve(s).to_owned();
-        Some(ns.labels.iter().map(|(k, v)| (resolve(k), resolve(v))).collect())
+        Some(
+            ns.labels
+                .iter()
+                .map(|(k, v)| (resolve(k), resolve(v)))
+                .collect(),
+        )
     }
 }
 

@@ -1,0 +1,22 @@
+# The two commands of the README. Each does its own set-up; `cargo` fetches the crates.
+
+STEPS := 1-no-policy 2-default-deny 3-allow-from-cluster-1
+EXAMPLE := examples/two-cluster
+
+.PHONY: demo test bench
+
+## demo: the main job — `weft policy check` on the seed's two-cluster demo, step by step.
+demo:
+	cargo build --quiet --bin weft
+	@for step in $(STEPS); do \
+		echo "== $$step"; \
+		target/debug/weft policy check --clusters $(EXAMPLE)/$$step --probes $(EXAMPLE)/probes.yaml || exit 1; \
+	done
+
+## test: the whole test suite (what CI runs after fmt and clippy).
+test:
+	cargo test --locked --no-fail-fast
+
+## bench: the policy engine benchmark (figures and their baselines).
+bench:
+	cargo bench --locked --bench policy
