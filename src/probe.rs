@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Protocol;
+use crate::model::{Protocol, loader};
 use crate::policy::{Connection, DirectionExplanation, Endpoint, Engine, Explanation, Verdict};
 
 /// A probe as written in the file.
@@ -96,9 +96,7 @@ pub fn parse(file: &Path, text: &str, engine: &Engine) -> Result<Vec<Probe>, Pro
         file: file.to_owned(),
         message,
     };
-    let items: Vec<serde_json::Value> = match serde_saphyr::from_str::<serde_json::Value>(text)
-        .map_err(|e| syntax(e.to_string()))?
-    {
+    let items: Vec<serde_json::Value> = match loader::parse_yaml(text, 0).map_err(syntax)? {
         serde_json::Value::Array(items) => items,
         serde_json::Value::Null => Vec::new(),
         _ => return Err(syntax("expected a list of probes".into())),

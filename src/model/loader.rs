@@ -428,7 +428,7 @@ fn yaml_documents(text: &str) -> Vec<YamlDocument<'_>> {
 
 /// Parses one YAML document that begins on line `first_line` (from 0) of its file, so that
 /// the parser's line numbers are the file's.
-fn parse_yaml(text: &str, first_line: usize) -> Result<Value, String> {
+pub fn parse_yaml(text: &str, first_line: usize) -> Result<Value, String> {
     let padded = "\n".repeat(first_line) + text;
     serde_saphyr::from_str_with_options(&padded, serde_saphyr::options! { with_snippet: false })
         .map_err(|e| format!("invalid YAML: {e}"))
