@@ -3,27 +3,34 @@
 
 use std::net::IpAddr;
 
+use smallvec::SmallVec;
+
 use super::intern::{Interner, LabelSet, Sym};
 use crate::model::{IpBlock, LabelSelector, Operator, PortSpec, Protocol};
+
+/// Values of an `In`/`NotIn` requirement, inline for the usual few.
+type Values = SmallVec<[Sym; 3]>;
 
 /// One compiled selector requirement.
 #[derive(Debug, Clone)]
 enum Req {
     Eq(Sym, Sym),
-    In(Sym, Box<[Sym]>),
-    NotIn(Sym, Box<[Sym]>),
+    In(Sym, Values),
+    NotIn(Sym, Values),
     Exists(Sym),
     DoesNotExist(Sym),
 }
 
-/// A compiled label selector; no requirements selects everything.
+/// A compiled label selector; no requirements selects everything. Compiled rules keep their
+/// parts inline (no pointer per selector, port or peer) so that evaluating a policy touches
+/// few cache lines.
 #[derive(Debug, Clone)]
-pub(crate) struct Selector(Box<[Req]>);
+pub(crate) struct Selector(SmallVec<[Req; 2]>);
 
 impl Selector {
     /// Compiles `sel`, interning its keys and values.
     pub(crate) fn new(sel: &LabelSelector, interner: &mut Interner) -> Self {
-        let mut reqs: Vec<Req> = sel
+        let mut reqs: SmallVec<[Req; 2]> = sel
             .match_labels
             .iter()
             .map(|(k, v)| Req::Eq(interner.intern(k), interner.intern(v)))
@@ -38,7 +45,7 @@ impl Selector {
                 Operator::DoesNotExist => Req::DoesNotExist(key),
             });
         }
-        Self(reqs.into_boxed_slice())
+        Self(reqs)
     }
 
     /// Whether `labels` satisfy every requirement.
@@ -111,6 +118,59 @@ impl Peer {
 /// A compiled rule; empty ports or peers match everything.
 #[derive(Debug, Clone)]
 pub(crate) struct Rule {
-    pub(crate) ports: Box<[Port]>,
-    pub(crate) peers: Box<[Peer]>,
+    pub(crate) ports: SmallVec<[Port; 2]>,
+    pub(crate) peers: SmallVec<[Peer; 1]>,
+}
+
+/// The ports and protocols some rule of a set could admit: a cheap test that lets a decision
+/// skip a policy without reading its rules. No rules admit nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PortSpan {
+    lo: u16,
+    hi: u16,
+    protocols: u8,
+}
+
+impl PortSpan {
+    fn bit(protocol: Protocol) -> u8 {
+        match protocol {
+            Protocol::Tcp => 1,
+            Protocol::Udp => 2,
+            Protocol::Sctp => 4,
+        }
+    }
+
+    /// The span of `rules`.
+    pub(crate) fn of(rules: &[Rule]) -> Self {
+        let mut span = PortSpan {
+            lo: u16::MAX,
+            hi: 0,
+            protocols: 0,
+        };
+        let mut widen = |protocols: u8, lo: u16, hi: u16| {
+            span.protocols |= protocols;
+            span.lo = span.lo.min(lo);
+            span.hi = span.hi.max(hi);
+        };
+        for rule in rules {
+            if rule.ports.is_empty() {
+                widen(7, 0, u16::MAX);
+            }
+            for p in &rule.ports {
+                let (lo, hi) = match p.port {
+                    PortMatch::Range(lo, hi) => (lo, hi),
+                    // Named ports resolve per destination pod: any number.
+                    PortMatch::Any | PortMatch::Named(_) => (0, u16::MAX),
+                };
+                widen(Self::bit(p.protocol), lo, hi);
+            }
+        }
+        span
+    }
+
+    /// Whether some rule could admit `port` over `protocol`.
+    #[inline]
+    pub(crate) fn admits(&self, port: u16, protocol: Protocol) -> bool {
+        self.protocols & Self::bit(protocol) != 0 && (self.lo..=self.hi).contains(&port)
+    }
 }

@@ -77,7 +77,7 @@ pub struct RuleRef {
     /// The policy.
     pub policy: PolicyId,
     /// The rule's index in the policy's ingress or egress list.
-    pub rule: u16,
+    pub rule: u32,
 }
 
 /// The outcome of one direction (egress of the source, or ingress of the destination).
@@ -90,9 +90,9 @@ pub enum Direction {
     /// No policy selects the pod in this direction: allowed.
     NotSelected,
     /// Allowed by these rules (every allowing rule, not only the first).
-    Allowed(SmallVec<[RuleRef; 2]>),
+    Allowed(SmallVec<[RuleRef; 4]>),
     /// These policies select the pod and none allows the connection.
-    Denied(SmallVec<[PolicyId; 2]>),
+    Denied(SmallVec<[PolicyId; 8]>),
     /// The address is claimed by several pods: it matches none, and is denied.
     Ambiguous,
 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use smallvec::SmallVec;
 
-use super::compile::{Peer, Port, PortMatch, Rule, Selector};
+use super::compile::{Peer, Port, PortMatch, PortSpan, Rule, Selector};
 use super::decision::{
     Connection, Decision, Direction, DirectionExplanation, Endpoint, Explanation, PolicyId,
     RuleRef, Verdict, Why,
@@ -50,6 +50,9 @@ type NsIdx = u32;
 type PolicyIdx = u32;
 type PodIdx = u32;
 
+/// The policies selecting a pod in one direction, inline for the usual few.
+type PolicyList = SmallVec<[PolicyIdx; 6]>;
+
 #[derive(Debug)]
 struct NsEntry {
     cluster: ClusterIdx,
@@ -57,54 +60,91 @@ struct NsEntry {
     labels: LabelSet,
     /// Declared by a Namespace object (else implied by a pod or policy in it).
     declared: bool,
-    /// Bit `i` set when namespace selector `i` matches this namespace.
-    selected_by: Vec<u64>,
     pods: Vec<PodIdx>,
     policies: Vec<PolicyIdx>,
 }
 
-impl NsEntry {
+/// Which namespace selectors match which namespaces: one row of bits per namespace slot, in
+/// one dense allocation so that a decision's lookup is a single, likely cached, load.
+#[derive(Debug, Default)]
+struct SelectionMatrix {
+    /// Words per row.
+    words: usize,
+    bits: Vec<u64>,
+}
+
+impl SelectionMatrix {
     #[inline]
-    fn selected_by(&self, sel: u32) -> bool {
-        self.selected_by
-            .get((sel / 64) as usize)
-            .is_some_and(|w| w >> (sel % 64) & 1 == 1)
+    fn get(&self, ns: NsIdx, sel: u32) -> bool {
+        let at = ns as usize * self.words + (sel / 64) as usize;
+        (sel as usize) < self.words * 64
+            && self.bits.get(at).is_some_and(|w| w >> (sel % 64) & 1 == 1)
     }
 
-    fn set_selected_by(&mut self, sel: u32, on: bool) {
+    fn set(&mut self, ns: NsIdx, sel: u32, on: bool) {
         let word = (sel / 64) as usize;
-        if word >= self.selected_by.len() {
+        if word >= self.words {
             if !on {
                 return;
             }
-            self.selected_by.resize(word + 1, 0);
+            // Widen every row, keeping the bits.
+            let words = (word + 1).next_power_of_two();
+            let rows = self.bits.len() / self.words.max(1);
+            let mut bits = vec![0; rows * words];
+            for r in 0..rows {
+                bits[r * words..r * words + self.words]
+                    .copy_from_slice(&self.bits[r * self.words..(r + 1) * self.words]);
+            }
+            self.words = words;
+            self.bits = bits;
+        }
+        let at = ns as usize * self.words + word;
+        if at >= self.bits.len() {
+            if !on {
+                return;
+            }
+            self.bits.resize((ns as usize + 1) * self.words, 0);
         }
         let bit = 1u64 << (sel % 64);
         if on {
-            self.selected_by[word] |= bit;
+            self.bits[at] |= bit;
         } else {
-            self.selected_by[word] &= !bit;
+            self.bits[at] &= !bit;
+        }
+    }
+
+    fn clear_row(&mut self, ns: NsIdx) {
+        let start = ns as usize * self.words;
+        if let Some(row) = self.bits.get_mut(start..start + self.words) {
+            row.fill(0);
         }
     }
 }
 
+/// What a decision reads of a pod, kept together in few cache lines; the rest is boxed.
 #[derive(Debug)]
 struct PodEntry {
-    cluster: ClusterIdx,
-    name: Box<str>,
     ns: NsIdx,
     labels: LabelSet,
+    /// (name, protocol, port), the first in container order for each (name, protocol).
+    named_ports: SmallVec<[(Sym, Protocol, u16); 2]>,
+    /// Policies selecting this pod for ingress, sorted.
+    ingress: PolicyList,
+    /// Policies selecting this pod for egress, sorted.
+    egress: PolicyList,
+    about: Box<PodAbout>,
+}
+
+/// The parts of a pod decisions do not read.
+#[derive(Debug)]
+struct PodAbout {
+    cluster: ClusterIdx,
+    name: Box<str>,
     ips: SmallVec<[IpAddr; 2]>,
     owns_ips: bool,
     host_network: bool,
     phase: model::PodPhase,
     node: Option<Box<str>>,
-    /// (name, protocol, port), the first in container order for each (name, protocol).
-    named_ports: Box<[(Sym, Protocol, u16)]>,
-    /// Policies selecting this pod for ingress, sorted.
-    ingress: Vec<PolicyIdx>,
-    /// Policies selecting this pod for egress, sorted.
-    egress: Vec<PolicyIdx>,
 }
 
 impl PodEntry {
@@ -117,13 +157,64 @@ impl PodEntry {
     }
 }
 
+/// A compiled policy, small so that the policies stay in cache: the rules of both directions
+/// in one allocation (ingress first), the rest boxed.
 #[derive(Debug)]
 struct PolicyEntry {
+    rules: Box<[Rule]>,
+    /// How many of `rules` are ingress rules.
+    ingress_rules: u32,
+    ingress_ports: PortSpan,
+    egress_ports: PortSpan,
+    applies_to_ingress: bool,
+    applies_to_egress: bool,
+    about: Box<PolicyAbout>,
+}
+
+impl PolicyEntry {
+    /// Whether the policy applies to the direction.
+    #[inline]
+    fn applies(&self, ingress: bool) -> bool {
+        if ingress {
+            self.applies_to_ingress
+        } else {
+            self.applies_to_egress
+        }
+    }
+
+    /// The rules of the direction that could admit `port` over `protocol`.
+    #[inline]
+    fn rules_for(&self, ingress: bool, port: u16, protocol: Protocol) -> &[Rule] {
+        let span = if ingress {
+            self.ingress_ports
+        } else {
+            self.egress_ports
+        };
+        if span.admits(port, protocol) {
+            self.rules(ingress)
+        } else {
+            &[]
+        }
+    }
+
+    /// The rules of the direction.
+    #[inline]
+    fn rules(&self, ingress: bool) -> &[Rule] {
+        let split = (self.ingress_rules as usize).min(self.rules.len());
+        if ingress {
+            &self.rules[..split]
+        } else {
+            &self.rules[split..]
+        }
+    }
+}
+
+/// The parts of a policy decisions do not read.
+#[derive(Debug)]
+struct PolicyAbout {
     ns: NsIdx,
     name: Box<str>,
     selector: Selector,
-    ingress: Option<Box<[Rule]>>,
-    egress: Option<Box<[Rule]>>,
     /// Namespace selectors this policy holds a reference on.
     ns_sels: Vec<u32>,
 }
@@ -208,6 +299,7 @@ pub struct Engine {
     policies: Slab<PolicyEntry>,
     policy_index: HashMap<(ClusterIdx, NsIdx, Box<str>), PolicyIdx>,
     ns_selectors: Slab<NsSelEntry>,
+    selection: SelectionMatrix,
     ns_selector_index: HashMap<LabelSelector, u32>,
     /// Addresses owned by live pods; more than one owner makes an address ambiguous.
     ips: HashMap<IpAddr, SmallVec<[PodIdx; 1]>>,
@@ -267,7 +359,6 @@ impl Engine {
             name: name.into(),
             labels,
             declared: false,
-            selected_by: Vec::new(),
             pods: Vec::new(),
             policies: Vec::new(),
         });
@@ -278,13 +369,13 @@ impl Engine {
 
     /// Recomputes which namespace selectors match namespace `i`.
     fn refresh_ns_selection(&mut self, i: NsIdx) {
-        let Some(ns) = self.namespaces.get_mut(i) else {
+        let Some(ns) = self.namespaces.get(i) else {
             return;
         };
-        ns.selected_by.clear();
+        self.selection.clear_row(i);
         for (s, sel) in self.ns_selectors.iter() {
             if sel.compiled.matches(&ns.labels) {
-                ns.set_selected_by(s, true);
+                self.selection.set(i, s, true);
             }
         }
     }
@@ -357,7 +448,7 @@ impl Engine {
         }
         let ns = self.ns_idx(&pod.cluster, &pod.namespace);
         let labels = LabelSet::new(&pod.labels, &mut self.interner);
-        let mut named_ports: Vec<(Sym, Protocol, u16)> = Vec::new();
+        let mut named_ports: SmallVec<[(Sym, Protocol, u16); 2]> = SmallVec::new();
         for p in &pod.ports {
             if let Some(name) = &p.name {
                 let sym = self.interner.intern(name);
@@ -370,31 +461,33 @@ impl Engine {
             }
         }
         let mut entry = PodEntry {
-            cluster: c,
-            name: pod.name.as_str().into(),
             ns,
             labels,
-            ips: pod.ips.iter().copied().collect(),
-            owns_ips: pod.owns_ips(),
-            host_network: pod.host_network,
-            phase: pod.phase,
-            node: pod.node_name.as_deref().map(Into::into),
-            named_ports: named_ports.into_boxed_slice(),
-            ingress: Vec::new(),
-            egress: Vec::new(),
+            named_ports,
+            ingress: PolicyList::new(),
+            egress: PolicyList::new(),
+            about: Box::new(PodAbout {
+                cluster: c,
+                name: pod.name.as_str().into(),
+                ips: pod.ips.iter().copied().collect(),
+                owns_ips: pod.owns_ips(),
+                host_network: pod.host_network,
+                phase: pod.phase,
+                node: pod.node_name.as_deref().map(Into::into),
+            }),
         };
         // Host-network pods are never isolated by policy.
-        if !entry.host_network
+        if !entry.about.host_network
             && let Some(nse) = self.namespaces.get(ns)
         {
             for &p in &nse.policies {
                 if let Some(pol) = self.policies.get(p)
-                    && pol.selector.matches(&entry.labels)
+                    && pol.about.selector.matches(&entry.labels)
                 {
-                    if pol.ingress.is_some() {
+                    if pol.applies(true) {
                         entry.ingress.push(p);
                     }
-                    if pol.egress.is_some() {
+                    if pol.applies(false) {
                         entry.egress.push(p);
                     }
                 }
@@ -402,8 +495,8 @@ impl Engine {
             entry.ingress.sort_unstable();
             entry.egress.sort_unstable();
         }
-        let owned: SmallVec<[IpAddr; 2]> = if entry.owns_ips {
-            entry.ips.clone()
+        let owned: SmallVec<[IpAddr; 2]> = if entry.about.owns_ips {
+            entry.about.ips.clone()
         } else {
             SmallVec::new()
         };
@@ -423,7 +516,7 @@ impl Engine {
             return;
         };
         let ns = p.ns;
-        for ip in p.ips.clone() {
+        for ip in p.about.ips.clone() {
             if let Some(owners) = self.ips.get_mut(&ip) {
                 owners.retain(|o| *o != i);
                 if owners.is_empty() {
@@ -464,9 +557,8 @@ impl Engine {
         });
         self.ns_selector_index.insert(sel.clone(), s);
         if let Some(e) = self.ns_selectors.get(s) {
-            for ns in self.namespaces.items.iter_mut().flatten() {
-                let on = e.compiled.matches(&ns.labels);
-                ns.set_selected_by(s, on);
+            for (i, ns) in self.namespaces.iter() {
+                self.selection.set(i, s, e.compiled.matches(&ns.labels));
             }
         }
         s
@@ -484,14 +576,13 @@ impl Engine {
         }
     }
 
-    fn compile_rules(
+    fn compile_rules<'a>(
         &mut self,
         ns: NsIdx,
-        rules: &[model::Rule],
+        rules: impl Iterator<Item = &'a model::Rule>,
         ns_sels: &mut Vec<u32>,
-    ) -> Box<[Rule]> {
+    ) -> Vec<Rule> {
         rules
-            .iter()
             .map(|r| Rule {
                 ports: r
                     .ports
@@ -539,25 +630,29 @@ impl Engine {
         let ns = self.ns_idx(&p.cluster, &p.namespace);
         let key = (c, ns, p.name.as_str().into());
         let mut ns_sels = Vec::new();
+        let ingress = p.ingress.iter().flatten();
+        let ingress_rules = u32::try_from(ingress.clone().count()).unwrap_or(u32::MAX);
+        let rules = self.compile_rules(ns, ingress.chain(p.egress.iter().flatten()), &mut ns_sels);
+        let split = (ingress_rules as usize).min(rules.len());
         let entry = PolicyEntry {
-            ns,
-            name: p.name.as_str().into(),
-            selector: Selector::new(&p.pod_selector, &mut self.interner),
-            ingress: p
-                .ingress
-                .as_ref()
-                .map(|r| self.compile_rules(ns, r, &mut ns_sels)),
-            egress: p
-                .egress
-                .as_ref()
-                .map(|r| self.compile_rules(ns, r, &mut ns_sels)),
-            ns_sels,
+            ingress_ports: PortSpan::of(&rules[..split]),
+            egress_ports: PortSpan::of(&rules[split..]),
+            rules: rules.into_boxed_slice(),
+            ingress_rules,
+            applies_to_ingress: p.ingress.is_some(),
+            applies_to_egress: p.egress.is_some(),
+            about: Box::new(PolicyAbout {
+                ns,
+                name: p.name.as_str().into(),
+                selector: Selector::new(&p.pod_selector, &mut self.interner),
+                ns_sels,
+            }),
         };
         let idx = match self.policy_index.get(&key) {
             Some(&idx) => {
                 if let Some(old) = self.policies.get_mut(idx) {
                     let old = std::mem::replace(old, entry);
-                    for s in old.ns_sels {
+                    for s in old.about.ns_sels {
                         self.release_ns_selector(s);
                     }
                 }
@@ -586,17 +681,17 @@ impl Engine {
                 continue;
             };
             let selected = pol
-                .filter(|_| !pod.host_network)
-                .filter(|p| p.selector.matches(&pod.labels));
+                .filter(|_| !pod.about.host_network)
+                .filter(|p| p.about.selector.matches(&pod.labels));
             set_member(
                 &mut pod.ingress,
                 idx,
-                selected.is_some_and(|p| p.ingress.is_some()),
+                selected.is_some_and(|p| p.applies(true)),
             );
             set_member(
                 &mut pod.egress,
                 idx,
-                selected.is_some_and(|p| p.egress.is_some()),
+                selected.is_some_and(|p| p.applies(false)),
             );
         }
     }
@@ -616,7 +711,7 @@ impl Engine {
             return;
         };
         self.refresh_selection_of(idx, ns);
-        for s in old.ns_sels {
+        for s in old.about.ns_sels {
             self.release_ns_selector(s);
         }
         if let Some(nse) = self.namespaces.get_mut(ns) {
@@ -634,14 +729,14 @@ impl Engine {
         ns.pods
             .iter()
             .copied()
-            .find(|&i| self.pods.get(i).is_some_and(|p| &*p.name == name))
+            .find(|&i| self.pods.get(i).is_some_and(|p| &*p.about.name == name))
             .map(PodId)
     }
 
     /// `cluster/namespace/name` of a pod.
     pub fn pod_name(&self, pod: PodId) -> String {
         match self.pods.get(pod.0) {
-            Some(p) => format!("{}/{}", self.ns_name(p.ns), p.name),
+            Some(p) => format!("{}/{}", self.ns_name(p.ns), p.about.name),
             None => format!("<removed pod {}>", pod.0),
         }
     }
@@ -663,6 +758,7 @@ impl Engine {
                 family,
             });
         };
+        let p = &*p.about;
         let no_address = || EndpointError::NoAddress {
             pod: self.pod_name(pod),
             family,
@@ -773,19 +869,22 @@ impl Engine {
             _ => None,
         };
         let peer_ip = peer.ip();
-        let mut allowed: SmallVec<[RuleRef; 2]> = SmallVec::new();
+        let mut allowed: SmallVec<[RuleRef; 4]> = SmallVec::new();
         for &pi in selecting {
             let Some(pol) = self.policies.get(pi) else {
                 continue;
             };
-            let rules = if ingress { &pol.ingress } else { &pol.egress };
-            for (ri, rule) in rules.iter().flatten().enumerate() {
+            for (ri, rule) in pol
+                .rules_for(ingress, c.port, c.protocol)
+                .iter()
+                .enumerate()
+            {
                 if self.port_matches(rule, c.port, c.protocol, dst_pod)
                     && self.peer_matches(rule, peer_pod, peer_ip)
                 {
                     allowed.push(RuleRef {
                         policy: PolicyId(pi),
-                        rule: ri as u16,
+                        rule: ri as u32,
                     });
                 }
             }
@@ -826,9 +925,7 @@ impl Engine {
                 (Peer::Block(b), _) => b.contains(peer_ip),
                 (Peer::Local { ns, pods }, Some(p)) => p.ns == *ns && pods.matches(&p.labels),
                 (Peer::Namespaces { ns_sel, pods }, Some(p)) => {
-                    self.namespaces
-                        .get(p.ns)
-                        .is_some_and(|n| n.selected_by(*ns_sel))
+                    self.selection.get(p.ns, *ns_sel)
                         && pods.as_ref().is_none_or(|s| s.matches(&p.labels))
                 }
                 (_, None) => peer.matches_address(peer_ip),
@@ -838,7 +935,7 @@ impl Engine {
     /// `cluster/namespace/name` of a policy.
     pub fn policy_name(&self, p: PolicyId) -> String {
         match self.policies.get(p.0) {
-            Some(pol) => format!("{}/{}", self.ns_name(pol.ns), pol.name),
+            Some(pol) => format!("{}/{}", self.ns_name(pol.about.ns), pol.about.name),
             None => format!("<removed policy {}>", p.0),
         }
     }
@@ -864,7 +961,7 @@ impl Engine {
                 vec![],
             ),
             Direction::Allowed(rs) => {
-                let mut named: Vec<(String, u16)> = rs
+                let mut named: Vec<(String, u32)> = rs
                     .iter()
                     .map(|r| (self.policy_name(r.policy), r.rule))
                     .collect();
@@ -909,7 +1006,7 @@ impl Engine {
 }
 
 /// Inserts or removes `x` in the sorted list `v`.
-fn set_member(v: &mut Vec<u32>, x: u32, member: bool) {
+fn set_member(v: &mut PolicyList, x: u32, member: bool) {
     match (v.binary_search(&x), member) {
         (Err(at), true) => v.insert(at, x),
         (Ok(at), false) => {

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use smallvec::SmallVec;
+
 use crate::model::Labels;
 
 /// An interned string.
@@ -33,19 +35,20 @@ impl Interner {
     }
 }
 
-/// Labels as (key, value) symbols sorted by key.
+/// Labels as (key, value) symbols sorted by key, inline for the usual few labels so that a
+/// pod's labels share its cache lines.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct LabelSet(Box<[(Sym, Sym)]>);
+pub(crate) struct LabelSet(SmallVec<[(Sym, Sym); 4]>);
 
 impl LabelSet {
     /// Interns `labels`.
     pub(crate) fn new(labels: &Labels, interner: &mut Interner) -> Self {
-        let mut v: Vec<(Sym, Sym)> = labels
+        let mut v: SmallVec<[(Sym, Sym); 4]> = labels
             .iter()
             .map(|(k, val)| (interner.intern(k), interner.intern(val)))
             .collect();
         v.sort_unstable_by_key(|&(k, _)| k);
-        Self(v.into_boxed_slice())
+        Self(v)
     }
 
     /// The (key, value) pairs.
