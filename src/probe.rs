@@ -202,7 +202,7 @@ pub fn decide(probes: &[Probe], engine: &Engine) -> Vec<Outcome> {
                 verdict,
                 egress,
                 ingress,
-            } = engine.explain(&engine.decide(&p.connection));
+            } = engine.explain(&p.connection, &engine.decide(&p.connection));
             Outcome {
                 from: p.from.clone(),
                 to: p.to.clone(),
@@ -227,7 +227,8 @@ pub fn render_json(outcomes: &[Outcome]) -> String {
     out
 }
 
-/// A readable, aligned table with the reasons of both directions.
+/// A readable, aligned table with the reasons of both directions, then the notes of each
+/// probe (rules that admit pods of another cluster).
 pub fn render_text(outcomes: &[Outcome]) -> String {
     let header = [
         "FROM",
@@ -272,6 +273,11 @@ pub fn render_text(outcomes: &[Outcome]) -> String {
     line(&header);
     for r in &rows {
         line(&r.each_ref().map(String::as_str));
+    }
+    for (i, o) in outcomes.iter().enumerate() {
+        for note in o.egress.notes.iter().chain(&o.ingress.notes) {
+            let _ = writeln!(out, "note, probe {}: {note}", i + 1);
+        }
     }
     out
 }

@@ -81,12 +81,13 @@ fn json_echoes_the_probe_and_gives_reasons() {
             "port": 80,
             "protocol": "TCP",
             "verdict": "allow",
-            "egress": {"verdict": "allow", "why": "not-selected", "policies": [], "rules": []},
+            "egress": {"verdict": "allow", "why": "not-selected", "policies": [], "rules": [], "notes": []},
             "ingress": {
                 "verdict": "allow",
                 "why": "allowed",
                 "policies": ["cluster-2/demo-c2/default-deny-ingress"],
-                "rules": ["cluster-2/demo-c2/default-deny-ingress rule 0"]
+                "rules": ["cluster-2/demo-c2/default-deny-ingress rule 0"],
+                "notes": ["cluster-2/demo-c2/default-deny-ingress rule 0 admits cluster-1/demo-c1/tmp-client of another cluster: peer 0's namespaceSelector names its cluster"]
             }
         })
     );

@@ -614,7 +614,7 @@ fn compare(
             port: p.port,
             protocol: p.protocol,
         };
-        let got = engine.explain(&engine.decide(&c));
+        let got = engine.explain(&c, &engine.decide(&c));
         prop_assert_eq!(
             got,
             want,

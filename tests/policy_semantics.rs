@@ -1492,6 +1492,21 @@ fn empty_namespace_selector_admits_every_cluster_and_the_reason_names_the_rule()
             vec!["c1/x/allow-all-namespaces rule 1"]
         )
     );
+    // That the rule reaches another cluster is spelled out, and why.
+    assert_eq!(
+        e.ingress.notes,
+        [
+            "c1/x/allow-all-namespaces rule 1 admits c2/z/c of another cluster: peer 0's \
+          namespaceSelector names no cluster, so it matches namespaces of every cluster"
+        ]
+    );
+    // From its own cluster there is nothing to point out.
+    assert!(
+        f.check("c1/z/c", "c1/x/a", 80, Tcp)
+            .ingress
+            .notes
+            .is_empty()
+    );
     // External addresses are not pods of any namespace.
     assert_eq!(f.verdict("198.51.100.7", "c1/x/a", 80, Tcp), Deny);
 }
@@ -2008,4 +2023,26 @@ fn namespace_removal_reverts_to_automatic_labels_while_pods_remain() {
     assert_eq!(f.verdict("c1/y/a", "c1/w/a", 80, Tcp), Deny);
     f.remove_policy("c1", "w", "deny");
     assert_eq!(f.verdict("c1/y/a", "c1/w/a", 80, Tcp), Allow);
+}
+
+#[test]
+fn the_engine_sets_cluster_labels_itself_whatever_it_is_given() {
+    let c2 = weft::model::ClusterId::new("c2").expect("cluster id");
+    let forged = weft::model::Namespace {
+        cluster: c2.clone(),
+        name: "x".into(),
+        uid: "u".into(),
+        labels: CLUSTER_LABELS
+            .iter()
+            .map(|l| (l.to_string(), "c1".to_string()))
+            .chain([("kubernetes.io/metadata.name".to_string(), "y".to_string())])
+            .collect(),
+    };
+    let mut engine = Engine::new();
+    engine.upsert_namespace(&forged);
+    let labels = engine.namespace_labels(&c2, "x").expect("namespace");
+    for l in CLUSTER_LABELS {
+        assert_eq!(labels[l], "c2", "{l}");
+    }
+    assert_eq!(labels["kubernetes.io/metadata.name"], "x");
 }

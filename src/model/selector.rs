@@ -46,6 +46,17 @@ impl LabelSelector {
         self.match_labels.is_empty() && self.match_expressions.is_empty()
     }
 
+    /// Whether the selector pins the cluster: it requires a cluster label to equal, or be
+    /// one of, given values. One that does not matches namespaces of every cluster.
+    pub fn names_cluster(&self) -> bool {
+        let is_cluster_label = |k: &str| labels::CLUSTER_LABELS.contains(&k);
+        self.match_labels.keys().any(|k| is_cluster_label(k))
+            || self
+                .match_expressions
+                .iter()
+                .any(|r| r.operator == Operator::In && is_cluster_label(&r.key))
+    }
+
     /// Whether `labels` satisfy every requirement.
     pub fn matches(&self, labels: &Labels) -> bool {
         self.match_labels

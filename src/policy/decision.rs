@@ -71,13 +71,20 @@ impl fmt::Display for Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyId(pub(crate) u32);
 
-/// Rule `rule` (from 0) of a direction of policy `policy`.
+/// Rule `rule` (from 0) of a direction of policy `policy`, and the peer of it that matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RuleRef {
     /// The policy.
     pub policy: PolicyId,
     /// The rule's index in the policy's ingress or egress list.
     pub rule: u32,
+    /// The first matching peer of the rule ([`RuleRef::EVERY_PEER`] when it has none).
+    pub peer: u32,
+}
+
+impl RuleRef {
+    /// `peer` of a rule without peers, which admits every peer.
+    pub const EVERY_PEER: u32 = u32::MAX;
 }
 
 /// The outcome of one direction (egress of the source, or ingress of the destination).
@@ -168,6 +175,9 @@ pub struct DirectionExplanation {
     pub policies: Vec<String>,
     /// `cluster/namespace/policy rule N` of every allowing rule, sorted.
     pub rules: Vec<String>,
+    /// What a reader should not miss: each allowing rule that admits a pod of another cluster
+    /// than the policy's, and why it reaches that far (sorted like `rules`).
+    pub notes: Vec<String>,
 }
 
 impl fmt::Display for DirectionExplanation {

@@ -391,10 +391,12 @@ impl Engine {
         }
     }
 
-    /// Adds or replaces a namespace (its labels as the model set them).
+    /// Adds or replaces a namespace. Its name and cluster labels are set here again from
+    /// where it came from, whatever the caller passed: a forged cluster label never matches.
     pub fn upsert_namespace(&mut self, ns: &model::Namespace) {
         let i = self.ns_idx(&ns.cluster, &ns.name);
-        let labels = LabelSet::new(&ns.labels, &mut self.interner);
+        let (labels, _) = model::labels::namespace_labels(&ns.cluster, &ns.name, ns.labels.clone());
+        let labels = LabelSet::new(&labels, &mut self.interner);
         if let Some(entry) = self.namespaces.get_mut(i) {
             entry.declared = true;
             if entry.labels == labels {
@@ -880,11 +882,12 @@ impl Engine {
                 .enumerate()
             {
                 if self.port_matches(rule, c.port, c.protocol, dst_pod)
-                    && self.peer_matches(rule, peer_pod, peer_ip)
+                    && let Some(peer) = self.matching_peer(rule, peer_pod, peer_ip)
                 {
                     allowed.push(RuleRef {
                         policy: PolicyId(pi),
                         rule: ri as u32,
+                        peer,
                     });
                 }
             }
@@ -918,10 +921,21 @@ impl Engine {
             })
     }
 
+    /// The index of the first peer of `rule` matching the other end, or
+    /// [`RuleRef::EVERY_PEER`] for a rule without peers.
     #[inline]
-    fn peer_matches(&self, rule: &Rule, peer_pod: Option<&PodEntry>, peer_ip: IpAddr) -> bool {
-        rule.peers.is_empty()
-            || rule.peers.iter().any(|peer| match (peer, peer_pod) {
+    fn matching_peer(
+        &self,
+        rule: &Rule,
+        peer_pod: Option<&PodEntry>,
+        peer_ip: IpAddr,
+    ) -> Option<u32> {
+        if rule.peers.is_empty() {
+            return Some(RuleRef::EVERY_PEER);
+        }
+        rule.peers
+            .iter()
+            .position(|peer| match (peer, peer_pod) {
                 (Peer::Block(b), _) => b.contains(peer_ip),
                 (Peer::Local { ns, pods }, Some(p)) => p.ns == *ns && pods.matches(&p.labels),
                 (Peer::Namespaces { ns_sel, pods }, Some(p)) => {
@@ -930,6 +944,7 @@ impl Engine {
                 }
                 (_, None) => peer.matches_address(peer_ip),
             })
+            .map(|k| k as u32)
     }
 
     /// `cluster/namespace/name` of a policy.
@@ -940,43 +955,93 @@ impl Engine {
         }
     }
 
-    /// The decision with names: what is shown and logged.
-    pub fn explain(&self, d: &Decision) -> Explanation {
+    /// The decision on `c` with names: what is shown and logged.
+    pub fn explain(&self, c: &Connection, d: &Decision) -> Explanation {
         Explanation {
             verdict: d.verdict(),
-            egress: self.explain_direction(&d.egress),
-            ingress: self.explain_direction(&d.ingress),
+            egress: self.explain_direction(&d.egress, false, c.dst),
+            ingress: self.explain_direction(&d.ingress, true, c.src),
         }
     }
 
-    fn explain_direction(&self, d: &Direction) -> DirectionExplanation {
-        let (why, mut policies, mut rules) = match d {
-            Direction::SelfTraffic => (Why::SelfTraffic, vec![], vec![]),
-            Direction::NotAPod => (Why::NotAPod, vec![], vec![]),
-            Direction::NotSelected => (Why::NotSelected, vec![], vec![]),
-            Direction::Ambiguous => (Why::Ambiguous, vec![], vec![]),
-            Direction::Denied(ps) => (
-                Why::Denied,
-                ps.iter().map(|&p| self.policy_name(p)).collect(),
-                vec![],
+    /// Why an allowing rule of a direction reached a pod of another cluster, if it did.
+    fn cross_cluster_note(&self, r: &RuleRef, ingress: bool, peer: Endpoint) -> Option<String> {
+        let Endpoint::Pod { pod, .. } = peer else {
+            return None;
+        };
+        let peer_cluster = self.pods.get(pod.0)?.about.cluster;
+        let pol = self.policies.get(r.policy.0)?;
+        if self.namespaces.get(pol.about.ns)?.cluster == peer_cluster {
+            return None;
+        }
+        let rules = pol.rules(ingress);
+        let how = match rules.get(r.rule as usize)?.peers.get(r.peer as usize) {
+            None => "the rule has no peers, so it admits every cluster".to_owned(),
+            Some(Peer::Namespaces { ns_sel, .. }) => {
+                let names = self
+                    .ns_selectors
+                    .get(*ns_sel)
+                    .is_some_and(|s| s.model.names_cluster());
+                if names {
+                    format!("peer {}'s namespaceSelector names its cluster", r.peer)
+                } else {
+                    format!(
+                        "peer {}'s namespaceSelector names no cluster, so it matches namespaces of every cluster",
+                        r.peer
+                    )
+                }
+            }
+            Some(Peer::Block(_)) => format!(
+                "peer {} is an ipBlock, which matches addresses of every cluster",
+                r.peer
             ),
+            Some(Peer::Local { .. }) => return None,
+        };
+        Some(format!(
+            "{} rule {} admits {} of another cluster: {how}",
+            self.policy_name(r.policy),
+            r.rule,
+            self.pod_name(pod)
+        ))
+    }
+
+    fn explain_direction(
+        &self,
+        d: &Direction,
+        ingress: bool,
+        peer: Endpoint,
+    ) -> DirectionExplanation {
+        let mut policies = Vec::new();
+        let mut rules = Vec::new();
+        let mut notes = Vec::new();
+        let why = match d {
+            Direction::SelfTraffic => Why::SelfTraffic,
+            Direction::NotAPod => Why::NotAPod,
+            Direction::NotSelected => Why::NotSelected,
+            Direction::Ambiguous => Why::Ambiguous,
+            Direction::Denied(ps) => {
+                policies = ps.iter().map(|&p| self.policy_name(p)).collect();
+                Why::Denied
+            }
             Direction::Allowed(rs) => {
-                let mut named: Vec<(String, u32)> = rs
+                let mut named: Vec<(String, u32, Option<String>)> = rs
                     .iter()
-                    .map(|r| (self.policy_name(r.policy), r.rule))
+                    .map(|r| {
+                        let note = self.cross_cluster_note(r, ingress, peer);
+                        (self.policy_name(r.policy), r.rule, note)
+                    })
                     .collect();
                 named.sort();
-                let policies = named.iter().map(|(p, _)| p.clone()).collect();
-                let rules = named
-                    .into_iter()
-                    .map(|(p, r)| format!("{p} rule {r}"))
-                    .collect();
-                (Why::Allowed, policies, rules)
+                for (p, r, note) in named {
+                    rules.push(format!("{p} rule {r}"));
+                    policies.push(p);
+                    notes.extend(note);
+                }
+                Why::Allowed
             }
         };
         policies.sort();
         policies.dedup();
-        rules.dedup();
         DirectionExplanation {
             verdict: if d.allows() {
                 Verdict::Allow
@@ -986,6 +1051,7 @@ impl Engine {
             why,
             policies,
             rules,
+            notes,
         }
     }
 

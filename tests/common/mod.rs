@@ -346,7 +346,7 @@ impl Fixture {
                 port,
                 protocol,
             };
-            e.explain(&e.decide(&c))
+            e.explain(&c, &e.decide(&c))
         };
         let got = decide(&self.engine);
         let probe = format!("{from} -> {to} {port}/{protocol} (v6: {v6})");

@@ -159,16 +159,18 @@ fn port_matches(rule: &Rule, port: u16, protocol: Protocol, dst: &Resolved<'_>) 
     })
 }
 
-fn peer_matches(
+/// The first peer of `rule` matching `peer`: `Some(None)` for a rule without peers, `None`
+/// when no peer matches.
+fn matching_peer(
     set: &ClusterSet,
     policy: &NetworkPolicy,
     rule: &Rule,
     peer: &Resolved<'_>,
-) -> bool {
+) -> Option<Option<usize>> {
     if rule.peers.is_empty() {
-        return true;
+        return Some(None);
     }
-    rule.peers.iter().any(|spec| match spec {
+    let found = rule.peers.iter().position(|spec| match spec {
         Peer::IpBlock(b) => in_block(b, peer.ip()),
         Peer::Pods {
             pod_selector,
@@ -186,7 +188,53 @@ fn peer_matches(
             };
             pod_ok && ns_ok
         }
-    })
+    });
+    found.map(Some)
+}
+
+/// The note for an allowing rule that admits a pod of another cluster than the policy's.
+fn cross_cluster_note(
+    policy: &NetworkPolicy,
+    rule: &Rule,
+    index: usize,
+    matched: Option<usize>,
+    peer: &Resolved<'_>,
+) -> Option<String> {
+    let q = peer.pod()?;
+    if q.cluster == policy.cluster {
+        return None;
+    }
+    let how = match matched {
+        None => "the rule has no peers, so it admits every cluster".to_owned(),
+        Some(k) => match &rule.peers[k] {
+            Peer::IpBlock(_) => {
+                format!("peer {k} is an ipBlock, which matches addresses of every cluster")
+            }
+            Peer::Pods {
+                namespace_selector: Some(ns),
+                ..
+            } if ns.names_cluster() => {
+                format!("peer {k}'s namespaceSelector names its cluster")
+            }
+            Peer::Pods {
+                namespace_selector: Some(_),
+                ..
+            } => format!(
+                "peer {k}'s namespaceSelector names no cluster, so it matches namespaces of every cluster"
+            ),
+            Peer::Pods {
+                namespace_selector: None,
+                ..
+            } => return None,
+        },
+    };
+    Some(format!(
+        "{} rule {index} admits {}/{}/{} of another cluster: {how}",
+        policy_name(policy),
+        q.cluster,
+        q.namespace,
+        q.name
+    ))
 }
 
 fn explanation(why: Why, policies: Vec<String>, rules: Vec<String>) -> DirectionExplanation {
@@ -199,6 +247,7 @@ fn explanation(why: Why, policies: Vec<String>, rules: Vec<String>) -> Direction
         why,
         policies,
         rules,
+        notes: Vec::new(),
     }
 }
 
@@ -232,11 +281,15 @@ fn direction<'a>(
     if selecting.is_empty() {
         return explanation(Why::NotSelected, vec![], vec![]);
     }
-    let mut allowing: Vec<(String, usize)> = Vec::new();
+    let mut allowing: Vec<(String, usize, Option<String>)> = Vec::new();
     for p in &selecting {
         for (i, rule) in rules_of(p).into_iter().flatten().enumerate() {
-            if port_matches(rule, port, protocol, dst) && peer_matches(set, p, rule, peer) {
-                allowing.push((policy_name(p), i));
+            if !port_matches(rule, port, protocol, dst) {
+                continue;
+            }
+            if let Some(matched) = matching_peer(set, p, rule, peer) {
+                let note = cross_cluster_note(p, rule, i, matched, peer);
+                allowing.push((policy_name(p), i, note));
             }
         }
     }
@@ -247,13 +300,16 @@ fn direction<'a>(
         return explanation(Why::Denied, names, vec![]);
     }
     allowing.sort();
-    let mut policies: Vec<String> = allowing.iter().map(|(p, _)| p.clone()).collect();
+    let mut policies: Vec<String> = allowing.iter().map(|(p, _, _)| p.clone()).collect();
     policies.dedup();
     let rules = allowing
-        .into_iter()
-        .map(|(p, i)| format!("{p} rule {i}"))
+        .iter()
+        .map(|(p, i, _)| format!("{p} rule {i}"))
         .collect();
-    explanation(Why::Allowed, policies, rules)
+    DirectionExplanation {
+        notes: allowing.into_iter().filter_map(|(_, _, n)| n).collect(),
+        ..explanation(Why::Allowed, policies, rules)
+    }
 }
 
 /// Decides a connection from `from` to `to` on (`port`, `protocol`); pod ends use their address
