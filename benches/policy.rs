@@ -402,6 +402,28 @@ fn main() {
         .filter(|c| engine.decide(c).verdict() == weft::policy::Verdict::Allow)
         .count();
 
+    // What one node's proxy sees: destinations among the ~100 pods of one node, sources
+    // anywhere in the clusterset.
+    let node_pods: Vec<IpAddr> = (0..10)
+        .flat_map(|n| {
+            (0..PODS_PER_NAMESPACE)
+                .step_by(10)
+                .map(move |p| pod_ip(0, n, p))
+        })
+        .collect();
+    let local: Vec<Connection> = conns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Connection {
+            dst: engine.address_endpoint(node_pods[i % node_pods.len()]),
+            ..*c
+        })
+        .collect();
+    let (ln, ld) = time_decisions(Duration::from_secs(2), &local, |c| {
+        engine.decide(c).verdict() == weft::policy::Verdict::Allow
+    });
+    let local_rate = per_second(ln, ld);
+
     let sample = &conns[..200];
     let (rn, rd) = time_decisions(Duration::from_secs(2), sample, |c| {
         let (src, dst) = (
@@ -449,6 +471,11 @@ fn main() {
     println!(
         "  decisions: {engine_rate:.0}/s ({:.0} ns each; {allowed} of {PROBES} probes allowed)",
         1e9 / engine_rate
+    );
+    println!(
+        "  decisions, destinations on one node ({} pods): {local_rate:.0}/s ({:.0} ns each)",
+        node_pods.len(),
+        1e9 / local_rate
     );
     println!(
         "  baseline, plain reference evaluator: {reference_rate:.0}/s -> engine is {:.0}x faster",

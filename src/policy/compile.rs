@@ -1,129 +1,130 @@
-//! Compiled forms of selectors and rules: symbols instead of strings, so that matching a
-//! connection allocates nothing and compares integers.
+//! Compiled policies: symbols instead of strings, and each policy's rules as one short, flat
+//! sequence of operations, so that deciding a connection allocates nothing, compares integers
+//! and touches few cache lines.
 
 use std::net::IpAddr;
 
 use smallvec::SmallVec;
 
+use super::decision::RuleRef;
 use super::intern::{Interner, LabelSet, Sym};
-use crate::model::{IpBlock, LabelSelector, Operator, PortSpec, Protocol};
+use ipnet::IpNet;
 
-/// Values of an `In`/`NotIn` requirement, inline for the usual few.
-type Values = SmallVec<[Sym; 3]>;
+use crate::model::{self, IpBlock, LabelSelector, Operator, PortSpec, Protocol};
 
-/// One compiled selector requirement.
+/// A compiled label selector, for the selectors kept outside programs (a policy's pod
+/// selector, namespace selectors); no requirements selects everything.
 #[derive(Debug, Clone)]
-enum Req {
-    Eq(Sym, Sym),
-    In(Sym, Values),
-    NotIn(Sym, Values),
-    Exists(Sym),
-    DoesNotExist(Sym),
-}
-
-/// A compiled label selector; no requirements selects everything. Compiled rules keep their
-/// parts inline (no pointer per selector, port or peer) so that evaluating a policy touches
-/// few cache lines.
-#[derive(Debug, Clone)]
-pub(crate) struct Selector(SmallVec<[Req; 2]>);
+pub(crate) struct Selector(Box<[Op]>);
 
 impl Selector {
     /// Compiles `sel`, interning its keys and values.
     pub(crate) fn new(sel: &LabelSelector, interner: &mut Interner) -> Self {
-        let mut reqs: SmallVec<[Req; 2]> = sel
-            .match_labels
-            .iter()
-            .map(|(k, v)| Req::Eq(interner.intern(k), interner.intern(v)))
-            .collect();
-        for r in &sel.match_expressions {
-            let key = interner.intern(&r.key);
-            let mut values = || r.values.iter().map(|v| interner.intern(v)).collect();
-            reqs.push(match r.operator {
-                Operator::In => Req::In(key, values()),
-                Operator::NotIn => Req::NotIn(key, values()),
-                Operator::Exists => Req::Exists(key),
-                Operator::DoesNotExist => Req::DoesNotExist(key),
-            });
-        }
-        Self(reqs)
+        let mut ops = Vec::new();
+        push_selector(&mut ops, sel, interner);
+        Self(ops.into_boxed_slice())
     }
 
     /// Whether `labels` satisfy every requirement.
     #[inline]
     pub(crate) fn matches(&self, labels: &LabelSet) -> bool {
-        self.0.iter().all(|r| match r {
-            Req::Eq(k, v) => labels.get(*k) == Some(*v),
-            Req::In(k, vs) => labels.get(*k).is_some_and(|v| vs.contains(&v)),
-            Req::NotIn(k, vs) => labels.get(*k).is_none_or(|v| !vs.contains(&v)),
-            Req::Exists(k) => labels.get(*k).is_some(),
-            Req::DoesNotExist(k) => labels.get(*k).is_none(),
-        })
+        selector_matches(&self.0, labels)
     }
 }
 
-/// Which ports a compiled port entry admits.
-#[derive(Debug, Clone)]
-pub(crate) enum PortMatch {
-    /// Every port of the protocol.
-    Any,
-    /// An inclusive range.
-    Range(u16, u16),
-    /// A container port name, resolved on the destination pod.
-    Named(Sym),
-}
-
-/// A compiled port entry.
-#[derive(Debug, Clone)]
-pub(crate) struct Port {
-    pub(crate) protocol: Protocol,
-    pub(crate) port: PortMatch,
-}
-
-impl Port {
-    /// Compiles a model port entry.
-    pub(crate) fn new(
+/// One step of a compiled policy. A rule is a [`Op::Rule`] head, its ports, then its peers;
+/// a peer is a head, then the requirements of its pod selector; `In`/`NotIn` are followed by
+/// their values. Every variant is at most 12 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// A rule of `len` ops (head included): `ports` port ops, then `peers` peers. No ports
+    /// admits every port; no peers every peer.
+    Rule { ports: u16, peers: u16, len: u32 },
+    /// Ports `lo..=hi` over `protocol`.
+    Ports {
         protocol: Protocol,
-        spec: Option<&PortSpec>,
-        interner: &mut Interner,
-    ) -> Self {
-        let port = match spec {
-            None => PortMatch::Any,
-            Some(PortSpec::Range { start, end }) => PortMatch::Range(*start, *end),
-            Some(PortSpec::Named(n)) => PortMatch::Named(interner.intern(n)),
+        lo: u16,
+        hi: u16,
+    },
+    /// The destination pod's port called `name` over `protocol`.
+    NamedPort { protocol: Protocol, name: Sym },
+    /// Pods of namespace `ns` (of the policy's cluster) matching the `len` ops that follow.
+    Local { ns: u32, len: u32 },
+    /// Pods of namespaces matching namespace selector `sel` (of every cluster) and the `len`
+    /// ops that follow.
+    Namespaces { sel: u32, len: u32 },
+    /// Addresses in block `block` of the program's blocks.
+    Block { block: u32 },
+    /// Label `key` is `value`.
+    Eq { key: Sym, value: Sym },
+    /// Label `key` is one of the `values` ops that follow.
+    In { key: Sym, values: u32 },
+    /// Label `key` is absent or none of the `values` ops that follow.
+    NotIn { key: Sym, values: u32 },
+    /// Label `key` is present.
+    Exists { key: Sym },
+    /// Label `key` is absent.
+    DoesNotExist { key: Sym },
+    /// A value of the `In`/`NotIn` before it.
+    Value(Sym),
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn push_selector(ops: &mut Vec<Op>, sel: &LabelSelector, interner: &mut Interner) {
+    for (k, v) in &sel.match_labels {
+        ops.push(Op::Eq {
+            key: interner.intern(k),
+            value: interner.intern(v),
+        });
+    }
+    for r in &sel.match_expressions {
+        let key = interner.intern(&r.key);
+        let values = len_u32(r.values.len());
+        ops.push(match r.operator {
+            Operator::In => Op::In { key, values },
+            Operator::NotIn => Op::NotIn { key, values },
+            Operator::Exists => Op::Exists { key },
+            Operator::DoesNotExist => Op::DoesNotExist { key },
+        });
+        if matches!(r.operator, Operator::In | Operator::NotIn) {
+            ops.extend(r.values.iter().map(|v| Op::Value(interner.intern(v))));
+        }
+    }
+}
+
+/// Whether `labels` satisfy the requirements `ops` (a compiled selector).
+#[inline]
+fn selector_matches(ops: &[Op], labels: &LabelSet) -> bool {
+    let mut i = 0;
+    while let Some(op) = ops.get(i) {
+        i += 1;
+        let ok = match *op {
+            Op::Eq { key, value } => labels.get(key) == Some(value),
+            Op::Exists { key } => labels.get(key).is_some(),
+            Op::DoesNotExist { key } => labels.get(key).is_none(),
+            Op::In { key, values } | Op::NotIn { key, values } => {
+                let vals = ops.get(i..i + values as usize).unwrap_or_default();
+                i += values as usize;
+                let found = labels.get(key).map(|v| vals.contains(&Op::Value(v)));
+                match op {
+                    Op::In { .. } => found == Some(true),
+                    _ => found != Some(true),
+                }
+            }
+            _ => true,
         };
-        Self { protocol, port }
+        if !ok {
+            return false;
+        }
     }
+    true
 }
 
-/// A compiled peer. Namespaces and namespace selectors are referred to by index into the
-/// engine's tables.
-#[derive(Debug, Clone)]
-pub(crate) enum Peer {
-    /// Pods of one namespace (of one cluster) matching the selector.
-    Local { ns: u32, pods: Selector },
-    /// Pods of every namespace matching namespace selector `ns_sel`, optionally filtered.
-    Namespaces { ns_sel: u32, pods: Option<Selector> },
-    /// Addresses.
-    Block(IpBlock),
-}
-
-impl Peer {
-    /// Whether an address-only peer (not a pod) at `ip` matches.
-    #[inline]
-    pub(crate) fn matches_address(&self, ip: IpAddr) -> bool {
-        matches!(self, Peer::Block(b) if b.contains(ip))
-    }
-}
-
-/// A compiled rule; empty ports or peers match everything.
-#[derive(Debug, Clone)]
-pub(crate) struct Rule {
-    pub(crate) ports: SmallVec<[Port; 2]>,
-    pub(crate) peers: SmallVec<[Peer; 1]>,
-}
-
-/// The ports and protocols some rule of a set could admit: a cheap test that lets a decision
-/// skip a policy without reading its rules. No rules admit nothing.
+/// The ports and protocols some rule of a direction could admit: a cheap test that lets a
+/// decision skip a policy without reading its rules. No rules admit nothing.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct PortSpan {
     lo: u16,
@@ -140,8 +141,7 @@ impl PortSpan {
         }
     }
 
-    /// The span of `rules`.
-    pub(crate) fn of(rules: &[Rule]) -> Self {
+    fn of(rules: &[model::Rule]) -> Self {
         let mut span = PortSpan {
             lo: u16::MAX,
             hi: 0,
@@ -157,10 +157,10 @@ impl PortSpan {
                 widen(7, 0, u16::MAX);
             }
             for p in &rule.ports {
-                let (lo, hi) = match p.port {
-                    PortMatch::Range(lo, hi) => (lo, hi),
+                let (lo, hi) = match &p.port {
+                    Some(PortSpec::Range { start, end }) => (*start, *end),
                     // Named ports resolve per destination pod: any number.
-                    PortMatch::Any | PortMatch::Named(_) => (0, u16::MAX),
+                    None | Some(PortSpec::Named(_)) => (0, u16::MAX),
                 };
                 widen(Self::bit(p.protocol), lo, hi);
             }
@@ -172,5 +172,446 @@ impl PortSpan {
     #[inline]
     pub(crate) fn admits(&self, port: u16, protocol: Protocol) -> bool {
         self.protocols & Self::bit(protocol) != 0 && (self.lo..=self.hi).contains(&port)
+    }
+}
+
+/// What one direction of a decision asks of a policy: the connection, seen from the pod
+/// the policy selects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Query<'a> {
+    /// Ingress of the destination, or egress of the source.
+    pub(crate) ingress: bool,
+    /// Destination port.
+    pub(crate) port: u16,
+    /// Protocol.
+    pub(crate) protocol: Protocol,
+    /// The destination pod's named ports, when the destination is a pod.
+    pub(crate) dst_ports: Option<&'a [(Sym, Protocol, u16)]>,
+    /// The other end's address on the connection.
+    pub(crate) peer_ip: IpAddr,
+    /// The other end's namespace and labels, when it is a pod.
+    pub(crate) peer_pod: Option<(u32, &'a LabelSet)>,
+}
+
+/// A policy's rules of both directions, compiled.
+#[derive(Debug)]
+pub(crate) struct Program {
+    /// Ingress rules, then egress rules; small policies need no further allocation.
+    ops: SmallVec<[Op; 8]>,
+    /// Where the egress rules start in `ops`.
+    egress_at: u32,
+    ingress: Option<PortSpan>,
+    egress: Option<PortSpan>,
+    blocks: Box<[Block]>,
+}
+
+impl Program {
+    /// Compiles a policy's rules. `ns` is the policy's namespace; `ns_sels` the ids of the
+    /// namespace selectors of its peers, in rule and peer order (ingress first).
+    pub(crate) fn new(
+        p: &model::NetworkPolicy,
+        ns: u32,
+        ns_sels: &[u32],
+        interner: &mut Interner,
+    ) -> Self {
+        let mut ops = Vec::new();
+        let mut blocks = Vec::new();
+        let mut ns_sels = ns_sels.iter().copied();
+        let mut compile = |ops: &mut Vec<Op>, rules: &[model::Rule]| {
+            for rule in rules {
+                let head = ops.len();
+                ops.push(Op::Rule {
+                    ports: u16::try_from(rule.ports.len()).unwrap_or(u16::MAX),
+                    peers: u16::try_from(rule.peers.len()).unwrap_or(u16::MAX),
+                    len: 0,
+                });
+                for port in &rule.ports {
+                    ops.push(match &port.port {
+                        None => Op::Ports {
+                            protocol: port.protocol,
+                            lo: 0,
+                            hi: u16::MAX,
+                        },
+                        Some(PortSpec::Range { start, end }) => Op::Ports {
+                            protocol: port.protocol,
+                            lo: *start,
+                            hi: *end,
+                        },
+                        Some(PortSpec::Named(n)) => Op::NamedPort {
+                            protocol: port.protocol,
+                            name: interner.intern(n),
+                        },
+                    });
+                }
+                for peer in &rule.peers {
+                    let at = ops.len();
+                    match peer {
+                        model::Peer::IpBlock(b) => {
+                            ops.push(Op::Block {
+                                block: len_u32(blocks.len()),
+                            });
+                            blocks.push(Block::new(b));
+                        }
+                        model::Peer::Pods {
+                            pod_selector,
+                            namespace_selector,
+                        } => {
+                            ops.push(match namespace_selector {
+                                None => Op::Local { ns, len: 0 },
+                                Some(_) => Op::Namespaces {
+                                    sel: ns_sels.next().unwrap_or(u32::MAX),
+                                    len: 0,
+                                },
+                            });
+                            if let Some(s) = pod_selector {
+                                push_selector(ops, s, interner);
+                            }
+                            let n = len_u32(ops.len() - at - 1);
+                            if let Op::Local { len, .. } | Op::Namespaces { len, .. } = &mut ops[at]
+                            {
+                                *len = n;
+                            }
+                        }
+                    }
+                }
+                let n = len_u32(ops.len() - head);
+                if let Op::Rule { len, .. } = &mut ops[head] {
+                    *len = n;
+                }
+            }
+        };
+        compile(&mut ops, p.ingress.as_deref().unwrap_or_default());
+        let egress_at = len_u32(ops.len());
+        compile(&mut ops, p.egress.as_deref().unwrap_or_default());
+        Self {
+            ops: SmallVec::from_vec(ops),
+            egress_at,
+            ingress: p.ingress.as_deref().map(PortSpan::of),
+            egress: p.egress.as_deref().map(PortSpan::of),
+            blocks: blocks.into_boxed_slice(),
+        }
+    }
+
+    /// The port spans of (ingress, egress); a direction the policy does not apply to admits
+    /// nothing.
+    pub(crate) fn spans(&self) -> [PortSpan; 2] {
+        [
+            self.ingress.unwrap_or_default(),
+            self.egress.unwrap_or_default(),
+        ]
+    }
+
+    /// Whether the policy applies to the direction.
+    #[inline]
+    pub(crate) fn applies(&self, ingress: bool) -> bool {
+        if ingress {
+            self.ingress.is_some()
+        } else {
+            self.egress.is_some()
+        }
+    }
+
+    fn ops(&self, ingress: bool) -> &[Op] {
+        let at = (self.egress_at as usize).min(self.ops.len());
+        if ingress {
+            &self.ops[..at]
+        } else {
+            &self.ops[at..]
+        }
+    }
+
+    /// Calls `allow(rule, peer)` for every rule of the direction that admits the connection,
+    /// with the index of its first matching peer ([`RuleRef::EVERY_PEER`] for a rule without
+    /// peers).
+    #[inline]
+    pub(crate) fn admit(
+        &self,
+        q: &Query<'_>,
+        ns_selected: impl Fn(u32, u32) -> bool,
+        mut allow: impl FnMut(u32, u32),
+    ) {
+        let (port, protocol) = (q.port, q.protocol);
+        let span = if q.ingress { self.ingress } else { self.egress };
+        if !span.is_some_and(|s| s.admits(port, protocol)) {
+            return;
+        }
+        let ops = self.ops(q.ingress);
+        let mut at = 0;
+        let mut index = 0;
+        while let Some(&Op::Rule { ports, peers, len }) = ops.get(at) {
+            let rule = ops.get(at + 1..at + len as usize).unwrap_or_default();
+            at += (len as usize).max(1);
+            let (port_ops, peer_ops) = rule.split_at((ports as usize).min(rule.len()));
+            let port_ok = ports == 0
+                || port_ops.iter().any(|op| match *op {
+                    Op::Ports {
+                        protocol: p,
+                        lo,
+                        hi,
+                    } => p == protocol && (lo..=hi).contains(&port),
+                    // A named port never matches an address that is not a pod.
+                    Op::NamedPort { protocol: p, name } => {
+                        p == protocol
+                            && q.dst_ports.is_some_and(|named| {
+                                named
+                                    .iter()
+                                    .find(|&&(n, pr, _)| n == name && pr == protocol)
+                                    .is_some_and(|&(_, _, number)| number == port)
+                            })
+                    }
+                    _ => false,
+                });
+            if port_ok {
+                let matched = if peers == 0 {
+                    Some(RuleRef::EVERY_PEER)
+                } else {
+                    self.matching_peer(peer_ops, q, &ns_selected)
+                };
+                if let Some(k) = matched {
+                    allow(index, k);
+                }
+            }
+            index += 1;
+        }
+    }
+
+    /// The index of the first peer in `ops` (a rule's peers) matching `peer`.
+    #[inline]
+    fn matching_peer(
+        &self,
+        ops: &[Op],
+        q: &Query<'_>,
+        ns_selected: &impl Fn(u32, u32) -> bool,
+    ) -> Option<u32> {
+        let mut at = 0;
+        let mut k = 0;
+        while let Some(op) = ops.get(at) {
+            let (len, ok) = match *op {
+                Op::Block { block } => (
+                    0,
+                    self.blocks
+                        .get(block as usize)
+                        .is_some_and(|b| b.contains(q.peer_ip)),
+                ),
+                Op::Local { ns, len } => (
+                    len,
+                    q.peer_pod.is_some_and(|(pod_ns, labels)| {
+                        pod_ns == ns && selector_matches(reqs(ops, at, len), labels)
+                    }),
+                ),
+                Op::Namespaces { sel, len } => (
+                    len,
+                    q.peer_pod.is_some_and(|(pod_ns, labels)| {
+                        ns_selected(pod_ns, sel) && selector_matches(reqs(ops, at, len), labels)
+                    }),
+                ),
+                _ => return None,
+            };
+            if ok {
+                return Some(k);
+            }
+            at += 1 + len as usize;
+            k += 1;
+        }
+        None
+    }
+
+    /// What peer `peer` of rule `rule` of a direction is, for explanations.
+    pub(crate) fn peer_kind(&self, ingress: bool, rule: u32, peer: u32) -> Option<PeerKind> {
+        let ops = self.ops(ingress);
+        let mut at = 0;
+        for _ in 0..rule {
+            let Op::Rule { len, .. } = ops.get(at)? else {
+                return None;
+            };
+            at += (*len as usize).max(1);
+        }
+        let Op::Rule { ports, peers, .. } = ops.get(at)? else {
+            return None;
+        };
+        if *peers == 0 {
+            return Some(PeerKind::Every);
+        }
+        let mut at = at + 1 + *ports as usize;
+        for k in 0..=peer {
+            let (len, kind) = match ops.get(at)? {
+                Op::Block { .. } => (0, PeerKind::Block),
+                Op::Local { len, .. } => (*len, PeerKind::Local),
+                Op::Namespaces { sel, len } => (*len, PeerKind::Namespaces(*sel)),
+                _ => return None,
+            };
+            if k == peer {
+                return Some(kind);
+            }
+            at += 1 + len as usize;
+        }
+        None
+    }
+}
+
+/// The `len` ops after the peer head at `at`.
+#[inline]
+fn reqs(ops: &[Op], at: usize, len: u32) -> &[Op] {
+    ops.get(at + 1..at + 1 + len as usize).unwrap_or_default()
+}
+
+/// A CIDR as integers: the address with its host bits cleared, and the prefix mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cidr {
+    v6: bool,
+    net: u128,
+    mask: u128,
+}
+
+impl Cidr {
+    fn new(net: &IpNet) -> Self {
+        let (v6, bits, width) = Self::bits(net.network());
+        let prefix = u32::from(net.prefix_len());
+        let mask = if prefix == 0 {
+            0
+        } else {
+            (u128::MAX << (width - prefix)) & (u128::MAX >> (128 - width))
+        };
+        Self {
+            v6,
+            net: bits & mask,
+            mask,
+        }
+    }
+
+    /// (is IPv6, the address as an integer, its width in bits).
+    #[inline]
+    fn bits(ip: IpAddr) -> (bool, u128, u32) {
+        match ip {
+            IpAddr::V4(a) => (false, u128::from(u32::from(a)), 32),
+            IpAddr::V6(a) => (true, u128::from(a), 128),
+        }
+    }
+
+    #[inline]
+    fn contains(&self, ip: IpAddr) -> bool {
+        let (v6, bits, _) = Self::bits(ip);
+        v6 == self.v6 && bits & self.mask == self.net
+    }
+}
+
+/// A compiled ipBlock: a CIDR minus exceptions, tested with integer masks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Block {
+    cidr: Cidr,
+    except: Box<[Cidr]>,
+}
+
+impl Block {
+    fn new(b: &IpBlock) -> Self {
+        Self {
+            cidr: Cidr::new(&b.cidr),
+            except: b.except.iter().map(Cidr::new).collect(),
+        }
+    }
+
+    #[inline]
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
+    }
+}
+
+/// What kind of peer admitted a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerKind {
+    /// A rule without peers.
+    Every,
+    /// Pods of the policy's own namespace.
+    Local,
+    /// Pods of namespaces chosen by this namespace selector.
+    Namespaces(u32),
+    /// An ipBlock.
+    Block,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiled_blocks_agree_with_ipnet() {
+        let cases = [
+            ("10.0.0.0/8", vec!["10.1.0.0/16"]),
+            ("0.0.0.0/0", vec![]),
+            ("::/0", vec![]),
+            ("fd00::/8", vec!["fd00:1::/32"]),
+            ("192.168.1.7/32", vec![]),
+            ("2001:db8::1/128", vec![]),
+        ];
+        let ips = [
+            "10.0.0.1",
+            "10.1.2.3",
+            "11.0.0.1",
+            "192.168.1.7",
+            "192.168.1.8",
+            "0.0.0.0",
+            "255.255.255.255",
+            "fd00::1",
+            "fd00:1::1",
+            "fe00::1",
+            "2001:db8::1",
+            "::",
+            "::1",
+        ];
+        for (cidr, except) in cases {
+            let block = IpBlock {
+                cidr: cidr.parse().expect("cidr"),
+                except: except.iter().map(|e| e.parse().expect("cidr")).collect(),
+            };
+            let compiled = Block::new(&block);
+            for ip in ips {
+                let ip: IpAddr = ip.parse().expect("ip");
+                assert_eq!(compiled.contains(ip), block.contains(ip), "{cidr} {ip}");
+            }
+        }
+    }
+
+    #[test]
+    fn ops_stay_small() {
+        assert!(std::mem::size_of::<Op>() <= 12);
+    }
+
+    #[test]
+    fn compiled_selectors_follow_upstream() {
+        let mut i = Interner::default();
+        let labels: crate::model::Labels = [("app", "web"), ("tier", "front")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let set = LabelSet::new(&labels, &mut i);
+        let mut sel = |yaml: serde_json::Value| {
+            let api = serde_json::from_value(yaml).expect("selector");
+            Selector::new(&LabelSelector::from_api(&api, "s").expect("valid"), &mut i)
+        };
+        let cases = [
+            (serde_json::json!({}), true),
+            (serde_json::json!({"matchLabels": {"app": "web"}}), true),
+            (serde_json::json!({"matchLabels": {"app": "db"}}), false),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["db", "web"]}]}),
+                true,
+            ),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db", "web"]}]}),
+                false,
+            ),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "x", "operator": "NotIn", "values": ["a"]}, {"key": "tier", "operator": "Exists"}]}),
+                true,
+            ),
+            (
+                serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}),
+                false,
+            ),
+        ];
+        for (yaml, want) in cases {
+            let s = sel(yaml.clone());
+            assert_eq!(s.matches(&set), want, "{yaml}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use smallvec::SmallVec;
 
-use super::compile::{Peer, Port, PortMatch, PortSpan, Rule, Selector};
+use super::compile::{PeerKind, PortSpan, Program, Query, Selector};
 use super::decision::{
     Connection, Decision, Direction, DirectionExplanation, Endpoint, Explanation, PolicyId,
     RuleRef, Verdict, Why,
@@ -147,66 +147,11 @@ struct PodAbout {
     node: Option<Box<str>>,
 }
 
-impl PodEntry {
-    #[inline]
-    fn named_port(&self, name: Sym, protocol: Protocol) -> Option<u16> {
-        self.named_ports
-            .iter()
-            .find(|&&(n, p, _)| n == name && p == protocol)
-            .map(|&(_, _, port)| port)
-    }
-}
-
-/// A compiled policy, small so that the policies stay in cache: the rules of both directions
-/// in one allocation (ingress first), the rest boxed.
+/// A compiled policy: its program inline, the rest boxed, so that the policies stay in cache.
 #[derive(Debug)]
 struct PolicyEntry {
-    rules: Box<[Rule]>,
-    /// How many of `rules` are ingress rules.
-    ingress_rules: u32,
-    ingress_ports: PortSpan,
-    egress_ports: PortSpan,
-    applies_to_ingress: bool,
-    applies_to_egress: bool,
+    program: Program,
     about: Box<PolicyAbout>,
-}
-
-impl PolicyEntry {
-    /// Whether the policy applies to the direction.
-    #[inline]
-    fn applies(&self, ingress: bool) -> bool {
-        if ingress {
-            self.applies_to_ingress
-        } else {
-            self.applies_to_egress
-        }
-    }
-
-    /// The rules of the direction that could admit `port` over `protocol`.
-    #[inline]
-    fn rules_for(&self, ingress: bool, port: u16, protocol: Protocol) -> &[Rule] {
-        let span = if ingress {
-            self.ingress_ports
-        } else {
-            self.egress_ports
-        };
-        if span.admits(port, protocol) {
-            self.rules(ingress)
-        } else {
-            &[]
-        }
-    }
-
-    /// The rules of the direction.
-    #[inline]
-    fn rules(&self, ingress: bool) -> &[Rule] {
-        let split = (self.ingress_rules as usize).min(self.rules.len());
-        if ingress {
-            &self.rules[..split]
-        } else {
-            &self.rules[split..]
-        }
-    }
 }
 
 /// The parts of a policy decisions do not read.
@@ -297,6 +242,9 @@ pub struct Engine {
     pods: Slab<PodEntry>,
     pod_index: HashMap<(ClusterIdx, Box<str>), PodIdx>,
     policies: Slab<PolicyEntry>,
+    /// Each policy's (ingress, egress) port spans, by policy index: dense and small, so that a
+    /// decision skips the policies that cannot admit its port without touching them.
+    policy_spans: Vec<[PortSpan; 2]>,
     policy_index: HashMap<(ClusterIdx, NsIdx, Box<str>), PolicyIdx>,
     ns_selectors: Slab<NsSelEntry>,
     selection: SelectionMatrix,
@@ -486,10 +434,10 @@ impl Engine {
                 if let Some(pol) = self.policies.get(p)
                     && pol.about.selector.matches(&entry.labels)
                 {
-                    if pol.applies(true) {
+                    if pol.program.applies(true) {
                         entry.ingress.push(p);
                     }
-                    if pol.applies(false) {
+                    if pol.program.applies(false) {
                         entry.egress.push(p);
                     }
                 }
@@ -578,71 +526,26 @@ impl Engine {
         }
     }
 
-    fn compile_rules<'a>(
-        &mut self,
-        ns: NsIdx,
-        rules: impl Iterator<Item = &'a model::Rule>,
-        ns_sels: &mut Vec<u32>,
-    ) -> Vec<Rule> {
-        rules
-            .map(|r| Rule {
-                ports: r
-                    .ports
-                    .iter()
-                    .map(|p| Port::new(p.protocol, p.port.as_ref(), &mut self.interner))
-                    .collect(),
-                peers: r
-                    .peers
-                    .iter()
-                    .map(|peer| match peer {
-                        model::Peer::IpBlock(b) => Peer::Block(b.clone()),
-                        model::Peer::Pods {
-                            pod_selector,
-                            namespace_selector: None,
-                        } => Peer::Local {
-                            ns,
-                            pods: Selector::new(
-                                pod_selector.as_ref().unwrap_or(&LabelSelector::default()),
-                                &mut self.interner,
-                            ),
-                        },
-                        model::Peer::Pods {
-                            pod_selector,
-                            namespace_selector: Some(nsel),
-                        } => {
-                            let s = self.acquire_ns_selector(nsel);
-                            ns_sels.push(s);
-                            Peer::Namespaces {
-                                ns_sel: s,
-                                pods: pod_selector
-                                    .as_ref()
-                                    .filter(|p| !p.is_empty())
-                                    .map(|p| Selector::new(p, &mut self.interner)),
-                            }
-                        }
-                    })
-                    .collect(),
-            })
-            .collect()
-    }
-
     /// Adds or replaces a NetworkPolicy, keyed by (cluster, namespace, name).
     pub fn upsert_policy(&mut self, p: &model::NetworkPolicy) {
         let c = self.cluster_idx(&p.cluster);
         let ns = self.ns_idx(&p.cluster, &p.namespace);
         let key = (c, ns, p.name.as_str().into());
+        // Namespace selectors first, in rule and peer order: the program refers to them.
         let mut ns_sels = Vec::new();
-        let ingress = p.ingress.iter().flatten();
-        let ingress_rules = u32::try_from(ingress.clone().count()).unwrap_or(u32::MAX);
-        let rules = self.compile_rules(ns, ingress.chain(p.egress.iter().flatten()), &mut ns_sels);
-        let split = (ingress_rules as usize).min(rules.len());
+        for rule in p.ingress.iter().chain(&p.egress).flatten() {
+            for peer in &rule.peers {
+                if let model::Peer::Pods {
+                    namespace_selector: Some(sel),
+                    ..
+                } = peer
+                {
+                    ns_sels.push(self.acquire_ns_selector(sel));
+                }
+            }
+        }
         let entry = PolicyEntry {
-            ingress_ports: PortSpan::of(&rules[..split]),
-            egress_ports: PortSpan::of(&rules[split..]),
-            rules: rules.into_boxed_slice(),
-            ingress_rules,
-            applies_to_ingress: p.ingress.is_some(),
-            applies_to_egress: p.egress.is_some(),
+            program: Program::new(p, ns, &ns_sels, &mut self.interner),
             about: Box::new(PolicyAbout {
                 ns,
                 name: p.name.as_str().into(),
@@ -669,6 +572,14 @@ impl Engine {
                 idx
             }
         };
+        let spans = self.policies.get(idx).map(|p| p.program.spans());
+        if let Some(spans) = spans {
+            if self.policy_spans.len() <= idx as usize {
+                self.policy_spans
+                    .resize(idx as usize + 1, Default::default());
+            }
+            self.policy_spans[idx as usize] = spans;
+        }
         self.refresh_selection_of(idx, ns);
     }
 
@@ -688,12 +599,12 @@ impl Engine {
             set_member(
                 &mut pod.ingress,
                 idx,
-                selected.is_some_and(|p| p.applies(true)),
+                selected.is_some_and(|p| p.program.applies(true)),
             );
             set_member(
                 &mut pod.egress,
                 idx,
-                selected.is_some_and(|p| p.applies(false)),
+                selected.is_some_and(|p| p.program.applies(false)),
             );
         }
     }
@@ -870,81 +781,44 @@ impl Engine {
             Endpoint::Pod { pod, .. } => self.pods.get(pod.0),
             _ => None,
         };
-        let peer_ip = peer.ip();
         let mut allowed: SmallVec<[RuleRef; 4]> = SmallVec::new();
+        let q = Query {
+            ingress,
+            port: c.port,
+            protocol: c.protocol,
+            dst_ports: dst_pod.map(|d| d.named_ports.as_slice()),
+            peer_ip: peer.ip(),
+            peer_pod: peer_pod.map(|p| (p.ns, &p.labels)),
+        };
+        let side = usize::from(!ingress);
         for &pi in selecting {
+            let admits = self
+                .policy_spans
+                .get(pi as usize)
+                .is_some_and(|s| s[side].admits(c.port, c.protocol));
+            if !admits {
+                continue;
+            }
             let Some(pol) = self.policies.get(pi) else {
                 continue;
             };
-            for (ri, rule) in pol
-                .rules_for(ingress, c.port, c.protocol)
-                .iter()
-                .enumerate()
-            {
-                if self.port_matches(rule, c.port, c.protocol, dst_pod)
-                    && let Some(peer) = self.matching_peer(rule, peer_pod, peer_ip)
-                {
+            pol.program.admit(
+                &q,
+                |ns, sel| self.selection.get(ns, sel),
+                |rule, peer| {
                     allowed.push(RuleRef {
                         policy: PolicyId(pi),
-                        rule: ri as u32,
+                        rule,
                         peer,
-                    });
-                }
-            }
+                    })
+                },
+            );
         }
         if allowed.is_empty() {
             Direction::Denied(selecting.iter().map(|&p| PolicyId(p)).collect())
         } else {
             Direction::Allowed(allowed)
         }
-    }
-
-    #[inline]
-    fn port_matches(
-        &self,
-        rule: &Rule,
-        port: u16,
-        protocol: Protocol,
-        dst_pod: Option<&PodEntry>,
-    ) -> bool {
-        rule.ports.is_empty()
-            || rule.ports.iter().any(|p| {
-                p.protocol == protocol
-                    && match p.port {
-                        PortMatch::Any => true,
-                        PortMatch::Range(lo, hi) => (lo..=hi).contains(&port),
-                        // A named port never matches an address that is not a pod.
-                        PortMatch::Named(n) => {
-                            dst_pod.and_then(|d| d.named_port(n, protocol)) == Some(port)
-                        }
-                    }
-            })
-    }
-
-    /// The index of the first peer of `rule` matching the other end, or
-    /// [`RuleRef::EVERY_PEER`] for a rule without peers.
-    #[inline]
-    fn matching_peer(
-        &self,
-        rule: &Rule,
-        peer_pod: Option<&PodEntry>,
-        peer_ip: IpAddr,
-    ) -> Option<u32> {
-        if rule.peers.is_empty() {
-            return Some(RuleRef::EVERY_PEER);
-        }
-        rule.peers
-            .iter()
-            .position(|peer| match (peer, peer_pod) {
-                (Peer::Block(b), _) => b.contains(peer_ip),
-                (Peer::Local { ns, pods }, Some(p)) => p.ns == *ns && pods.matches(&p.labels),
-                (Peer::Namespaces { ns_sel, pods }, Some(p)) => {
-                    self.selection.get(p.ns, *ns_sel)
-                        && pods.as_ref().is_none_or(|s| s.matches(&p.labels))
-                }
-                (_, None) => peer.matches_address(peer_ip),
-            })
-            .map(|k| k as u32)
     }
 
     /// `cluster/namespace/name` of a policy.
@@ -974,13 +848,12 @@ impl Engine {
         if self.namespaces.get(pol.about.ns)?.cluster == peer_cluster {
             return None;
         }
-        let rules = pol.rules(ingress);
-        let how = match rules.get(r.rule as usize)?.peers.get(r.peer as usize) {
-            None => "the rule has no peers, so it admits every cluster".to_owned(),
-            Some(Peer::Namespaces { ns_sel, .. }) => {
+        let how = match pol.program.peer_kind(ingress, r.rule, r.peer)? {
+            PeerKind::Every => "the rule has no peers, so it admits every cluster".to_owned(),
+            PeerKind::Namespaces(sel) => {
                 let names = self
                     .ns_selectors
-                    .get(*ns_sel)
+                    .get(sel)
                     .is_some_and(|s| s.model.names_cluster());
                 if names {
                     format!("peer {}'s namespaceSelector names its cluster", r.peer)
@@ -991,11 +864,11 @@ impl Engine {
                     )
                 }
             }
-            Some(Peer::Block(_)) => format!(
+            PeerKind::Block => format!(
                 "peer {} is an ipBlock, which matches addresses of every cluster",
                 r.peer
             ),
-            Some(Peer::Local { .. }) => return None,
+            PeerKind::Local => return None,
         };
         Some(format!(
             "{} rule {} admits {} of another cluster: {how}",
