@@ -735,7 +735,8 @@ fn run(w: &World) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    // 256 cases by default; PROPTEST_CASES=N for a longer run.
+    #![proptest_config(ProptestConfig::default())]
 
     #[test]
     fn engine_explains_every_probe_as_the_reference_evaluator(w in world()) {
