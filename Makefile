@@ -15,7 +15,7 @@ demo:
 
 ## test: the whole test suite (what CI runs after fmt and clippy).
 test:
-	cargo test --locked --no-fail-fast
+	cargo test --locked --no-fail-fast --lib --bins --tests
 
 ## bench: the policy engine benchmark (figures and their baselines).
 bench:
