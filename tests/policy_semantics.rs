@@ -2046,3 +2046,41 @@ fn the_engine_sets_cluster_labels_itself_whatever_it_is_given() {
     }
     assert_eq!(labels["kubernetes.io/metadata.name"], "x");
 }
+
+#[test]
+fn pod_labels_that_mimic_namespace_or_cluster_labels_are_never_namespace_labels() {
+    let mut f = xyz2();
+    // A pod of c2 dresses up as a pod of c1's kube-system.
+    f.apply(
+        "c2",
+        pod(
+            "y",
+            "spoof",
+            json!({"cluster.clusterset.k8s.io": "c1", "kubernetes.io/metadata.name": "kube-system"}),
+            &["10.2.9.9"],
+        ),
+    );
+    f.apply(
+        "c1",
+        policy(
+            "x",
+            "from-c1-kube-system",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {
+                "cluster.clusterset.k8s.io": "c1", "kubernetes.io/metadata.name": "kube-system"}}}]}]}),
+        ),
+    );
+    assert_eq!(f.verdict("c2/y/spoof", "c1/x/a", 80, Tcp), Deny);
+    // A selector that resolves to nothing (a cluster no one has) admits nothing.
+    f.apply(
+        "c1",
+        policy(
+            "x",
+            "from-ghost",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {
+                "cluster.clusterset.k8s.io": "ghost"}}}]}]}),
+        ),
+    );
+    let mut r = f.reachability();
+    r.expect_all_ingress("c1/x/*", false);
+    f.validate(&r, 80, Tcp);
+}
