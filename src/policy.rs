@@ -10,6 +10,7 @@ mod compile;
 mod decision;
 mod engine;
 mod intern;
+mod store;
 
 pub use decision::{
     Connection, Decision, Direction, DirectionExplanation, Endpoint, Explanation, PolicyId,

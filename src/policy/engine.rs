@@ -18,6 +18,7 @@ use super::decision::{
     RuleRef, Verdict, Why,
 };
 use super::intern::{Interner, LabelSet, Sym};
+use super::store::{Shared, Slab};
 use crate::model::{self, ClusterId, ClusterSet, LabelSelector, Labels, Protocol};
 
 /// A pod, by index in the engine (valid until that pod is removed).
@@ -121,17 +122,24 @@ impl SelectionMatrix {
     }
 }
 
-/// What a decision reads of a pod, kept together in few cache lines; the rest is boxed.
+/// A pod's named ports: (name, protocol, port), the first in container order for each
+/// (name, protocol).
+type NamedPorts = SmallVec<[(Sym, Protocol, u16); 2]>;
+
+/// What a decision reads of a pod: a few indices into values pods share (pods of one
+/// workload have the same labels, ports and policies), so that the record is small and the
+/// values stay in cache; the rest is boxed.
 #[derive(Debug)]
 struct PodEntry {
     ns: NsIdx,
-    labels: LabelSet,
-    /// (name, protocol, port), the first in container order for each (name, protocol).
-    named_ports: SmallVec<[(Sym, Protocol, u16); 2]>,
-    /// Policies selecting this pod for ingress, sorted.
-    ingress: PolicyList,
-    /// Policies selecting this pod for egress, sorted.
-    egress: PolicyList,
+    /// In [`Engine::label_sets`].
+    labels: u32,
+    /// In [`Engine::port_lists`].
+    named_ports: u32,
+    /// Policies selecting the pod for ingress, in [`Engine::policy_lists`].
+    ingress: u32,
+    /// Policies selecting the pod for egress, in [`Engine::policy_lists`].
+    egress: u32,
     about: Box<PodAbout>,
 }
 
@@ -171,66 +179,6 @@ struct NsSelEntry {
     refs: u32,
 }
 
-/// Slots with a free list, so indices stay small and stable.
-#[derive(Debug)]
-struct Slab<T> {
-    items: Vec<Option<T>>,
-    free: Vec<u32>,
-}
-
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Self {
-            items: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-}
-
-impl<T> Slab<T> {
-    fn insert(&mut self, v: T) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.items[i as usize] = Some(v);
-                i
-            }
-            None => {
-                self.items.push(Some(v));
-                u32::try_from(self.items.len() - 1).expect("fewer than 2^32 objects")
-            }
-        }
-    }
-
-    fn remove(&mut self, i: u32) -> Option<T> {
-        let v = self.items.get_mut(i as usize)?.take();
-        if v.is_some() {
-            self.free.push(i);
-        }
-        v
-    }
-
-    #[inline]
-    fn get(&self, i: u32) -> Option<&T> {
-        self.items.get(i as usize)?.as_ref()
-    }
-
-    #[inline]
-    fn get_mut(&mut self, i: u32) -> Option<&mut T> {
-        self.items.get_mut(i as usize)?.as_mut()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
-        self.items
-            .iter()
-            .enumerate()
-            .filter_map(|(i, v)| Some((i as u32, v.as_ref()?)))
-    }
-
-    fn len(&self) -> usize {
-        self.items.len() - self.free.len()
-    }
-}
-
 /// The policy engine over every cluster of a clusterset.
 #[derive(Debug, Default)]
 pub struct Engine {
@@ -247,6 +195,9 @@ pub struct Engine {
     policy_spans: Vec<[PortSpan; 2]>,
     policy_index: HashMap<(ClusterIdx, NsIdx, Box<str>), PolicyIdx>,
     ns_selectors: Slab<NsSelEntry>,
+    label_sets: Shared<LabelSet>,
+    port_lists: Shared<NamedPorts>,
+    policy_lists: Shared<PolicyList>,
     selection: SelectionMatrix,
     ns_selector_index: HashMap<LabelSelector, u32>,
     /// Addresses owned by live pods; more than one owner makes an address ambiguous.
@@ -398,7 +349,7 @@ impl Engine {
         }
         let ns = self.ns_idx(&pod.cluster, &pod.namespace);
         let labels = LabelSet::new(&pod.labels, &mut self.interner);
-        let mut named_ports: SmallVec<[(Sym, Protocol, u16); 2]> = SmallVec::new();
+        let mut named_ports = NamedPorts::new();
         for p in &pod.ports {
             if let Some(name) = &p.name {
                 let sym = self.interner.intern(name);
@@ -410,12 +361,32 @@ impl Engine {
                 }
             }
         }
-        let mut entry = PodEntry {
+        // Host-network pods are never isolated by policy.
+        let (mut ingress, mut egress) = (PolicyList::new(), PolicyList::new());
+        if !pod.host_network
+            && let Some(nse) = self.namespaces.get(ns)
+        {
+            for &p in &nse.policies {
+                if let Some(pol) = self.policies.get(p)
+                    && pol.about.selector.matches(&labels)
+                {
+                    if pol.program.applies(true) {
+                        ingress.push(p);
+                    }
+                    if pol.program.applies(false) {
+                        egress.push(p);
+                    }
+                }
+            }
+            ingress.sort_unstable();
+            egress.sort_unstable();
+        }
+        let entry = PodEntry {
             ns,
-            labels,
-            named_ports,
-            ingress: PolicyList::new(),
-            egress: PolicyList::new(),
+            labels: self.label_sets.acquire(labels),
+            named_ports: self.port_lists.acquire(named_ports),
+            ingress: self.policy_lists.acquire(ingress),
+            egress: self.policy_lists.acquire(egress),
             about: Box::new(PodAbout {
                 cluster: c,
                 name: pod.name.as_str().into(),
@@ -426,25 +397,6 @@ impl Engine {
                 node: pod.node_name.as_deref().map(Into::into),
             }),
         };
-        // Host-network pods are never isolated by policy.
-        if !entry.about.host_network
-            && let Some(nse) = self.namespaces.get(ns)
-        {
-            for &p in &nse.policies {
-                if let Some(pol) = self.policies.get(p)
-                    && pol.about.selector.matches(&entry.labels)
-                {
-                    if pol.program.applies(true) {
-                        entry.ingress.push(p);
-                    }
-                    if pol.program.applies(false) {
-                        entry.egress.push(p);
-                    }
-                }
-            }
-            entry.ingress.sort_unstable();
-            entry.egress.sort_unstable();
-        }
         let owned: SmallVec<[IpAddr; 2]> = if entry.about.owns_ips {
             entry.about.ips.clone()
         } else {
@@ -460,12 +412,16 @@ impl Engine {
         }
     }
 
-    /// Unlinks pod `i` from its namespace and the address index.
+    /// Unlinks pod `i` from its namespace, the address index and its shared values.
     fn detach_pod(&mut self, i: PodIdx) {
         let Some(p) = self.pods.get(i) else {
             return;
         };
         let ns = p.ns;
+        self.label_sets.release(p.labels);
+        self.port_lists.release(p.named_ports);
+        self.policy_lists.release(p.ingress);
+        self.policy_lists.release(p.egress);
         for ip in p.about.ips.clone() {
             if let Some(owners) = self.ips.get_mut(&ip) {
                 owners.retain(|o| *o != i);
@@ -588,25 +544,48 @@ impl Engine {
         let Some(nse) = self.namespaces.get(ns) else {
             return;
         };
-        let pol = self.policies.get(idx);
-        for &pi in &nse.pods {
-            let Some(pod) = self.pods.get_mut(pi) else {
+        for pi in nse.pods.clone() {
+            let Some(pod) = self.pods.get(pi) else {
                 continue;
             };
-            let selected = pol
+            let selected = self
+                .policies
+                .get(idx)
                 .filter(|_| !pod.about.host_network)
-                .filter(|p| p.about.selector.matches(&pod.labels));
-            set_member(
-                &mut pod.ingress,
-                idx,
-                selected.is_some_and(|p| p.program.applies(true)),
-            );
-            set_member(
-                &mut pod.egress,
-                idx,
-                selected.is_some_and(|p| p.program.applies(false)),
-            );
+                .filter(|p| {
+                    self.label_sets
+                        .get(pod.labels)
+                        .is_some_and(|l| p.about.selector.matches(l))
+                });
+            let in_ingress = selected.is_some_and(|p| p.program.applies(true));
+            let in_egress = selected.is_some_and(|p| p.program.applies(false));
+            let (ingress, egress) = (pod.ingress, pod.egress);
+            let ingress = self.with_member(ingress, idx, in_ingress);
+            let egress = self.with_member(egress, idx, in_egress);
+            if let Some(pod) = self.pods.get_mut(pi) {
+                pod.ingress = ingress;
+                pod.egress = egress;
+            }
         }
+    }
+
+    /// The shared policy list `list` with `idx` in it or not; a changed list replaces (and
+    /// releases) the old one.
+    fn with_member(&mut self, list: u32, idx: PolicyIdx, member: bool) -> u32 {
+        let Some(current) = self.policy_lists.get(list) else {
+            return list;
+        };
+        let mut v = current.clone();
+        match (v.binary_search(&idx), member) {
+            (Err(at), true) => v.insert(at, idx),
+            (Ok(at), false) => {
+                v.remove(at);
+            }
+            _ => return list,
+        }
+        let changed = self.policy_lists.acquire(v);
+        self.policy_lists.release(list);
+        changed
     }
 
     /// Removes the NetworkPolicy (cluster, namespace, name).
@@ -750,30 +729,35 @@ impl Engine {
         };
         let egress = match c.src {
             Endpoint::Pod { pod, .. } => match self.pods.get(pod.0) {
-                Some(p) => self.direction(&p.egress, false, c.dst, dst_pod, c),
+                Some(p) => self.direction(p.egress, false, c.dst, dst_pod, c),
                 None => Direction::NotAPod,
             },
             Endpoint::Address(_) => Direction::NotAPod,
             Endpoint::Ambiguous(_) => Direction::Ambiguous,
         };
         let ingress = match (c.dst, dst_pod) {
-            (Endpoint::Pod { .. }, Some(p)) => self.direction(&p.ingress, true, c.src, dst_pod, c),
+            (Endpoint::Pod { .. }, Some(p)) => self.direction(p.ingress, true, c.src, dst_pod, c),
             (Endpoint::Ambiguous(_), _) => Direction::Ambiguous,
             _ => Direction::NotAPod,
         };
         Decision { egress, ingress }
     }
 
-    /// One direction: `selecting` are the policies selecting the pod, `peer` the other end.
+    /// One direction: `selecting` is the shared list of the policies selecting the pod, `peer`
+    /// the other end.
     #[inline]
     fn direction(
         &self,
-        selecting: &[PolicyIdx],
+        selecting: u32,
         ingress: bool,
         peer: Endpoint,
         dst_pod: Option<&PodEntry>,
         c: &Connection,
     ) -> Direction {
+        let selecting = self
+            .policy_lists
+            .get(selecting)
+            .map_or(&[][..], |l| l.as_slice());
         if selecting.is_empty() {
             return Direction::NotSelected;
         }
@@ -786,9 +770,11 @@ impl Engine {
             ingress,
             port: c.port,
             protocol: c.protocol,
-            dst_ports: dst_pod.map(|d| d.named_ports.as_slice()),
+            dst_ports: dst_pod
+                .and_then(|d| self.port_lists.get(d.named_ports))
+                .map(|p| p.as_slice()),
             peer_ip: peer.ip(),
-            peer_pod: peer_pod.map(|p| (p.ns, &p.labels)),
+            peer_pod: peer_pod.and_then(|p| Some((p.ns, self.label_sets.get(p.labels)?))),
         };
         let side = usize::from(!ingress);
         for &pi in selecting {
@@ -941,16 +927,5 @@ impl Engine {
                 .map(|(k, v)| (resolve(k), resolve(v)))
                 .collect(),
         )
-    }
-}
-
-/// Inserts or removes `x` in the sorted list `v`.
-fn set_member(v: &mut PolicyList, x: u32, member: bool) {
-    match (v.binary_search(&x), member) {
-        (Err(at), true) => v.insert(at, x),
-        (Ok(at), false) => {
-            v.remove(at);
-        }
-        _ => {}
     }
 }

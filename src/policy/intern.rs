@@ -37,7 +37,7 @@ impl Interner {
 
 /// Labels as (key, value) symbols sorted by key, inline for the usual few labels so that a
 /// pod's labels share its cache lines.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub(crate) struct LabelSet(SmallVec<[(Sym, Sym); 4]>);
 
 impl LabelSet {
