@@ -197,7 +197,7 @@ pub(crate) struct Query<'a> {
 #[derive(Debug)]
 pub(crate) struct Program {
     /// Ingress rules, then egress rules; small policies need no further allocation.
-    ops: SmallVec<[Op; 8]>,
+    ops: SmallVec<[Op; 6]>,
     /// Where the egress rules start in `ops`.
     egress_at: u32,
     ingress: Option<PortSpan>,
