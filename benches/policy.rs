@@ -14,6 +14,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+
 use criterion::{BatchSize, Criterion};
 use weft::model::labels::{self, CLUSTER_LABELS, METADATA_NAME};
 use weft::model::{
@@ -350,6 +352,117 @@ fn probes(engine: &Engine, rng: &mut Rng) -> Vec<Connection> {
         .collect()
 }
 
+fn selector_manifest(sel: &LabelSelector) -> serde_json::Value {
+    let exprs: Vec<serde_json::Value> = sel
+        .match_expressions
+        .iter()
+        .map(|r| {
+            let op = match r.operator {
+                Operator::In => "In",
+                Operator::NotIn => "NotIn",
+                Operator::Exists => "Exists",
+                Operator::DoesNotExist => "DoesNotExist",
+            };
+            json!({"key": r.key, "operator": op, "values": r.values})
+        })
+        .collect();
+    json!({"matchLabels": sel.match_labels, "matchExpressions": exprs})
+}
+
+fn rules_manifest(rules: &[Rule], peers_field: &str) -> serde_json::Value {
+    let rules: Vec<serde_json::Value> = rules
+        .iter()
+        .map(|r| {
+            let ports: Vec<serde_json::Value> = r
+                .ports
+                .iter()
+                .map(|p| match &p.port {
+                    None => json!({"protocol": p.protocol.as_str()}),
+                    Some(PortSpec::Range { start, end }) => {
+                        json!({"protocol": p.protocol.as_str(), "port": start, "endPort": end})
+                    }
+                    Some(PortSpec::Named(n)) => json!({"protocol": p.protocol.as_str(), "port": n}),
+                })
+                .collect();
+            let peers: Vec<serde_json::Value> = r
+                .peers
+                .iter()
+                .map(|peer| match peer {
+                    Peer::IpBlock(b) => json!({"ipBlock": {
+                        "cidr": b.cidr.to_string(),
+                        "except": b.except.iter().map(ToString::to_string).collect::<Vec<_>>()
+                    }}),
+                    Peer::Pods {
+                        pod_selector,
+                        namespace_selector,
+                    } => {
+                        let mut m = serde_json::Map::new();
+                        if let Some(s) = pod_selector {
+                            m.insert("podSelector".into(), selector_manifest(s));
+                        }
+                        if let Some(s) = namespace_selector {
+                            m.insert("namespaceSelector".into(), selector_manifest(s));
+                        }
+                        serde_json::Value::Object(m)
+                    }
+                })
+                .collect();
+            json!({"ports": ports, peers_field: peers})
+        })
+        .collect();
+    serde_json::Value::Array(rules)
+}
+
+/// The clusterset as manifests on disk: one multi-document YAML file per namespace.
+fn write_manifests(set: &ClusterSet, dir: &std::path::Path) {
+    for cluster in set.clusters.values() {
+        for ns in cluster.namespaces.values() {
+            let mut docs = vec![json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns.name, "uid": ns.uid, "labels": ns.labels}})];
+            docs.extend(cluster.pods.values().filter(|p| p.namespace == ns.name).map(|p| {
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
+                    "spec": {"nodeName": p.node_name, "containers": [{"name": "app",
+                        "ports": [{"name": "http", "containerPort": 8080}]}]},
+                    "status": {"phase": "Running",
+                        "podIPs": p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()}})
+            }));
+            docs.extend(
+                cluster
+                    .policies
+                    .values()
+                    .filter(|p| p.namespace == ns.name)
+                    .map(|p| {
+                        let mut types = Vec::new();
+                        let mut spec = serde_json::Map::new();
+                        spec.insert("podSelector".into(), selector_manifest(&p.pod_selector));
+                        if let Some(rules) = &p.ingress {
+                            types.push("Ingress");
+                            spec.insert("ingress".into(), rules_manifest(rules, "from"));
+                        }
+                        if let Some(rules) = &p.egress {
+                            types.push("Egress");
+                            spec.insert("egress".into(), rules_manifest(rules, "to"));
+                        }
+                        spec.insert("policyTypes".into(), json!(types));
+                        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid},
+                    "spec": spec})
+                    }),
+            );
+            let text: Vec<String> = docs
+                .iter()
+                .map(|d| serde_saphyr::to_string(d).expect("YAML"))
+                .collect();
+            let file = dir
+                .join(cluster.id.as_str())
+                .join(format!("{}.yaml", ns.name));
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(file, text.join("---\n")).expect("write");
+        }
+    }
+}
+
 fn rss_bytes() -> usize {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -392,6 +505,21 @@ fn main() {
     let rss_after = rss_bytes();
     let (pods, namespaces, policies) = engine.counts();
     let conns = probes(&engine, &mut rng);
+
+    // The same clusterset read back from YAML, as `weft policy check` and the tracker do.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_manifests(&set, dir.path());
+    let t = Instant::now();
+    let loaded = weft::model::load_clusterset(dir.path()).expect("the manifests load");
+    let load = t.elapsed();
+    let reloaded = Engine::from_clusterset(&loaded.clusterset);
+    let load_and_compile = t.elapsed();
+    assert_eq!(
+        reloaded.counts(),
+        engine.counts(),
+        "the manifests hold the whole clusterset"
+    );
+    drop((reloaded, loaded, dir));
 
     let (n, d) = time_decisions(Duration::from_secs(2), &conns, |c| {
         engine.decide(c).verdict() == weft::policy::Verdict::Allow
@@ -463,7 +591,9 @@ fn main() {
     println!(
         "  clusterset: {CLUSTERS} clusters, {pods} pods, {namespaces} namespaces, {policies} policies"
     );
-    println!("  load+compile (Engine::from_clusterset): {compile:.2?}");
+    println!(
+        "  load+compile from YAML manifests: {load_and_compile:.2?} (load {load:.2?}); compile alone (Engine::from_clusterset): {compile:.2?}"
+    );
     println!(
         "  memory (RSS growth while compiling): {:.1} MiB",
         (rss_after.saturating_sub(rss_before)) as f64 / (1024.0 * 1024.0)

@@ -426,12 +426,20 @@ fn yaml_documents(text: &str) -> Vec<YamlDocument<'_>> {
     docs
 }
 
-/// Parses one YAML document that begins on line `first_line` (from 0) of its file, so that
-/// the parser's line numbers are the file's.
+/// Parses one YAML document that begins on line `first_line` (from 0) of its file; an error
+/// names the line in the file.
 pub fn parse_yaml(text: &str, first_line: usize) -> Result<Value, String> {
-    let padded = "\n".repeat(first_line) + text;
-    serde_saphyr::from_str_with_options(&padded, serde_saphyr::options! { with_snippet: false })
-        .map_err(|e| format!("invalid YAML: {e}"))
+    let parse = |text: &str| {
+        serde_saphyr::from_str_with_options(text, serde_saphyr::options! { with_snippet: false })
+            .map_err(|e| format!("invalid YAML: {e}"))
+    };
+    // Padding every document to its place in the file would make a large file quadratic to
+    // read; only a document in error is parsed again, padded, so that the parser's line
+    // numbers are the file's.
+    parse(text).map_err(|_| {
+        let padded = "\n".repeat(first_line) + text;
+        parse(&padded).err().unwrap_or_default()
+    })
 }
 
 /// The path of a whole document in a [`FieldError`].
