@@ -627,6 +627,14 @@ fn main() {
                 .count()
         })
     });
+    c.bench_function("decide (10k probes, destinations on one node)", |b| {
+        b.iter(|| {
+            local
+                .iter()
+                .filter(|c| engine.decide(c).verdict() == weft::policy::Verdict::Allow)
+                .count()
+        })
+    });
     c.bench_function("pod relabel", |b| {
         b.iter_batched(
             || (),
