@@ -1749,6 +1749,10 @@ fn duplicate_address_in_a_cluster_is_ambiguous_and_denied() {
         e.egress.to_string(),
         "denied: address claimed by several pods"
     );
+    assert_eq!(
+        e.egress.notes,
+        ["address 10.1.1.1 is claimed by c1/x/dup, c1/y/a: it matches none of them"]
+    );
     // Either claimant, asked for by name, is on the ambiguous address.
     let e = f.check("c1/y/a", "c1/x/a", 80, Tcp);
     assert_eq!(e.egress.why, Why::Ambiguous);

@@ -821,8 +821,8 @@ impl Engine {
     pub fn explain(&self, c: &Connection, d: &Decision) -> Explanation {
         Explanation {
             verdict: d.verdict(),
-            egress: self.explain_direction(&d.egress, false, c.dst),
-            ingress: self.explain_direction(&d.ingress, true, c.src),
+            egress: self.explain_direction(&d.egress, false, c.src, c.dst),
+            ingress: self.explain_direction(&d.ingress, true, c.dst, c.src),
         }
     }
 
@@ -866,10 +866,12 @@ impl Engine {
         ))
     }
 
+    /// One direction, whose own end is `own` and other end `peer`.
     fn explain_direction(
         &self,
         d: &Direction,
         ingress: bool,
+        own: Endpoint,
         peer: Endpoint,
     ) -> DirectionExplanation {
         let mut policies = Vec::new();
@@ -879,7 +881,14 @@ impl Engine {
             Direction::SelfTraffic => Why::SelfTraffic,
             Direction::NotAPod => Why::NotAPod,
             Direction::NotSelected => Why::NotSelected,
-            Direction::Ambiguous => Why::Ambiguous,
+            Direction::Ambiguous => {
+                notes.push(format!(
+                    "address {} is claimed by {}: it matches none of them",
+                    own.ip(),
+                    self.claimants(own.ip()).join(", ")
+                ));
+                Why::Ambiguous
+            }
             Direction::Denied(ps) => {
                 policies = ps.iter().map(|&p| self.policy_name(p)).collect();
                 Why::Denied

@@ -251,6 +251,22 @@ fn explanation(why: Why, policies: Vec<String>, rules: Vec<String>) -> Direction
     }
 }
 
+/// A direction whose own end is an address several live pods claim.
+fn ambiguous(set: &ClusterSet, ip: IpAddr) -> DirectionExplanation {
+    let mut names: Vec<String> = owners(set, ip)
+        .iter()
+        .map(|p| format!("{}/{}/{}", p.cluster, p.namespace, p.name))
+        .collect();
+    names.sort();
+    DirectionExplanation {
+        notes: vec![format!(
+            "address {ip} is claimed by {}: it matches none of them",
+            names.join(", ")
+        )],
+        ..explanation(Why::Ambiguous, vec![], vec![])
+    }
+}
+
 /// One direction of `pod`: egress (peer = destination) or ingress (peer = source).
 fn direction<'a>(
     set: &'a ClusterSet,
@@ -333,12 +349,12 @@ pub fn evaluate(
             let egress = match &src {
                 Resolved::Pod(p, _) => direction(set, p, false, &dst, &dst, port, protocol),
                 Resolved::Address(_) => explanation(Why::NotAPod, vec![], vec![]),
-                Resolved::Ambiguous(_) => explanation(Why::Ambiguous, vec![], vec![]),
+                Resolved::Ambiguous(ip) => ambiguous(set, *ip),
             };
             let ingress = match &dst {
                 Resolved::Pod(p, _) => direction(set, p, true, &src, &dst, port, protocol),
                 Resolved::Address(_) => explanation(Why::NotAPod, vec![], vec![]),
-                Resolved::Ambiguous(_) => explanation(Why::Ambiguous, vec![], vec![]),
+                Resolved::Ambiguous(ip) => ambiguous(set, *ip),
             };
             (egress, ingress)
         }
