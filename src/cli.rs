@@ -4,7 +4,6 @@ use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::model::loader;
@@ -74,8 +73,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
 }
 
 fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let loaded = loader::load_clusterset(&args.clusters)
-        .with_context(|| format!("loading clusterset {}", args.clusters.display()))?;
+    let loaded = loader::load_clusterset(&args.clusters)?;
     for w in &loaded.warnings {
         tracing::warn!(
             file = w.file.as_ref().map(|f| f.display().to_string()),

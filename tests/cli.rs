@@ -288,6 +288,11 @@ fn a_missing_probe_file_and_a_bad_manifest_are_errors() {
         "{stderr}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("invalid CIDR").count(),
+        1,
+        "said once: {stderr}"
+    );
 }
 
 #[test]
