@@ -426,12 +426,94 @@ fn yaml_documents(text: &str) -> Vec<YamlDocument<'_>> {
     docs
 }
 
+/// Parses a JSON document, refusing duplicate keys: serde_json would silently keep the last
+/// one, and in a policy either choice may widen access.
+fn parse_json(text: &str) -> Result<Value, String> {
+    serde_json::from_str::<DistinctKeys>(text)
+        .map(|v| v.0)
+        .map_err(|e| format!("invalid JSON: {e}"))
+}
+
+/// A JSON value whose objects have distinct keys.
+struct DistinctKeys(Value);
+
+impl<'de> serde::Deserialize<'de> for DistinctKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DistinctKeysVisitor).map(DistinctKeys)
+    }
+}
+
+struct DistinctKeysVisitor;
+
+impl<'de> serde::de::Visitor<'de> for DistinctKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(DistinctKeys(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let DistinctKeys(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 /// Parses one YAML document that begins on line `first_line` (from 0) of its file; an error
 /// names the line in the file.
 pub fn parse_yaml(text: &str, first_line: usize) -> Result<Value, String> {
     let parse = |text: &str| {
         serde_saphyr::from_str_with_options(text, serde_saphyr::options! { with_snippet: false })
-            .map_err(|e| format!("invalid YAML: {e}"))
+            // The parser's advice to its own callers is no help to someone editing a manifest.
+            .map_err(|e| {
+                let e = e.to_string();
+                format!(
+                    "invalid YAML: {}",
+                    e.replace(", set DuplicateKeyPolicy in Options if acceptable", "")
+                )
+            })
     };
     // Padding every document to its place in the file would make a large file quadratic to
     // read; only a document in error is parsed again, padded, so that the parser's line
@@ -529,9 +611,9 @@ impl ClusterLoader {
         let file: Arc<Path> = file.into();
         if is_json(&file) {
             let at = Origin::new(file, Some(1));
-            let value = serde_json::from_str(&text).map_err(|e| LoadError::Syntax {
+            let value = parse_json(&text).map_err(|message| LoadError::Syntax {
                 at: at.clone(),
-                message: format!("invalid JSON: {e}"),
+                message,
             })?;
             return self.load_document(&at, value);
         }
@@ -963,6 +1045,14 @@ mod tests {
             (
                 vec![("c1/a.yaml", "kind: Pod\n".into())],
                 "clusters/c1/a.yaml, document 1: apiVersion is missing",
+            ),
+            (
+                vec![("c1/a.json", "{\"apiVersion\": \"networking.k8s.io/v1\", \"kind\": \"NetworkPolicy\", \"metadata\": {\"name\": \"p\"}, \"spec\": {\"ingress\": [], \"ingress\": [{}]}}".into())],
+                "clusters/c1/a.json, document 1: invalid JSON: duplicate key \"ingress\" at line 1 column 124",
+            ),
+            (
+                vec![("c1/a.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress: []\n  ingress: [{}]\n".into())],
+                "clusters/c1/a.yaml, document 1: invalid YAML: duplicate mapping key: ingress at line 6, column 3",
             ),
             (
                 vec![("c1/a.yaml", "apiVersion: v1\nkind: 3\n".into())],
