@@ -549,8 +549,10 @@ fn raw_name(value: &Value, namespaced: bool) -> String {
     }
 }
 
-/// Deserializes a raw object of a kind weft uses into its API type. NetworkPolicies are
-/// checked for unknown fields first, since the API types drop them silently.
+/// Deserializes a raw object of a kind weft uses into its API type. Unknown fields are checked
+/// first, since the API types drop them silently: everywhere in a NetworkPolicy, and in the
+/// metadata of the other kinds (a misspelled `labels` on a pod would leave it unselected, so
+/// unisolated).
 fn typed<T: DeserializeOwned>(
     kind: &'static str,
     namespaced: bool,
@@ -559,7 +561,7 @@ fn typed<T: DeserializeOwned>(
     let name = raw_name(&value, namespaced);
     let checked = match kind {
         "NetworkPolicy" => schema::check_network_policy_fields(&value),
-        _ => Ok(()),
+        _ => schema::check_object_fields(&value),
     };
     checked
         .and_then(|()| deserialize(value))

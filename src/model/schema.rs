@@ -71,6 +71,21 @@ const NETWORK_POLICY: Shape = Object(&[
     ("status", Any),
 ]);
 
+/// Any object weft reads, down to its metadata.
+const OBJECT: Shape = Object(&[
+    ("apiVersion", Any),
+    ("kind", Any),
+    ("metadata", METADATA),
+    ("spec", Any),
+    ("status", Any),
+]);
+
+/// Checks that an object's top level and metadata use only the fields the API knows; the
+/// error names the first unknown field's path.
+pub fn check_object_fields(value: &Value) -> Result<(), FieldError> {
+    check(&OBJECT, value, "")
+}
+
 /// Checks that a `networking.k8s.io/v1` NetworkPolicy uses only the fields the API knows; the
 /// error names the first unknown field's path. Values of the wrong type are left to the
 /// deserializer.
@@ -187,6 +202,23 @@ mod tests {
                 "{spec}"
             );
         }
+    }
+
+    #[test]
+    fn other_objects_are_checked_down_to_their_metadata() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "lables": {"app": "db"}}, "spec": {"anything": 1}});
+        let e = check_object_fields(&pod).unwrap_err();
+        assert_eq!(e.path, "metadata.lables");
+        assert_eq!(
+            e.message,
+            "unknown field \"lables\"; did you mean \"labels\"?"
+        );
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metdata": {"name": "a"}});
+        assert_eq!(check_object_fields(&ns).unwrap_err().path, "metdata");
+        let fine = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"},
+            "spec": {"podCIDR": "10.0.0.0/24"}, "status": {"addresses": []}});
+        assert!(check_object_fields(&fine).is_ok());
     }
 
     #[test]
