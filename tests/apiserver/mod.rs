@@ -1,0 +1,621 @@
+//! A test Kubernetes API server for kube-rs's real client: JSON lists with resourceVersion and
+//! paging (`limit`/`continue`), watch streams with ADDED / MODIFIED / DELETED / BOOKMARK, 410
+//! Gone both as a watch ERROR event and as an HTTP status, and knobs to inject faults (down,
+//! 500, hang, slow events). Reusable by every test that needs a cluster: include it with
+//! `mod apiserver;`.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+
+/// The kinds the server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// v1 Namespace.
+    Namespace,
+    /// v1 Pod.
+    Pod,
+    /// v1 Node.
+    Node,
+    /// v1 Service.
+    Service,
+    /// networking.k8s.io/v1 NetworkPolicy.
+    NetworkPolicy,
+    /// discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice,
+}
+
+impl Kind {
+    const ALL: [Kind; 6] = [
+        Kind::Namespace,
+        Kind::Pod,
+        Kind::Node,
+        Kind::Service,
+        Kind::NetworkPolicy,
+        Kind::EndpointSlice,
+    ];
+
+    /// (URL prefix, plural, namespaced, apiVersion, kind).
+    fn api(self) -> (&'static str, &'static str, bool, &'static str, &'static str) {
+        match self {
+            Kind::Namespace => ("/api/v1", "namespaces", false, "v1", "Namespace"),
+            Kind::Pod => ("/api/v1", "pods", true, "v1", "Pod"),
+            Kind::Node => ("/api/v1", "nodes", false, "v1", "Node"),
+            Kind::Service => ("/api/v1", "services", true, "v1", "Service"),
+            Kind::NetworkPolicy => (
+                "/apis/networking.k8s.io/v1",
+                "networkpolicies",
+                true,
+                "networking.k8s.io/v1",
+                "NetworkPolicy",
+            ),
+            Kind::EndpointSlice => (
+                "/apis/discovery.k8s.io/v1",
+                "endpointslices",
+                true,
+                "discovery.k8s.io/v1",
+                "EndpointSlice",
+            ),
+        }
+    }
+
+    /// The kind and namespace a request path lists or watches.
+    fn from_path(path: &str) -> Option<(Kind, Option<String>)> {
+        Kind::ALL.into_iter().find_map(|kind| {
+            let (prefix, plural, namespaced, _, _) = kind.api();
+            let rest = path.strip_prefix(prefix)?;
+            if rest == format!("/{plural}") {
+                return Some((kind, None));
+            }
+            let ns = rest
+                .strip_prefix("/namespaces/")?
+                .strip_suffix(&format!("/{plural}"))?;
+            (namespaced && !ns.contains('/')).then(|| (kind, Some(ns.to_owned())))
+        })
+    }
+}
+
+/// A fault the server can be told to have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Serve normally.
+    #[default]
+    None,
+    /// Close every connection as soon as it is accepted, and every open watch.
+    Down,
+    /// Answer every request with 500.
+    InternalError,
+    /// Never answer, and stop delivering events on open watches.
+    Hang,
+}
+
+/// What open watches are told.
+#[derive(Debug, Clone)]
+enum Signal {
+    Event {
+        rv: u64,
+        kind: Kind,
+        namespace: String,
+        kind_of_change: &'static str,
+        object: Arc<Value>,
+    },
+    Bookmark,
+    Expire,
+    Close,
+}
+
+#[derive(Debug)]
+struct Recorded {
+    rv: u64,
+    kind: Kind,
+    namespace: String,
+    kind_of_change: &'static str,
+    object: Arc<Value>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<(Kind, String, String), Value>,
+    history: Vec<Recorded>,
+    /// Watches and continue tokens older than this get 410 Gone.
+    oldest: u64,
+    fault: Fault,
+    /// Answer an expired watch with an HTTP 410 instead of a 200 with an ERROR event.
+    gone_as_status: bool,
+    event_delay: Duration,
+    requests: Vec<String>,
+    /// Lists taken, by (kind, namespace, resourceVersion), for their continue tokens.
+    lists: BTreeMap<(Kind, Option<String>, u64), Arc<Vec<Value>>>,
+}
+
+/// A running test API server on 127.0.0.1.
+pub struct ApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    signals: broadcast::Sender<Signal>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A test that panicked while holding the lock has failed already.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().expect("header"),
+    );
+    r
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+impl ApiServer {
+    /// Starts a server on an ephemeral port of 127.0.0.1.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(State {
+            rv: 1,
+            oldest: 1,
+            ..State::default()
+        }));
+        let (signals, _) = broadcast::channel(4096);
+        let task = tokio::spawn(serve(listener, state.clone(), signals.clone()));
+        Self {
+            addr,
+            state,
+            signals,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kube client for this server.
+    pub fn client(&self) -> kube::Client {
+        let mut config = kube::Config::new(self.url().parse().expect("url"));
+        config.connect_timeout = Some(Duration::from_secs(2));
+        config.read_timeout = None;
+        kube::Client::try_from(config).expect("client")
+    }
+
+    /// Creates or replaces an object (by kind, namespace, name); returns its resourceVersion.
+    pub fn apply(&self, kind: Kind, mut object: Value) -> u64 {
+        let (_, _, namespaced, api_version, kind_name) = kind.api();
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_owned();
+        let namespace = if namespaced {
+            object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned()
+        } else {
+            String::new()
+        };
+        let mut st = lock(&self.state);
+        st.rv += 1;
+        let rv = st.rv;
+        object["apiVersion"] = json!(api_version);
+        object["kind"] = json!(kind_name);
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if namespaced {
+            object["metadata"]["namespace"] = json!(namespace);
+        }
+        if object["metadata"]["uid"].is_null() {
+            object["metadata"]["uid"] = json!(format!("uid-{kind_name}-{namespace}-{name}-{rv}"));
+        }
+        let key = (kind, namespace.clone(), name);
+        let change = if st.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.objects.insert(key, object.clone());
+        self.record(&mut st, rv, kind, namespace, change, object);
+        rv
+    }
+
+    /// Deletes an object; returns the resourceVersion of the deletion, if it existed.
+    pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> Option<u64> {
+        let mut st = lock(&self.state);
+        let mut object = st
+            .objects
+            .remove(&(kind, namespace.to_owned(), name.to_owned()))?;
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(&mut st, rv, kind, namespace.to_owned(), "DELETED", object);
+        Some(rv)
+    }
+
+    fn record(
+        &self,
+        st: &mut State,
+        rv: u64,
+        kind: Kind,
+        namespace: String,
+        kind_of_change: &'static str,
+        object: Value,
+    ) {
+        let object = Arc::new(object);
+        st.history.push(Recorded {
+            rv,
+            kind,
+            namespace: namespace.clone(),
+            kind_of_change,
+            object: object.clone(),
+        });
+        // No open watch is fine: the event is in the history.
+        let _ = self.signals.send(Signal::Event {
+            rv,
+            kind,
+            namespace,
+            kind_of_change,
+            object,
+        });
+    }
+
+    /// Forgets the history: watches and continue tokens from before now get 410 Gone, and
+    /// every open watch is told so (as the real server does when its watch cache moves on).
+    pub fn compact(&self) {
+        let mut st = lock(&self.state);
+        st.oldest = st.rv;
+        st.history.clear();
+        st.lists.clear();
+        let _ = self.signals.send(Signal::Expire);
+    }
+
+    /// Sends a BOOKMARK with the current resourceVersion on every open watch.
+    pub fn bookmark(&self) {
+        let _ = self.signals.send(Signal::Bookmark);
+    }
+
+    /// Ends every open watch, as a server's watch timeout does.
+    pub fn close_watches(&self) {
+        let _ = self.signals.send(Signal::Close);
+    }
+
+    /// Sets a fault; `Fault::Down` also closes open watches.
+    pub fn set_fault(&self, fault: Fault) {
+        lock(&self.state).fault = fault;
+        if fault == Fault::Down {
+            self.close_watches();
+        }
+    }
+
+    /// Answers expired watches with HTTP 410 (true) or with a 200 carrying an ERROR event.
+    pub fn set_gone_as_status(&self, on: bool) {
+        lock(&self.state).gone_as_status = on;
+    }
+
+    /// Delays every event sent on a watch.
+    pub fn set_event_delay(&self, delay: Duration) {
+        lock(&self.state).event_delay = delay;
+    }
+
+    /// The current resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.state).rv
+    }
+
+    /// The requests served so far (`path?query`), oldest first.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.state).requests.clone()
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    state: Arc<Mutex<State>>,
+    signals: broadcast::Sender<Signal>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        if lock(&state).fault == Fault::Down {
+            drop(tcp);
+            continue;
+        }
+        let (state, signals) = (state.clone(), signals.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (state, signals) = (state.clone(), signals.clone());
+                async move { Ok::<_, Infallible>(handle(req, state, signals).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+/// Decodes `%XX` escapes (the client escapes continue tokens and selectors).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (!k.is_empty()).then(|| (percent_decode(k), percent_decode(v)))
+        })
+        .collect()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+    signals: broadcast::Sender<Signal>,
+) -> Response<Body> {
+    let q = query(&req);
+    let fault = {
+        let mut st = lock(&state);
+        st.requests.push(req.uri().to_string());
+        st.fault
+    };
+    match fault {
+        Fault::InternalError => {
+            return full(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                status(500, "InternalError", "injected fault"),
+            );
+        }
+        Fault::Hang => std::future::pending::<()>().await,
+        // A client's pooled connection outlives the fault: refuse and close it.
+        Fault::Down => {
+            let mut r = full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable", "injected fault: down"),
+            );
+            r.headers_mut()
+                .insert(http::header::CONNECTION, "close".parse().expect("header"));
+            return r;
+        }
+        Fault::None => {}
+    }
+    let Some((kind, namespace)) = Kind::from_path(req.uri().path()) else {
+        return full(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", "no such resource"),
+        );
+    };
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        watch(kind, namespace, &q, state, signals)
+    } else {
+        list(kind, namespace.as_deref(), &q, &state)
+    }
+}
+
+fn list(
+    kind: Kind,
+    namespace: Option<&str>,
+    q: &BTreeMap<String, String>,
+    state: &Mutex<State>,
+) -> Response<Body> {
+    let mut st = lock(state);
+    let (_, _, _, api_version, kind_name) = kind.api();
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(0);
+    // A continue token is "resourceVersion:offset" into the list taken at that version.
+    let (list_rv, offset) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let parsed = token
+                .split_once(':')
+                .and_then(|(rv, off)| Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?)));
+            match parsed {
+                Some((rv, _)) if rv < st.oldest => {
+                    return full(
+                        StatusCode::GONE,
+                        status(410, "Expired", "The provided continue parameter is too old"),
+                    );
+                }
+                Some(p) => p,
+                None => {
+                    return full(
+                        StatusCode::BAD_REQUEST,
+                        status(400, "BadRequest", "invalid continue token"),
+                    );
+                }
+            }
+        }
+        None => (st.rv, 0),
+    };
+    let key = (kind, namespace.map(str::to_owned), list_rv);
+    let items = match st.lists.get(&key) {
+        Some(items) => items.clone(),
+        None => {
+            let items: Arc<Vec<Value>> = Arc::new(
+                st.objects
+                    .iter()
+                    .filter(|((k, ns, _), _)| *k == kind && namespace.is_none_or(|n| n == ns))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+            );
+            st.lists.insert(key, items.clone());
+            items
+        }
+    };
+    let end = if limit == 0 {
+        items.len()
+    } else {
+        (offset + limit).min(items.len())
+    };
+    let page = items.get(offset..end).unwrap_or_default().to_vec();
+    let next = (end < items.len()).then(|| format!("{list_rv}:{end}"));
+    full(
+        StatusCode::OK,
+        json!({"apiVersion": api_version, "kind": format!("{kind_name}List"),
+               "metadata": {"resourceVersion": list_rv.to_string(), "continue": next.unwrap_or_default()},
+               "items": page}),
+    )
+}
+
+fn watch_line(kind_of_change: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": kind_of_change, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+fn watch(
+    kind: Kind,
+    namespace: Option<String>,
+    q: &BTreeMap<String, String>,
+    state: Arc<Mutex<State>>,
+    signals: broadcast::Sender<Signal>,
+) -> Response<Body> {
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0);
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map(Duration::from_secs);
+    let (_, _, _, api_version, kind_name) = kind.api();
+    let gone = watch_line("ERROR", &status(410, "Expired", "too old resource version"));
+    // Subscribe and read the history under one lock: no event is missed or seen twice.
+    let (backlog, mut rx, delay) = {
+        let st = lock(&state);
+        if from != 0 && from < st.oldest {
+            if st.gone_as_status {
+                return full(
+                    StatusCode::GONE,
+                    status(410, "Expired", "too old resource version"),
+                );
+            }
+            let body = futures::stream::iter([Ok::<_, Infallible>(Frame::data(gone))]);
+            return Response::new(http_body_util::BodyExt::boxed(StreamBody::new(body)));
+        }
+        let in_scope =
+            |k: Kind, ns: &str| k == kind && namespace.as_deref().is_none_or(|n| n == ns);
+        let backlog: Vec<Bytes> = st
+            .history
+            .iter()
+            .filter(|h| h.rv > from && in_scope(h.kind, &h.namespace))
+            .map(|h| watch_line(h.kind_of_change, &h.object))
+            .collect();
+        (backlog, signals.subscribe(), st.event_delay)
+    };
+    let (tx, body_rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+    tokio::spawn(async move {
+        let run = async {
+            for line in backlog {
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let line = match rx.recv().await {
+                    Ok(Signal::Event {
+                        rv,
+                        kind: k,
+                        namespace: ns,
+                        kind_of_change,
+                        object,
+                    }) => {
+                        if rv <= from || k != kind || namespace.as_deref().is_some_and(|n| n != ns)
+                        {
+                            continue;
+                        }
+                        watch_line(kind_of_change, &object)
+                    }
+                    Ok(Signal::Bookmark) if bookmarks => {
+                        let rv = lock(&state).rv;
+                        watch_line(
+                            "BOOKMARK",
+                            &json!({"apiVersion": api_version, "kind": kind_name,
+                                    "metadata": {"resourceVersion": rv.to_string()}}),
+                        )
+                    }
+                    Ok(Signal::Bookmark) => continue,
+                    Ok(Signal::Expire) => {
+                        let _ = tx.send(gone.clone()).await;
+                        return;
+                    }
+                    Ok(Signal::Close) | Err(_) => return,
+                };
+                if lock(&state).fault == Fault::Hang {
+                    std::future::pending::<()>().await;
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                if tx.send(line).await.is_err() {
+                    return;
+                }
+            }
+        };
+        match timeout {
+            Some(t) => {
+                let _ = tokio::time::timeout(t, run).await;
+            }
+            None => run.await,
+        }
+    });
+    let body = tokio_stream::wrappers::ReceiverStream::new(body_rx)
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut r = Response::new(http_body_util::BodyExt::boxed(StreamBody::new(body)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        "application/json".parse().expect("header"),
+    );
+    r
+}
