@@ -9,6 +9,7 @@ pub mod netpol;
 pub mod objects;
 pub mod schema;
 pub mod selector;
+pub mod service;
 
 pub use cluster::{ClusterId, ClusterSettings};
 pub use clusterset::{Cluster, ClusterSet};
@@ -17,6 +18,7 @@ pub use loader::{LoadError, LoadWarning, Loaded, Origin, load_cluster, load_clus
 pub use netpol::{IpBlock, NetworkPolicy, Peer, PortRule, PortSpec, Rule};
 pub use objects::{ContainerPort, Namespace, Node, Pod, PodPhase, Protocol};
 pub use selector::{LabelSelector, Operator, Requirement};
+pub use service::{EndpointSlice, Service, ServicePort, SliceEndpoint, SlicePort, TargetPort};
 
 /// A field of a Kubernetes object that failed validation; `path` is the JSON path in the
 /// object (`spec.ingress[0].from[1].ipBlock.cidr`).

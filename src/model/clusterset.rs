@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{ClusterId, ClusterSettings, Namespace, NetworkPolicy, Node, Pod};
+use super::{
+    ClusterId, ClusterSettings, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service,
+};
 
 /// One cluster's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,10 @@ pub struct Cluster {
     pub nodes: BTreeMap<String, Node>,
     /// NetworkPolicies by (namespace, name).
     pub policies: BTreeMap<(String, String), NetworkPolicy>,
+    /// Services by (namespace, name).
+    pub services: BTreeMap<(String, String), Service>,
+    /// EndpointSlices by (namespace, name).
+    pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
 }
 
 impl Cluster {
@@ -31,6 +37,8 @@ impl Cluster {
             pods: BTreeMap::new(),
             nodes: BTreeMap::new(),
             policies: BTreeMap::new(),
+            services: BTreeMap::new(),
+            endpoint_slices: BTreeMap::new(),
         }
     }
 

@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::cluster::InvalidClusterId;
 use super::{
-    Cluster, ClusterId, ClusterSet, ClusterSettings, FieldError, Namespace, NetworkPolicy, Node,
-    ObjectError, Pod, labels, schema,
+    Cluster, ClusterId, ClusterSet, ClusterSettings, EndpointSlice, FieldError, Namespace,
+    NetworkPolicy, Node, ObjectError, Pod, Service, labels, schema,
 };
 
 /// The per-cluster settings file at the top of a cluster directory (not a manifest).
@@ -559,11 +559,7 @@ fn typed<T: DeserializeOwned>(
     value: Value,
 ) -> Result<T, ObjectError> {
     let name = raw_name(&value, namespaced);
-    let checked = match kind {
-        "NetworkPolicy" => schema::check_network_policy_fields(&value),
-        _ => schema::check_object_fields(&value),
-    };
-    checked
+    schema::check_fields(kind, &value)
         .and_then(|()| deserialize(value))
         .map_err(|field| ObjectError { kind, name, field })
 }
@@ -732,6 +728,28 @@ impl ClusterLoader {
                 self.define("Node", &node.name, at)?;
                 self.cluster.nodes.insert(node.name.clone(), node);
             }
+            ("v1", "Service") => {
+                let api = typed("Service", true, value).map_err(invalid)?;
+                let svc = Service::from_api(&id, &api).map_err(invalid)?;
+                self.define("Service", &format!("{}/{}", svc.namespace, svc.name), at)?;
+                self.reference("Service", &svc.namespace, &svc.name, at)?;
+                self.cluster
+                    .services
+                    .insert((svc.namespace.clone(), svc.name.clone()), svc);
+            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                let api = typed("EndpointSlice", true, value).map_err(invalid)?;
+                let slice = EndpointSlice::from_api(&id, &api).map_err(invalid)?;
+                self.define(
+                    "EndpointSlice",
+                    &format!("{}/{}", slice.namespace, slice.name),
+                    at,
+                )?;
+                self.reference("EndpointSlice", &slice.namespace, &slice.name, at)?;
+                self.cluster
+                    .endpoint_slices
+                    .insert((slice.namespace.clone(), slice.name.clone()), slice);
+            }
             ("networking.k8s.io/v1", "NetworkPolicy") => {
                 let api = typed("NetworkPolicy", true, value).map_err(invalid)?;
                 let mut found = Vec::new();
@@ -878,6 +896,37 @@ mod tests {
 
     fn c(id: &str) -> ClusterId {
         ClusterId::new(id).unwrap()
+    }
+
+    #[test]
+    fn loads_services_and_endpoint_slices() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\n\
+                   spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{port: 80, targetPort: http}]}\n";
+        let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                     metadata: {name: web-1, namespace: demo, labels: {kubernetes.io/service-name: web}}\n\
+                     addressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]\nports: [{port: 8080}]\n";
+        let tmp = tree(&[("c1/a.yaml", format!("{NS}---\n{svc}---\n{slice}"))]);
+        let (set, warnings) = load(&tmp).expect("loads");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let cluster = &set.clusters[&c("c1")];
+        let web = &cluster.services[&("demo".to_owned(), "web".to_owned())];
+        assert_eq!(
+            web.cluster_ips,
+            vec!["10.96.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let s = &cluster.endpoint_slices[&("demo".to_owned(), "web-1".to_owned())];
+        assert_eq!(s.service.as_deref(), Some("web"));
+
+        let bad = tree(&[(
+            "c1/a.yaml",
+            format!("{NS}---\n{}", svc.replace("10.96.0.10", "10.96.0.300")),
+        )]);
+        assert_eq!(
+            load(&bad).unwrap_err(),
+            "clusters/c1/a.yaml, document 2: Service demo/web: spec.clusterIP: invalid IP address \"10.96.0.300\""
+        );
+        let twice = tree(&[("c1/a.yaml", format!("{NS}---\n{svc}---\n{svc}"))]);
+        assert!(load(&twice).unwrap_err().contains("Service demo/web"));
     }
 
     #[test]

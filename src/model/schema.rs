@@ -80,17 +80,26 @@ const OBJECT: Shape = Object(&[
     ("status", Any),
 ]);
 
-/// Checks that an object's top level and metadata use only the fields the API knows; the
-/// error names the first unknown field's path.
-pub fn check_object_fields(value: &Value) -> Result<(), FieldError> {
-    check(&OBJECT, value, "")
-}
+/// An EndpointSlice, whose fields sit at the top level.
+const ENDPOINT_SLICE: Shape = Object(&[
+    ("apiVersion", Any),
+    ("kind", Any),
+    ("metadata", METADATA),
+    ("addressType", Any),
+    ("endpoints", Any),
+    ("ports", Any),
+]);
 
-/// Checks that a `networking.k8s.io/v1` NetworkPolicy uses only the fields the API knows; the
-/// error names the first unknown field's path. Values of the wrong type are left to the
-/// deserializer.
-pub fn check_network_policy_fields(value: &Value) -> Result<(), FieldError> {
-    check(&NETWORK_POLICY, value, "")
+/// Checks that an object of `kind` uses only the fields the API knows — everywhere in a
+/// NetworkPolicy, down to the metadata in the other kinds; the error names the first unknown
+/// field's path.
+pub fn check_fields(kind: &str, value: &Value) -> Result<(), FieldError> {
+    let shape = match kind {
+        "NetworkPolicy" => &NETWORK_POLICY,
+        "EndpointSlice" => &ENDPOINT_SLICE,
+        _ => &OBJECT,
+    };
+    check(shape, value, "")
 }
 
 fn check(shape: &Shape, value: &Value, path: &str) -> Result<(), FieldError> {
@@ -176,7 +185,7 @@ mod tests {
             }],
             "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "http"}]}]
         }));
-        assert_eq!(check_network_policy_fields(&full), Ok(()));
+        assert_eq!(check_fields("NetworkPolicy", &full), Ok(()));
         let mut meta = full.clone();
         meta["metadata"] = json!({
             "name": "p", "generateName": "p-", "namespace": "n", "selfLink": "/x", "uid": "u",
@@ -185,7 +194,7 @@ mod tests {
             "ownerReferences": [{"whatever": 1}], "finalizers": ["f"], "managedFields": [{"manager": "kubectl"}]
         });
         meta["status"] = json!({"anything": true});
-        assert_eq!(check_network_policy_fields(&meta), Ok(()));
+        assert_eq!(check_fields("NetworkPolicy", &meta), Ok(()));
     }
 
     #[test]
@@ -197,7 +206,7 @@ mod tests {
             json!(null),
         ] {
             assert_eq!(
-                check_network_policy_fields(&policy(spec.clone())),
+                check_fields("NetworkPolicy", &policy(spec.clone())),
                 Ok(()),
                 "{spec}"
             );
@@ -208,17 +217,23 @@ mod tests {
     fn other_objects_are_checked_down_to_their_metadata() {
         let pod = json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "a", "lables": {"app": "db"}}, "spec": {"anything": 1}});
-        let e = check_object_fields(&pod).unwrap_err();
+        let e = check_fields("Pod", &pod).unwrap_err();
         assert_eq!(e.path, "metadata.lables");
         assert_eq!(
             e.message,
             "unknown field \"lables\"; did you mean \"labels\"?"
         );
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metdata": {"name": "a"}});
-        assert_eq!(check_object_fields(&ns).unwrap_err().path, "metdata");
+        assert_eq!(check_fields("Namespace", &ns).unwrap_err().path, "metdata");
         let fine = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"},
             "spec": {"podCIDR": "10.0.0.0/24"}, "status": {"addresses": []}});
-        assert!(check_object_fields(&fine).is_ok());
+        assert!(check_fields("Node", &fine).is_ok());
+        let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "s"}, "addressType": "IPv4", "endpoint": []});
+        assert_eq!(
+            check_fields("EndpointSlice", &slice).unwrap_err().path,
+            "endpoint"
+        );
     }
 
     #[test]
@@ -295,7 +310,7 @@ mod tests {
             ),
         ];
         for (value, path, message) in cases {
-            let e = check_network_policy_fields(&value).unwrap_err();
+            let e = check_fields("NetworkPolicy", &value).unwrap_err();
             assert_eq!(
                 (e.path.as_str(), e.message.as_str()),
                 (path, message),
