@@ -8,3 +8,4 @@ pub mod cli;
 pub mod model;
 pub mod policy;
 pub mod probe;
+pub mod tracker;
