@@ -1,0 +1,493 @@
+//! A subscriber's replica of the tracker's view: snapshot parts and deltas, every object
+//! validated, applied to the policy engine incrementally. A snapshot is used only once its
+//! last part arrives, positions must follow one another, and an update that fails is not
+//! applied at all: the last good state stays.
+
+use std::collections::BTreeMap;
+
+use super::wire::{Key, Object, WireError, pb};
+use crate::model::{ClusterId, cluster::InvalidClusterId};
+use crate::policy::Engine;
+
+/// An update the replica cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// The update has no position.
+    #[error("update without a position")]
+    NoPosition,
+    /// The update carries neither a snapshot part nor a delta.
+    #[error("update without a change")]
+    NoChange,
+    /// A snapshot part that does not continue the snapshot being received.
+    #[error("snapshot part at {epoch}/{revision} does not continue the snapshot being received")]
+    StraySnapshotPart {
+        /// Its epoch.
+        epoch: String,
+        /// Its revision.
+        revision: u64,
+    },
+    /// A delta while no complete snapshot has been applied.
+    #[error("delta before a complete snapshot")]
+    NoSnapshot,
+    /// A delta that does not follow the current position.
+    #[error("delta at {got_epoch}/{got} does not follow {epoch}/{have}: updates were lost")]
+    Gap {
+        /// The replica's epoch.
+        epoch: String,
+        /// The replica's revision.
+        have: u64,
+        /// The delta's epoch.
+        got_epoch: String,
+        /// The delta's revision.
+        got: u64,
+    },
+    /// An object or key that fails validation.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// A cluster status naming no valid cluster.
+    #[error("cluster status: {0}")]
+    Status(#[from] InvalidClusterId),
+}
+
+#[derive(Debug)]
+struct Assembly {
+    position: pb::Position,
+    objects: Vec<Object>,
+    clusters: Vec<pb::ClusterStatus>,
+}
+
+/// The replica, with its engine.
+#[derive(Debug, Default)]
+pub struct Replica {
+    objects: BTreeMap<Key, Object>,
+    clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
+    engine: Engine,
+    position: Option<pb::Position>,
+    assembling: Option<Assembly>,
+}
+
+fn upsert(engine: &mut Engine, o: &Object) {
+    match o {
+        Object::Namespace(n) => engine.upsert_namespace(n),
+        Object::Pod(p) => engine.upsert_pod(p),
+        Object::Node(n) => engine.upsert_node(n),
+        Object::NetworkPolicy(p) => engine.upsert_policy(p),
+        // Services and slices are for the data plane; the policy engine judges endpoints.
+        Object::Service(_) | Object::EndpointSlice(_) => {}
+    }
+}
+
+fn remove(engine: &mut Engine, k: &Key) {
+    match k.kind {
+        pb::Kind::Namespace => engine.remove_namespace(&k.cluster, &k.name),
+        pb::Kind::Pod => engine.remove_pod(&k.cluster, &k.name),
+        pb::Kind::Node => engine.remove_node(&k.cluster, &k.name),
+        pb::Kind::NetworkPolicy => engine.remove_policy(&k.cluster, &k.namespace, &k.name),
+        pb::Kind::Service | pb::Kind::EndpointSlice | pb::Kind::Unspecified => {}
+    }
+}
+
+fn validated_statuses(
+    statuses: Vec<pb::ClusterStatus>,
+) -> Result<Vec<(ClusterId, pb::ClusterStatus)>, ReplicaError> {
+    statuses
+        .into_iter()
+        .map(|s| Ok((ClusterId::new(&s.cluster)?, s)))
+        .collect()
+}
+
+impl Replica {
+    /// An empty replica, not ready.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The engine over the replica's objects.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The position of the last update applied (`None` before a complete snapshot).
+    pub fn position(&self) -> Option<&pb::Position> {
+        self.position.as_ref()
+    }
+
+    /// Clusters whose data is not a complete view yet.
+    pub fn unsynced(&self) -> Vec<ClusterId> {
+        self.clusters
+            .iter()
+            .filter(|(_, s)| !s.synced)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// A complete snapshot is applied and every cluster is synced: an answer from this
+    /// replica is not a guess from half a view.
+    pub fn ready(&self) -> bool {
+        self.position.is_some() && !self.clusters.is_empty() && self.unsynced().is_empty()
+    }
+
+    /// The status of every cluster.
+    pub fn clusters(&self) -> impl Iterator<Item = &pb::ClusterStatus> {
+        self.clusters.values()
+    }
+
+    /// Applies one update; on error nothing of it is applied.
+    pub fn apply(&mut self, update: pb::Update) -> Result<(), ReplicaError> {
+        let position = update.position.ok_or(ReplicaError::NoPosition)?;
+        match update.change.ok_or(ReplicaError::NoChange)? {
+            pb::update::Change::Snapshot(part) => self.snapshot_part(position, part),
+            pb::update::Change::Delta(delta) => self.delta(position, delta),
+        }
+    }
+
+    fn snapshot_part(
+        &mut self,
+        position: pb::Position,
+        part: pb::SnapshotPart,
+    ) -> Result<(), ReplicaError> {
+        let stray = || ReplicaError::StraySnapshotPart {
+            epoch: position.epoch.clone(),
+            revision: position.revision,
+        };
+        let objects = part
+            .objects
+            .into_iter()
+            .map(Object::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let clusters = part.clusters;
+        validated_statuses(clusters.clone())?;
+        if part.first {
+            self.assembling = Some(Assembly {
+                position: position.clone(),
+                objects: Vec::new(),
+                clusters: Vec::new(),
+            });
+        }
+        let assembly = self.assembling.as_mut().ok_or_else(stray)?;
+        if assembly.position != position {
+            // A part of another snapshot: what was gathered cannot be completed.
+            self.assembling = None;
+            return Err(stray());
+        }
+        assembly.objects.extend(objects);
+        assembly.clusters.extend(clusters);
+        if !part.last {
+            return Ok(());
+        }
+        let Some(done) = self.assembling.take() else {
+            return Err(stray());
+        };
+        let mut engine = Engine::new();
+        // Namespaces first, policies last, as a fresh engine is built from a clusterset.
+        let mut ordered: Vec<&Object> = done.objects.iter().collect();
+        ordered.sort_by_key(|o| match o {
+            Object::Namespace(_) => 0,
+            Object::Node(_) => 1,
+            Object::Pod(_) => 2,
+            _ => 3,
+        });
+        for o in ordered {
+            upsert(&mut engine, o);
+        }
+        self.engine = engine;
+        self.objects = done.objects.into_iter().map(|o| (o.key(), o)).collect();
+        self.clusters = validated_statuses(done.clusters)?.into_iter().collect();
+        self.position = Some(done.position);
+        Ok(())
+    }
+
+    fn delta(&mut self, position: pb::Position, delta: pb::Delta) -> Result<(), ReplicaError> {
+        let current = self.position.as_ref().ok_or(ReplicaError::NoSnapshot)?;
+        if position.epoch != current.epoch || position.revision != current.revision + 1 {
+            return Err(ReplicaError::Gap {
+                epoch: current.epoch.clone(),
+                have: current.revision,
+                got_epoch: position.epoch,
+                got: position.revision,
+            });
+        }
+        // Validate everything before changing anything.
+        let removed = delta
+            .removed_clusters
+            .iter()
+            .map(|c| ClusterId::new(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upserts = delta
+            .upserts
+            .into_iter()
+            .map(Object::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let deletes = delta
+            .deletes
+            .into_iter()
+            .map(Key::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let statuses = validated_statuses(delta.clusters)?;
+
+        for cluster in removed {
+            let gone: Vec<Key> = self
+                .objects
+                .keys()
+                .filter(|k| k.cluster == cluster)
+                .cloned()
+                .collect();
+            for k in gone {
+                remove(&mut self.engine, &k);
+                self.objects.remove(&k);
+            }
+            self.clusters.remove(&cluster);
+        }
+        for o in upserts {
+            upsert(&mut self.engine, &o);
+            self.objects.insert(o.key(), o);
+        }
+        for k in deletes {
+            remove(&mut self.engine, &k);
+            self.objects.remove(&k);
+        }
+        self.clusters.extend(statuses);
+        self.position = Some(position);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Pod, Protocol};
+    use crate::policy::{Connection, Verdict};
+    use crate::tracker::view::{Change, Scope, View};
+
+    fn c(id: &str) -> ClusterId {
+        ClusterId::new(id).expect("cluster id")
+    }
+
+    fn pod(cluster: &str, name: &str, ip: &str, app: &str) -> Object {
+        Object::Pod(
+            Pod::from_api(
+                &c(cluster),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "a", "uid": format!("{cluster}-{name}"), "labels": {"app": app}},
+                    "status": {"phase": "Running", "podIP": ip}}))
+                .expect("pod"),
+            )
+            .expect("valid"),
+        )
+    }
+
+    fn deny_all(cluster: &str) -> Object {
+        Object::NetworkPolicy(
+            crate::model::NetworkPolicy::from_api(
+                &c(cluster),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "deny", "namespace": "a"}, "spec": {"podSelector": {}}}))
+                .expect("policy"),
+                &mut Vec::new(),
+            )
+            .expect("valid"),
+        )
+    }
+
+    fn synced(cluster: &str, synced: bool) -> pb::ClusterStatus {
+        pb::ClusterStatus {
+            cluster: cluster.into(),
+            synced,
+            connected: true,
+            ..Default::default()
+        }
+    }
+
+    fn verdict(r: &Replica, from: &str, to: &str) -> Verdict {
+        let e = r.engine();
+        let conn = Connection {
+            src: e.address_endpoint(from.parse().expect("ip")),
+            dst: e.address_endpoint(to.parse().expect("ip")),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        e.decide(&conn).verdict()
+    }
+
+    fn scope() -> Scope {
+        Scope {
+            cluster: c("c1"),
+            all_policies: true,
+        }
+    }
+
+    /// A view with two pods of c1 and their cluster synced, and a replica fed its snapshot.
+    fn fed() -> (View, Replica) {
+        let mut view = View::new("e1", 100);
+        view.apply(Change {
+            upserts: vec![
+                pod("c1", "a", "10.0.0.1", "a"),
+                pod("c1", "b", "10.0.0.2", "b"),
+            ],
+            clusters: vec![synced("c1", true)],
+            ..Change::default()
+        });
+        let mut replica = Replica::new();
+        for part in view.snapshot(&scope(), 200) {
+            replica.apply(part).expect("snapshot part");
+        }
+        (view, replica)
+    }
+
+    #[test]
+    fn a_snapshot_in_parts_then_deltas() {
+        let (mut view, mut replica) = fed();
+        assert!(replica.ready());
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Allow);
+        let d = view
+            .apply(Change {
+                upserts: vec![deny_all("c1")],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
+        assert_eq!(replica.position(), Some(&view.position()));
+        let d = view
+            .apply(Change {
+                deletes: vec![deny_all("c1").key()],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Allow);
+    }
+
+    #[test]
+    fn an_incomplete_snapshot_is_never_used() {
+        let (mut view, _) = fed();
+        view.apply(Change {
+            upserts: vec![deny_all("c1")],
+            ..Change::default()
+        });
+        let parts = view.snapshot(&scope(), 1);
+        assert!(parts.len() >= 3);
+        let mut replica = Replica::new();
+        for p in &parts[..parts.len() - 1] {
+            replica.apply(p.clone()).expect("part");
+            assert!(!replica.ready(), "half a snapshot is not a view");
+            assert_eq!(replica.engine().counts(), (0, 0, 0));
+        }
+        // A new snapshot starts over; a stray part of the old one is refused.
+        let mut replica = Replica::new();
+        replica.apply(parts[0].clone()).expect("first part");
+        let mut other = parts[1].clone();
+        other.position = Some(pb::Position {
+            epoch: "e9".into(),
+            revision: 1,
+        });
+        assert!(matches!(
+            replica.apply(other),
+            Err(ReplicaError::StraySnapshotPart { .. })
+        ));
+        assert!(matches!(
+            replica.apply(parts[1].clone()),
+            Err(ReplicaError::StraySnapshotPart { .. })
+        ));
+    }
+
+    #[test]
+    fn unsynced_clusters_keep_the_replica_not_ready() {
+        let mut view = View::new("e1", 10);
+        view.apply(Change {
+            upserts: vec![pod("c1", "a", "10.0.0.1", "a")],
+            clusters: vec![synced("c1", true), synced("c2", false)],
+            ..Change::default()
+        });
+        let mut replica = Replica::new();
+        for p in view.snapshot(&scope(), 1000) {
+            replica.apply(p).expect("part");
+        }
+        assert!(!replica.ready());
+        assert_eq!(replica.unsynced(), vec![c("c2")]);
+        let d = view
+            .apply(Change {
+                clusters: vec![synced("c2", true)],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        assert!(replica.ready());
+    }
+
+    #[test]
+    fn lost_and_bad_updates_change_nothing() {
+        let (mut view, mut replica) = fed();
+        let skipped = view
+            .apply(Change {
+                upserts: vec![deny_all("c1")],
+                ..Change::default()
+            })
+            .expect("a change");
+        let next = view
+            .apply(Change {
+                upserts: vec![pod("c1", "c", "10.0.0.3", "c")],
+                ..Change::default()
+            })
+            .expect("a change");
+        let before = replica.position().cloned();
+        assert!(matches!(
+            replica.apply((*next).clone()),
+            Err(ReplicaError::Gap { .. })
+        ));
+        assert_eq!(replica.position().cloned(), before);
+        // A delta with one bad object among good ones: none of it is applied.
+        let mut bad = (*skipped).clone();
+        if let Some(pb::update::Change::Delta(d)) = &mut bad.change {
+            let mut broken = pb::Object::from(&pod("c1", "z", "10.0.0.9", "z"));
+            if let Some(pb::object::Object::Pod(p)) = &mut broken.object {
+                p.ips = vec!["not-an-ip".into()];
+            }
+            d.upserts.push(broken);
+        }
+        assert!(matches!(replica.apply(bad), Err(ReplicaError::Wire(_))));
+        assert_eq!(
+            verdict(&replica, "10.0.0.1", "10.0.0.2"),
+            Verdict::Allow,
+            "the policy was not applied"
+        );
+        assert_eq!(replica.position().cloned(), before);
+        replica
+            .apply((*skipped).clone())
+            .expect("the real one applies");
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
+        let mut fresh = Replica::new();
+        assert_eq!(fresh.apply((*next).clone()), Err(ReplicaError::NoSnapshot));
+        assert_eq!(
+            fresh.apply(pb::Update::default()),
+            Err(ReplicaError::NoPosition)
+        );
+    }
+
+    #[test]
+    fn a_removed_cluster_leaves_the_engine() {
+        let mut view = View::new("e1", 10);
+        view.apply(Change {
+            upserts: vec![
+                pod("c1", "a", "10.0.0.1", "a"),
+                pod("c2", "b", "10.0.0.2", "b"),
+            ],
+            clusters: vec![synced("c1", true), synced("c2", true)],
+            ..Change::default()
+        });
+        let mut replica = Replica::new();
+        for p in view.snapshot(&scope(), 1000) {
+            replica.apply(p).expect("part");
+        }
+        assert_eq!(replica.engine().counts().0, 2);
+        let d = view
+            .apply(Change {
+                removed_clusters: vec![c("c2")],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        assert_eq!(replica.engine().counts().0, 1);
+        assert_eq!(replica.clusters().count(), 1);
+    }
+}
