@@ -1,14 +1,18 @@
 //! The `weft` command line: subcommands and their wiring.
 
 use std::io::IsTerminal as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::model::loader;
 use crate::policy::Engine;
 use crate::probe;
+use crate::tracker::{client, server, source, view, wire::pb};
 
 /// weft: identity-aware per-node proxy for multi-cluster Kubernetes.
 #[derive(Debug, Parser)]
@@ -25,6 +29,24 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Serves one view of every cluster to node agents over gRPC.
+    Tracker(TrackerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TrackerArgs {
+    /// Clusterset directory: one subdirectory of manifests per cluster, named by cluster id.
+    #[arg(long, value_name = "DIR")]
+    clusters: PathBuf,
+    /// Address of the gRPC service.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19090")]
+    listen: SocketAddr,
+    /// Serve plaintext (no mutual TLS): only for tests and demos on one machine.
+    #[arg(long)]
+    insecure: bool,
+    /// Deltas kept for subscribers that reconnect.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    history: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,8 +58,27 @@ enum PolicyCommand {
 #[derive(Debug, clap::Args)]
 struct CheckArgs {
     /// Clusterset directory: one subdirectory of manifests per cluster, named by cluster id.
-    #[arg(long, value_name = "DIR")]
-    clusters: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "tracker",
+        conflicts_with = "tracker"
+    )]
+    clusters: Option<PathBuf>,
+    /// Take the clusters from a tracker instead (`http://HOST:PORT`, with --insecure).
+    #[arg(long, value_name = "URL")]
+    tracker: Option<String>,
+    /// Talk plaintext to the tracker.
+    #[arg(long, requires = "tracker")]
+    insecure: bool,
+    /// How long to wait for every cluster to be synced.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        requires = "tracker"
+    )]
+    sync_timeout: u64,
     /// YAML list of probes: {from, to, port, protocol, family}.
     #[arg(long, value_name = "FILE")]
     probes: PathBuf,
@@ -69,12 +110,60 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Policy {
             command: PolicyCommand::Check(args),
         } => policy_check(args),
+        Command::Tracker(args) => tracker(args),
     }
 }
 
-fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+/// Mutual TLS is the tracker's next step; until then plaintext must be asked for.
+fn require_insecure(insecure: bool, what: &str) -> anyhow::Result<()> {
+    if !insecure {
+        bail!(
+            "{what}: mutual TLS is not available yet; pass --insecure to use plaintext (tests and demos on one machine only)"
+        );
+    }
+    tracing::warn!(
+        what,
+        "plaintext: the tracker's stream is neither authenticated nor encrypted"
+    );
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
+    require_insecure(args.insecure, "weft tracker")?;
     let loaded = loader::load_clusterset(&args.clusters)?;
-    for w in &loaded.warnings {
+    log_warnings(&loaded.warnings);
+    let epoch = uuid::Uuid::new_v4().to_string();
+    let tracker = server::Tracker::new(
+        view::View::new(epoch.clone(), args.history),
+        server::SNAPSHOT_PART_BYTES,
+    );
+    tracker.apply(source::clusterset_change(&loaded.clusterset));
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, %epoch, clusters = loaded.clusterset.clusters.len(), "tracker serving");
+        tonic::transport::Server::builder()
+            .add_service(tracker.service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = tokio::signal::ctrl_c().await;
+                },
+            )
+            .await
+            .context("serving")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn log_warnings(warnings: &[loader::LoadWarning]) {
+    for w in warnings {
         tracing::warn!(
             file = w.file.as_ref().map(|f| f.display().to_string()),
             document = w.document,
@@ -83,9 +172,32 @@ fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             w.message
         );
     }
-    let engine = Engine::from_clusterset(&loaded.clusterset);
-    let probes = probe::load(&args.probes, &engine)?;
-    let outcomes = probe::decide(&probes, &engine);
+}
+
+fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let replica;
+    let engine = match (&args.clusters, &args.tracker) {
+        (Some(dir), _) => {
+            let loaded = loader::load_clusterset(dir)?;
+            log_warnings(&loaded.warnings);
+            &Engine::from_clusterset(&loaded.clusterset)
+        }
+        (None, Some(url)) => {
+            require_insecure(args.insecure, "weft policy check --tracker")?;
+            let request = pb::SubscribeRequest {
+                node: String::new(),
+                cluster: String::new(),
+                policy_scope: pb::PolicyScope::AllClusters.into(),
+                resume: None,
+            };
+            let timeout = Duration::from_secs(args.sync_timeout);
+            replica = runtime()?.block_on(client::sync(url, request, timeout))?;
+            replica.engine()
+        }
+        (None, None) => bail!("--clusters or --tracker is required"),
+    };
+    let probes = probe::load(&args.probes, engine)?;
+    let outcomes = probe::decide(&probes, engine);
     let out = match args.output {
         Output::Text => probe::render_text(&outcomes),
         Output::Json => probe::render_json(&outcomes),

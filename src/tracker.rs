@@ -1,8 +1,12 @@
 //! The tracker: one live view of every cluster, streamed to node agents over gRPC
-//! (`proto/tracker.proto`). So far: the stream's objects and their validation on receipt
-//! (`wire`), the revisioned view that produces snapshots and deltas (`view`), and the
-//! subscriber's replica that applies them to the policy engine (`replica`).
+//! (`proto/tracker.proto`): the stream's objects and their validation on receipt (`wire`),
+//! the revisioned view that produces snapshots and deltas (`view`), the gRPC service
+//! (`server`), the subscriber's side (`client`, `replica`) and where the view comes from
+//! (`source`).
 
+pub mod client;
 pub mod replica;
+pub mod server;
+pub mod source;
 pub mod view;
 pub mod wire;

@@ -310,10 +310,7 @@ mod tests {
     }
 
     fn scope() -> Scope {
-        Scope {
-            cluster: c("c1"),
-            all_policies: true,
-        }
+        Scope::AllClusters
     }
 
     /// A view with two pods of c1 and their cluster synced, and a replica fed its snapshot.

@@ -23,18 +23,21 @@ pub struct Change {
     pub removed_clusters: Vec<ClusterId>,
 }
 
-/// What a subscriber receives: its own cluster's policies, or every cluster's.
+/// Whose policies a subscriber receives (everything else goes to everyone).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scope {
-    /// The subscriber's cluster.
-    pub cluster: ClusterId,
-    /// Every cluster's policies (for `weft policy check --tracker`), not only its own.
-    pub all_policies: bool,
+pub enum Scope {
+    /// The policies of this cluster only: a node agent's, since policies are local.
+    Cluster(ClusterId),
+    /// Every cluster's policies (`weft policy check --tracker`).
+    AllClusters,
 }
 
 impl Scope {
     fn admits_key(&self, kind: pb::Kind, cluster: &str) -> bool {
-        self.all_policies || kind != pb::Kind::NetworkPolicy || cluster == self.cluster.as_str()
+        match self {
+            Scope::AllClusters => true,
+            Scope::Cluster(own) => kind != pb::Kind::NetworkPolicy || cluster == own.as_str(),
+        }
     }
 
     fn admits(&self, o: &pb::Object) -> bool {
@@ -362,10 +365,7 @@ mod tests {
         objects.push(policy("c1", "mine"));
         objects.push(policy("c2", "theirs"));
         v.apply(upserts(objects));
-        let own = Scope {
-            cluster: c("c1"),
-            all_policies: false,
-        };
+        let own = Scope::Cluster(c("c1"));
         let parts = v.snapshot(&own, 1000);
         assert!(parts.len() > 3, "{} parts", parts.len());
         let mut seen = 0;
@@ -382,10 +382,7 @@ mod tests {
             seen += s.objects.len();
         }
         assert_eq!(seen, 101, "every pod and only the subscriber's own policy");
-        let all = Scope {
-            cluster: c("c1"),
-            all_policies: true,
-        };
+        let all = Scope::AllClusters;
         let total: usize = v
             .snapshot(&all, usize::MAX)
             .iter()
@@ -405,10 +402,7 @@ mod tests {
         let pods = v
             .apply(upserts(vec![pod("c2", "x", "10.0.0.9")]))
             .expect("a change");
-        let own = Scope {
-            cluster: c("c1"),
-            all_policies: false,
-        };
+        let own = Scope::Cluster(c("c1"));
         assert!(Arc::ptr_eq(&own.filter(&pods), &pods));
         let theirs = v
             .apply(upserts(vec![policy("c2", "p"), pod("c2", "y", "10.0.0.8")]))

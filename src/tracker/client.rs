@@ -1,0 +1,135 @@
+//! Subscribing to a tracker and keeping a replica of its view.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::replica::{Replica, ReplicaError};
+use super::server::SNAPSHOT_PART_BYTES;
+use super::wire::pb;
+use crate::model::ClusterId;
+
+/// Why a subscription failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL is not one a channel can be made from.
+    #[error("tracker {url}: {error}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        error: String,
+    },
+    /// The tracker cannot be reached.
+    #[error("tracker {url}: cannot connect: {error}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        error: tonic::transport::Error,
+    },
+    /// The tracker refused the subscription or ended the stream with an error.
+    #[error("tracker {url}: {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// What it said.
+        status: tonic::Status,
+    },
+    /// The tracker sent an update that cannot be applied.
+    #[error("tracker {url}: {error}")]
+    Update {
+        /// The URL.
+        url: String,
+        /// Why.
+        error: ReplicaError,
+    },
+    /// The stream ended before the view was complete.
+    #[error("tracker {url}: the stream ended before every cluster was synced")]
+    Ended {
+        /// The URL.
+        url: String,
+    },
+    /// Not every cluster was synced in time.
+    #[error("tracker {url}: not synced after {timeout:?}: {}", describe(.unsynced))]
+    Timeout {
+        /// The URL.
+        url: String,
+        /// How long was waited.
+        timeout: Duration,
+        /// The clusters still unsynced (empty when not even a snapshot arrived).
+        unsynced: Vec<ClusterId>,
+    },
+}
+
+fn describe(unsynced: &[ClusterId]) -> String {
+    if unsynced.is_empty() {
+        "no complete snapshot arrived".to_owned()
+    } else {
+        let names: Vec<&str> = unsynced.iter().map(ClusterId::as_str).collect();
+        format!("clusters {} are not synced", names.join(", "))
+    }
+}
+
+/// A client of the tracker at `url` (`http://HOST:PORT`).
+pub async fn connect(url: &str) -> Result<pb::tracker_client::TrackerClient<Channel>, ClientError> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| ClientError::Url {
+        url: url.to_owned(),
+        error: e.to_string(),
+    })?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|error| ClientError::Connect {
+            url: url.to_owned(),
+            error,
+        })?;
+    Ok(pb::tracker_client::TrackerClient::new(channel)
+        .max_decoding_message_size(4 * SNAPSHOT_PART_BYTES))
+}
+
+/// Subscribes to the tracker at `url` and returns a replica once it is ready (a complete
+/// snapshot and every cluster synced): a half-synced view never answers. Fails after
+/// `timeout`, naming the clusters not synced.
+pub async fn sync(
+    url: &str,
+    request: pb::SubscribeRequest,
+    timeout: Duration,
+) -> Result<Replica, ClientError> {
+    let mut replica = Replica::new();
+    let work = async {
+        let mut client = connect(url).await?;
+        let status = |status| ClientError::Status {
+            url: url.to_owned(),
+            status,
+        };
+        let mut stream = client
+            .subscribe(request)
+            .await
+            .map_err(status)?
+            .into_inner();
+        while let Some(update) = stream.message().await.map_err(status)? {
+            replica.apply(update).map_err(|error| ClientError::Update {
+                url: url.to_owned(),
+                error,
+            })?;
+            if replica.ready() {
+                return Ok(());
+            }
+        }
+        Err(ClientError::Ended {
+            url: url.to_owned(),
+        })
+    };
+    let outcome = tokio::time::timeout(timeout, work).await;
+    match outcome {
+        Ok(Ok(())) => Ok(replica),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ClientError::Timeout {
+            url: url.to_owned(),
+            timeout,
+            unsynced: replica.unsynced(),
+        }),
+    }
+}

@@ -1,0 +1,167 @@
+//! The tracker's gRPC service: each subscriber gets a snapshot (or, resuming, what it missed)
+//! and then every delta, filtered to its policy scope. A subscriber that reads too slowly is
+//! not buffered without bound: once it falls behind the shared buffer it gets a fresh
+//! snapshot instead of the deltas it missed.
+
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::view::{Change, Scope, View};
+use super::wire::pb;
+use crate::model::ClusterId;
+
+/// Deltas kept for subscribers that are behind, shared by all of them.
+const SHARED_BUFFER: usize = 4096;
+/// Updates queued for one subscriber's connection.
+const SUBSCRIBER_BUFFER: usize = 64;
+/// Snapshot parts stay well below tonic's 4 MiB message limit.
+pub const SNAPSHOT_PART_BYTES: usize = 1 << 20;
+
+/// The view behind the service, and the channel its deltas go out on.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    view: Arc<RwLock<View>>,
+    deltas: broadcast::Sender<Arc<pb::Update>>,
+    part_bytes: usize,
+}
+
+impl Tracker {
+    /// A tracker over `view`, sending snapshots in parts of about `part_bytes`.
+    pub fn new(view: View, part_bytes: usize) -> Self {
+        let (deltas, _) = broadcast::channel(SHARED_BUFFER);
+        Self {
+            view: Arc::new(RwLock::new(view)),
+            deltas,
+            part_bytes,
+        }
+    }
+
+    /// Applies a change from a source and sends its delta to every subscriber.
+    pub fn apply(&self, change: Change) {
+        let update = self
+            .view
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(change);
+        if let Some(update) = update {
+            // No subscriber is fine: the delta is in the view's log.
+            let _ = self.deltas.send(update);
+        }
+    }
+
+    /// The current position.
+    pub fn position(&self) -> pb::Position {
+        self.view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .position()
+    }
+
+    /// Subscribes a reader of the deltas, then reads what it starts from under the same view
+    /// state: nothing is missed, and what is seen twice is recognised by its revision.
+    fn start(
+        &self,
+        scope: &Scope,
+        resume: Option<&pb::Position>,
+    ) -> (
+        broadcast::Receiver<Arc<pb::Update>>,
+        Vec<Arc<pb::Update>>,
+        u64,
+    ) {
+        let receiver = self.deltas.subscribe();
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let revision = view.position().revision;
+        let initial = match resume.and_then(|p| view.since(p)) {
+            Some(missed) => missed.iter().map(|u| scope.filter(u)).collect(),
+            None => view
+                .snapshot(scope, self.part_bytes)
+                .into_iter()
+                .map(Arc::new)
+                .collect(),
+        };
+        (receiver, initial, revision)
+    }
+
+    /// The gRPC service.
+    pub fn service(&self) -> pb::tracker_server::TrackerServer<Self> {
+        pb::tracker_server::TrackerServer::new(self.clone())
+            .max_encoding_message_size(4 * SNAPSHOT_PART_BYTES)
+    }
+
+    /// Feeds one subscriber until it goes away.
+    async fn feed(
+        self,
+        scope: Scope,
+        resume: Option<pb::Position>,
+        tx: mpsc::Sender<Result<pb::Update, Status>>,
+    ) {
+        let (mut deltas, initial, mut revision) = self.start(&scope, resume.as_ref());
+        let mut pending = initial;
+        loop {
+            for update in pending.drain(..) {
+                if tx.send(Ok((*update).clone())).await.is_err() {
+                    return;
+                }
+            }
+            match deltas.recv().await {
+                Ok(update) => {
+                    let at = update.position.as_ref().map_or(0, |p| p.revision);
+                    if at > revision {
+                        revision = at;
+                        pending.push(scope.filter(&update));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        ?scope,
+                        missed,
+                        "subscriber fell behind; sending a fresh snapshot"
+                    );
+                    let (receiver, snapshot, at) = self.start(&scope, None);
+                    deltas = receiver;
+                    revision = at;
+                    pending = snapshot;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+}
+
+/// The stream of updates to one subscriber.
+pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::tracker_server::Tracker for Tracker {
+    type SubscribeStream = UpdateStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<UpdateStream>, Status> {
+        let req = request.into_inner();
+        let scope = match pb::PolicyScope::try_from(req.policy_scope) {
+            Ok(pb::PolicyScope::AllClusters) => Scope::AllClusters,
+            Ok(pb::PolicyScope::OwnCluster) => Scope::Cluster(
+                ClusterId::new(&req.cluster)
+                    .map_err(|e| Status::invalid_argument(format!("cluster: {e}")))?,
+            ),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown policy_scope {}",
+                    req.policy_scope
+                )));
+            }
+        };
+        tracing::info!(node = %req.node, cluster = %req.cluster, ?scope, resume = req.resume.is_some(), "subscriber");
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        tokio::spawn(self.clone().feed(scope, req.resume, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
