@@ -47,6 +47,9 @@ struct TrackerArgs {
     /// Deltas kept for subscribers that reconnect.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
+    /// Quiet time after a change to the clusterset directory before it is read again.
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    debounce_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,15 +137,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
     require_insecure(args.insecure, "weft tracker")?;
+    // At start, a clusterset that does not load is an error; later, a bad file is reported
+    // and its cluster keeps its last good state.
     let loaded = loader::load_clusterset(&args.clusters)?;
     log_warnings(&loaded.warnings);
+    let mut clusterset = source::ClustersetSource::new(&args.clusters);
+    let initial = clusterset.rescan()?;
     let epoch = uuid::Uuid::new_v4().to_string();
     let tracker = server::Tracker::new(
         view::View::new(epoch.clone(), args.history),
         server::SNAPSHOT_PART_BYTES,
     );
-    tracker.apply(source::clusterset_change(&loaded.clusterset));
+    tracker.apply(initial);
     runtime()?.block_on(async {
+        let watched = tracker.clone();
+        let debounce = Duration::from_millis(args.debounce_ms);
+        tokio::spawn(async move {
+            if let Err(e) = source::watch(clusterset, watched, debounce).await {
+                tracing::error!(error = %e, "clusterset watch failed: the view no longer follows the directory");
+            }
+        });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;

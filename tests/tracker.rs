@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use weft::model::{ClusterId, Pod};
 use weft::tracker::client;
+use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
-use weft::tracker::source::clusterset_change;
+use weft::tracker::source::{ClustersetSource, watch};
 use weft::tracker::view::{Change, View};
 use weft::tracker::wire::{Object, pb};
 
@@ -31,10 +32,9 @@ async fn serve(tracker: &Tracker) -> SocketAddr {
 }
 
 fn example_tracker(part_bytes: usize) -> Tracker {
-    let loaded = weft::model::load_clusterset(&Path::new(EXAMPLE).join("3-allow-from-cluster-1"))
-        .expect("example loads");
+    let mut source = ClustersetSource::new(Path::new(EXAMPLE).join("3-allow-from-cluster-1"));
     let tracker = Tracker::new(View::new("epoch-1", 100), part_bytes);
-    tracker.apply(clusterset_change(&loaded.clusterset));
+    tracker.apply(source.rescan().expect("example loads"));
     tracker
 }
 
@@ -245,4 +245,139 @@ fn policy_check_over_a_tracker_needs_an_explicit_insecure() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--insecure"), "{stderr}");
+}
+
+/// Copies `from` into `to`, following the example's symbolic links.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        let target = to.join(path.file_name().expect("name"));
+        if std::fs::metadata(&path).expect("metadata").is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy");
+        }
+    }
+}
+
+/// Reads updates into `replica` until `done` holds of it, for at most 10 s.
+async fn until(
+    stream: &mut tonic::Streaming<pb::Update>,
+    replica: &mut Replica,
+    what: &str,
+    done: impl Fn(&Replica) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(replica) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let update = tokio::time::timeout(left, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("stream ok")
+            .expect("an update");
+        replica.apply(update).expect("applies");
+    }
+}
+
+fn verdict(replica: &Replica, from: &str, to: &str) -> weft::policy::Verdict {
+    let e = replica.engine();
+    let pod = |name: &str| {
+        let mut parts = name.split('/');
+        let (c, ns, n) = (parts.next(), parts.next(), parts.next());
+        let id = e
+            .pod_by_name(c.unwrap_or(""), ns.unwrap_or(""), n.unwrap_or(""))
+            .expect("pod");
+        e.pod_endpoint(id, false).expect("endpoint")
+    };
+    let conn = weft::policy::Connection {
+        src: pod(from),
+        dst: pod(to),
+        port: 80,
+        protocol: weft::model::Protocol::Tcp,
+    };
+    e.decide(&conn).verdict()
+}
+
+fn status<'a>(replica: &'a Replica, cluster: &str) -> Option<&'a pb::ClusterStatus> {
+    replica.clusters().find(|s| s.cluster == cluster)
+}
+
+#[tokio::test]
+async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_state() {
+    use weft::policy::Verdict::{Allow, Deny};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("clusters");
+    copy_tree(&Path::new(EXAMPLE).join("1-no-policy"), &dir);
+    let mut source = ClustersetSource::new(&dir);
+    let tracker = Tracker::new(View::new("epoch-w", 1000), 1 << 20);
+    tracker.apply(source.rescan().expect("loads"));
+    tokio::spawn(watch(source, tracker.clone(), Duration::from_millis(50)));
+    let addr = serve(&tracker).await;
+    let mut c = client::connect(&format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let mut stream = c
+        .subscribe(all_clusters())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut replica = Replica::new();
+    until(&mut stream, &mut replica, "the snapshot", Replica::ready).await;
+    let (client, web) = ("cluster-1/demo-c1/tmp-client", "cluster-2/demo-c2/web-c2");
+    assert_eq!(verdict(&replica, client, web), Allow);
+
+    let policy = Path::new(EXAMPLE).join("2-default-deny/cluster-2/policy.yaml");
+    std::fs::copy(&policy, dir.join("cluster-2/policy.yaml")).expect("copy");
+    until(&mut stream, &mut replica, "the policy", |r| {
+        verdict(r, client, web) == Deny
+    })
+    .await;
+
+    std::fs::write(
+        dir.join("cluster-2/bad.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x, labels: {a: -b}}\n",
+    )
+    .expect("write");
+    until(&mut stream, &mut replica, "the error", |r| {
+        status(r, "cluster-2").is_some_and(|s| s.error.contains("bad.yaml"))
+    })
+    .await;
+    assert_eq!(
+        verdict(&replica, client, web),
+        Deny,
+        "the last good state stays"
+    );
+    assert!(status(&replica, "cluster-2").is_some_and(|s| s.synced));
+
+    std::fs::remove_file(dir.join("cluster-2/bad.yaml")).expect("rm");
+    std::fs::remove_file(dir.join("cluster-2/policy.yaml")).expect("rm");
+    until(&mut stream, &mut replica, "the recovery", |r| {
+        status(r, "cluster-2").is_some_and(|s| s.error.is_empty())
+            && verdict(r, client, web) == Allow
+    })
+    .await;
+
+    std::fs::remove_dir_all(dir.join("cluster-1")).expect("rm");
+    until(&mut stream, &mut replica, "cluster-1 leaving", |r| {
+        status(r, "cluster-1").is_none()
+    })
+    .await;
+    assert!(
+        replica
+            .engine()
+            .pod_by_name("cluster-1", "demo-c1", "tmp-client")
+            .is_none()
+    );
+
+    std::fs::create_dir_all(dir.join("cluster-3")).expect("mkdir");
+    std::fs::write(
+        dir.join("cluster-3/ns.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: new}\n",
+    )
+    .expect("write");
+    until(&mut stream, &mut replica, "cluster-3 arriving", |r| {
+        status(r, "cluster-3").is_some_and(|s| s.synced)
+    })
+    .await;
 }

@@ -216,9 +216,13 @@ pub struct Loaded {
     pub warnings: Vec<LoadWarning>,
 }
 
-/// Loads every cluster directory of `dir`; any error fails the whole load.
-pub fn load_clusterset(dir: &Path) -> Result<Loaded, LoadError> {
-    let mut clusterset = ClusterSet::default();
+/// The cluster directories of a clusterset, each with its id.
+pub type ClusterDirs = Vec<(ClusterId, PathBuf)>;
+
+/// The cluster directories of clusterset `dir`; other entries are skipped with a warning,
+/// and a directory whose name is no cluster id is an error.
+pub fn cluster_dirs(dir: &Path) -> Result<(ClusterDirs, Vec<LoadWarning>), LoadError> {
+    let mut dirs = Vec::new();
     let mut warnings = Vec::new();
     for path in entries(dir)? {
         if !metadata(&path)?.is_dir() {
@@ -233,6 +237,16 @@ pub fn load_clusterset(dir: &Path) -> Result<Loaded, LoadError> {
             dir: path.clone(),
             source,
         })?;
+        dirs.push((id, path));
+    }
+    Ok((dirs, warnings))
+}
+
+/// Loads every cluster directory of `dir`; any error fails the whole load.
+pub fn load_clusterset(dir: &Path) -> Result<Loaded, LoadError> {
+    let mut clusterset = ClusterSet::default();
+    let (dirs, mut warnings) = cluster_dirs(dir)?;
+    for (id, path) in dirs {
         let (cluster, found) = load_cluster(id.clone(), &path)?;
         warnings.extend(found);
         clusterset.clusters.insert(id, cluster);
