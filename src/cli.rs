@@ -1,5 +1,6 @@
 //! The `weft` command line: subcommands and their wiring.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::model::loader;
+use crate::model::{ClusterId, loader};
 use crate::policy::Engine;
 use crate::probe;
 use crate::tracker::{client, server, source, view, wire::pb};
@@ -36,8 +37,14 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct TrackerArgs {
     /// Clusterset directory: one subdirectory of manifests per cluster, named by cluster id.
+    #[arg(long, value_name = "DIR", required_unless_present = "kubeconfig_dir")]
+    clusters: Option<PathBuf>,
+    /// Directory of kubeconfig files: every context of every file is a cluster.
     #[arg(long, value_name = "DIR")]
-    clusters: PathBuf,
+    kubeconfig_dir: Option<PathBuf>,
+    /// The cluster id of a kubeconfig context whose name is not one (`CONTEXT=ID`).
+    #[arg(long, value_name = "CONTEXT=ID", value_parser = parse_cluster_name)]
+    cluster_name: Vec<(String, ClusterId)>,
     /// Address of the gRPC service.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19090")]
     listen: SocketAddr,
@@ -47,7 +54,7 @@ struct TrackerArgs {
     /// Deltas kept for subscribers that reconnect.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
-    /// Quiet time after a change to the clusterset directory before it is read again.
+    /// Quiet time after a change to a watched directory before it is read again.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     debounce_ms: u64,
 }
@@ -135,33 +142,72 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
+fn parse_cluster_name(s: &str) -> Result<(String, ClusterId), String> {
+    let (context, id) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not CONTEXT=ID"))?;
+    Ok((
+        context.to_owned(),
+        ClusterId::new(id).map_err(|e| e.to_string())?,
+    ))
+}
+
 fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
     require_insecure(args.insecure, "weft tracker")?;
-    // At start, a clusterset that does not load is an error; later, a bad file is reported
-    // and its cluster keeps its last good state.
-    let loaded = loader::load_clusterset(&args.clusters)?;
-    log_warnings(&loaded.warnings);
-    let mut clusterset = source::ClustersetSource::new(&args.clusters);
-    let initial = clusterset.rescan()?;
     let epoch = uuid::Uuid::new_v4().to_string();
     let tracker = server::Tracker::new(
         view::View::new(epoch.clone(), args.history),
         server::SNAPSHOT_PART_BYTES,
     );
-    tracker.apply(initial);
-    runtime()?.block_on(async {
-        let watched = tracker.clone();
-        let debounce = Duration::from_millis(args.debounce_ms);
-        tokio::spawn(async move {
-            if let Err(e) = source::watch(clusterset, watched, debounce).await {
-                tracing::error!(error = %e, "clusterset watch failed: the view no longer follows the directory");
+    let debounce = Duration::from_millis(args.debounce_ms);
+    let names: BTreeMap<String, ClusterId> = args.cluster_name.into_iter().collect();
+    let mut clusterset = None;
+    if let Some(dir) = &args.clusters {
+        // At start, a clusterset that does not load is an error; later, a bad file is
+        // reported and its cluster keeps its last good state.
+        let loaded = loader::load_clusterset(dir)?;
+        log_warnings(&loaded.warnings);
+        if let Some(kubeconfigs) = &args.kubeconfig_dir {
+            let claimed = source::kubernetes::cluster_ids(kubeconfigs, &names);
+            if let Some(id) = loaded
+                .clusterset
+                .clusters
+                .keys()
+                .find(|id| claimed.contains(*id))
+            {
+                bail!(
+                    "cluster {id} is claimed by both {} and {}",
+                    dir.display(),
+                    kubeconfigs.display()
+                );
             }
-        });
+        }
+        let mut source = source::ClustersetSource::new(dir);
+        tracker.apply(source.rescan()?);
+        clusterset = Some(source);
+    }
+    runtime()?.block_on(async {
+        if let Some(source) = clusterset {
+            let watched = tracker.clone();
+            tokio::spawn(async move {
+                if let Err(e) = source::watch(source, watched, debounce).await {
+                    tracing::error!(error = %e, "clusterset watch failed: the view no longer follows the directory");
+                }
+            });
+        }
+        if let Some(dir) = args.kubeconfig_dir {
+            let watched = tracker.clone();
+            tokio::spawn(async move {
+                if let Err(e) = source::kubernetes::watch_kubeconfigs(dir, names, watched, debounce).await {
+                    tracing::error!(error = %e, "kubeconfig watch failed: clusters no longer follow the directory");
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, %epoch, clusters = loaded.clusterset.clusters.len(), "tracker serving");
+        tracing::info!(%addr, %epoch, "tracker serving");
         tonic::transport::Server::builder()
             .add_service(tracker.service())
             .serve_with_incoming_shutdown(

@@ -1,7 +1,10 @@
-//! Where the view comes from. So far: a clusterset directory, watched for changes (file
-//! events, debounced). A cluster whose files fail to load keeps its last good state, with the
-//! error in its status; one that never loaded is not synced, so nothing reads it as complete.
-//! Kubeconfigs and an upstream tracker come next.
+//! Where the view comes from: a clusterset directory, watched for changes (file events,
+//! debounced), and Kubernetes API servers through kubeconfig files (`kubernetes`). A cluster
+//! whose files fail to load keeps its last good state, with the error in its status; one that
+//! never loaded is not synced, so nothing reads it as complete. An upstream tracker (hub and
+//! spoke) comes next.
+
+pub mod kubernetes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,190 @@
+//! The tracker over Kubernetes API servers (the test API server of `tests/apiserver`), named
+//! by a directory of kubeconfig files, to a subscriber's replica: initial lists, events, a
+//! relist after 410 Gone, faults, and kubeconfig files added and removed at run time.
+
+mod apiserver;
+
+use std::time::Duration;
+
+use apiserver::{ApiServer, Fault, Kind};
+use serde_json::json;
+use weft::tracker::client;
+use weft::tracker::replica::Replica;
+use weft::tracker::server::Tracker;
+use weft::tracker::source::kubernetes::watch_kubeconfigs;
+use weft::tracker::view::View;
+use weft::tracker::wire::pb;
+
+fn kubeconfig(contexts: &[(&str, &ApiServer)]) -> String {
+    let mut clusters = String::new();
+    let mut ctxs = String::new();
+    for (name, server) in contexts {
+        clusters.push_str(&format!(
+            "- name: {name}\n  cluster: {{server: \"{}\"}}\n",
+            server.url()
+        ));
+        ctxs.push_str(&format!(
+            "- name: {name}\n  context: {{cluster: {name}, user: u}}\n"
+        ));
+    }
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{ctxs}users:\n- name: u\n  user: {{token: t}}\n"
+    )
+}
+
+async fn cluster(name: &str) -> ApiServer {
+    let s = ApiServer::start().await;
+    s.apply(
+        Kind::Namespace,
+        json!({"metadata": {"name": "kube-system"}}),
+    );
+    s.apply(
+        Kind::Namespace,
+        json!({"metadata": {"name": "demo", "labels": {"team": name}}}),
+    );
+    s
+}
+
+fn pod(name: &str, ip: &str) -> serde_json::Value {
+    json!({"metadata": {"name": name, "namespace": "demo", "labels": {"app": "web"}},
+           "status": {"phase": "Running", "podIP": ip}})
+}
+
+async fn serve(tracker: &Tracker) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let service = tracker.service();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("serve");
+    });
+    format!("http://{addr}")
+}
+
+/// Reads updates into `replica` until `done` holds of it, for at most 20 s.
+async fn until(
+    stream: &mut tonic::Streaming<pb::Update>,
+    replica: &mut Replica,
+    what: &str,
+    done: impl Fn(&Replica) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done(replica) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let update = tokio::time::timeout(left, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("stream ok")
+            .expect("an update");
+        replica.apply(update).expect("applies");
+    }
+}
+
+fn has_pod(r: &Replica, cluster: &str, name: &str) -> bool {
+    r.engine().pod_by_name(cluster, "demo", name).is_some()
+}
+
+fn status<'a>(r: &'a Replica, cluster: &str) -> Option<&'a pb::ClusterStatus> {
+    r.clusters().find(|s| s.cluster == cluster)
+}
+
+#[tokio::test]
+async fn kubeconfig_clusters_stream_to_a_replica() {
+    let a = cluster("a").await;
+    let b = cluster("b").await;
+    a.apply(Kind::Pod, pod("web-a", "10.1.0.1"));
+    b.apply(Kind::Pod, pod("web-b", "10.2.0.1"));
+    b.apply(
+        Kind::NetworkPolicy,
+        json!({"metadata": {"name": "deny", "namespace": "demo"}, "spec": {"podSelector": {}}}),
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    std::fs::write(
+        dir.join("both.yaml"),
+        kubeconfig(&[("cluster-a", &a), ("cluster-b", &b)]),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.join("bad-name.yaml"),
+        kubeconfig(&[("Not_A_Valid_Id!", &a)]),
+    )
+    .expect("write");
+
+    let tracker = Tracker::new(View::new("e", 10_000), 1 << 20);
+    tokio::spawn(watch_kubeconfigs(
+        dir.clone(),
+        Default::default(),
+        tracker.clone(),
+        Duration::from_millis(50),
+    ));
+    let url = serve(&tracker).await;
+    let mut c = client::connect(&url).await.expect("connect");
+    let request = pb::SubscribeRequest {
+        policy_scope: pb::PolicyScope::AllClusters.into(),
+        ..Default::default()
+    };
+    let mut stream = c.subscribe(request).await.expect("subscribe").into_inner();
+    let mut r = Replica::new();
+    until(&mut stream, &mut r, "both clusters synced", |r| {
+        r.ready() && r.clusters().count() == 2
+    })
+    .await;
+    assert!(has_pod(&r, "cluster-a", "web-a") && has_pod(&r, "cluster-b", "web-b"));
+    assert_eq!(r.engine().counts().2, 1, "cluster-b's policy");
+    assert!(
+        status(&r, "Not_A_Valid_Id!").is_none(),
+        "an invalid context name is refused"
+    );
+
+    // Events.
+    a.delete(Kind::Pod, "demo", "web-a");
+    a.apply(Kind::Pod, pod("web-a2", "10.1.0.2"));
+    until(&mut stream, &mut r, "the events", |r| {
+        !has_pod(r, "cluster-a", "web-a") && has_pod(r, "cluster-a", "web-a2")
+    })
+    .await;
+
+    // The watch expires while a pod is deleted: the relist drops it.
+    a.set_fault(Fault::Hang);
+    a.delete(Kind::Pod, "demo", "web-a2");
+    a.compact();
+    a.set_fault(Fault::None);
+    until(&mut stream, &mut r, "the relist", |r| {
+        !has_pod(r, "cluster-a", "web-a2")
+    })
+    .await;
+
+    // A failing API server: its last state stays, its status says so.
+    b.set_fault(Fault::InternalError);
+    b.close_watches();
+    until(&mut stream, &mut r, "b's error", |r| {
+        status(r, "cluster-b").is_some_and(|s| !s.error.is_empty())
+    })
+    .await;
+    assert!(
+        has_pod(&r, "cluster-b", "web-b"),
+        "fail static: the last state is kept"
+    );
+    b.set_fault(Fault::None);
+
+    // The kubeconfig file goes away: its clusters leave the view.
+    std::fs::remove_file(dir.join("both.yaml")).expect("rm");
+    until(&mut stream, &mut r, "the clusters leaving", |r| {
+        r.clusters().count() == 0
+    })
+    .await;
+    assert_eq!(r.engine().counts().0, 0);
+
+    // A new file brings a cluster back.
+    std::fs::write(dir.join("a.yaml"), kubeconfig(&[("cluster-a", &a)])).expect("write");
+    until(&mut stream, &mut r, "cluster-a again", |r| {
+        status(r, "cluster-a").is_some_and(|s| s.synced)
+    })
+    .await;
+}
