@@ -104,6 +104,11 @@ async fn watch_kind<K>(
     let mut known: BTreeSet<Key> = BTreeSet::new();
     let mut relist: Option<(Vec<Object>, BTreeSet<Key>)> = None;
     let object = |o: &K| match convert(&id, o) {
+        Ok(Object::Namespace(ns)) if ns.name == "kube-system" => {
+            // Its UID identifies the cluster for good, whatever it is called.
+            ClusterState::update(&state, &tracker, |s| s.status.unique_id = ns.uid.clone());
+            Some(Object::Namespace(ns))
+        }
         Ok(object) => Some(object),
         Err(e) => {
             // The API server accepted it, weft cannot use it: say so loudly; the cluster's
