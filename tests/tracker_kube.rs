@@ -137,6 +137,17 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
     .await;
     assert!(has_pod(&r, "cluster-a", "web-a") && has_pod(&r, "cluster-b", "web-b"));
     assert_eq!(r.engine().counts().2, 1, "cluster-b's policy");
+    let uid = |c| {
+        status(&r, c)
+            .map(|s| s.unique_id.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        uid("cluster-a").starts_with("uid-Namespace--kube-system"),
+        "the kube-system UID identifies the cluster: {}",
+        uid("cluster-a")
+    );
+    assert_ne!(uid("cluster-a"), uid("cluster-b"));
     assert!(
         status(&r, "Not_A_Valid_Id!").is_none(),
         "an invalid context name is refused"
