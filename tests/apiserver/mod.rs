@@ -236,7 +236,10 @@ impl ApiServer {
             object["metadata"]["namespace"] = json!(namespace);
         }
         if object["metadata"]["uid"].is_null() {
-            object["metadata"]["uid"] = json!(format!("uid-{kind_name}-{namespace}-{name}-{rv}"));
+            // Unique across servers too, as real UIDs are.
+            let port = self.addr.port();
+            object["metadata"]["uid"] =
+                json!(format!("uid-{kind_name}-{namespace}-{name}-{rv}-{port}"));
         }
         let key = (kind, namespace.clone(), name);
         let change = if st.objects.contains_key(&key) {
