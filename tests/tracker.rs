@@ -381,3 +381,85 @@ async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_
     })
     .await;
 }
+
+/// A `weft tracker` process, killed when dropped.
+struct TrackerProcess(std::process::Child);
+
+impl TrackerProcess {
+    fn start(clusters: &Path, port: u16) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+            .args([
+                "tracker",
+                "--insecure",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--clusters",
+            ])
+            .arg(clusters)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start weft tracker");
+        Self(child)
+    }
+}
+
+impl Drop for TrackerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for(
+    replica: &std::sync::RwLock<Replica>,
+    what: &str,
+    done: impl Fn(&Replica) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if done(&replica.read().expect("lock")) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_follower_survives_a_tracker_restart_and_takes_the_new_view() {
+    use weft::policy::Verdict::{Allow, Deny};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let first = TrackerProcess::start(&Path::new(EXAMPLE).join("1-no-policy"), port);
+    let replica = std::sync::Arc::new(std::sync::RwLock::new(Replica::new()));
+    let follower = tokio::spawn(client::follow(
+        format!("http://127.0.0.1:{port}"),
+        all_clusters(),
+        replica.clone(),
+        Duration::from_millis(50),
+    ));
+    let (from, to) = ("cluster-1/demo-c1/tmp-client", "cluster-2/demo-c2/web-c2");
+    wait_for(&replica, "the first tracker's view", |r| {
+        r.ready() && verdict(r, from, to) == Allow
+    })
+    .await;
+    let epoch = replica
+        .read()
+        .expect("lock")
+        .position()
+        .map(|p| p.epoch.clone());
+
+    drop(first);
+    let _second = TrackerProcess::start(&Path::new(EXAMPLE).join("2-default-deny"), port);
+    wait_for(&replica, "the restarted tracker's view", |r| {
+        r.position().map(|p| p.epoch.clone()) != epoch && verdict(r, from, to) == Deny
+    })
+    .await;
+    follower.abort();
+}

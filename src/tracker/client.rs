@@ -133,3 +133,66 @@ pub async fn sync(
         }),
     }
 }
+
+/// Keeps `replica` following the tracker at `url` until the task is stopped: on every
+/// (re)connection it resumes from the replica's position, and the tracker answers with what
+/// was missed or, after a restart or a long absence, a fresh snapshot that replaces the view
+/// only once complete. An update that cannot be applied is dropped with the connection, and
+/// the next subscription asks for a fresh snapshot. Reconnections back off from `retry` up to
+/// 30 s.
+pub async fn follow(
+    url: String,
+    request: pb::SubscribeRequest,
+    replica: std::sync::Arc<std::sync::RwLock<Replica>>,
+    retry: Duration,
+) {
+    let mut delay = retry;
+    let mut fresh = false;
+    loop {
+        let resume = if fresh {
+            None
+        } else {
+            replica
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .position()
+                .cloned()
+        };
+        fresh = false;
+        let outcome: Result<(), ClientError> = async {
+            let mut client = connect(&url).await?;
+            let status = |status| ClientError::Status {
+                url: url.clone(),
+                status,
+            };
+            let request = pb::SubscribeRequest {
+                resume,
+                ..request.clone()
+            };
+            let mut stream = client
+                .subscribe(request)
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(update) = stream.message().await.map_err(status)? {
+                delay = retry;
+                let applied = replica
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .apply(update);
+                applied.map_err(|error| ClientError::Update {
+                    url: url.clone(),
+                    error,
+                })?;
+            }
+            Err(ClientError::Ended { url: url.clone() })
+        }
+        .await;
+        if let Err(e) = outcome {
+            fresh = matches!(e, ClientError::Update { .. });
+            tracing::warn!(error = %e, retry_in = ?delay, "tracker subscription");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
