@@ -51,7 +51,7 @@ struct TrackerArgs {
     /// Serve plaintext (no mutual TLS): only for tests and demos on one machine.
     #[arg(long)]
     insecure: bool,
-    /// Deltas kept for subscribers that reconnect.
+    /// Changes (objects and statuses) kept for subscribers that reconnect.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
     /// Quiet time after a change to a watched directory before it is read again.

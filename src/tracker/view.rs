@@ -85,20 +85,26 @@ pub struct View {
     objects: BTreeMap<Key, pb::Object>,
     clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
     /// The most recent deltas, oldest first.
-    log: VecDeque<Arc<pb::Update>>,
-    log_limit: usize,
+    log: VecDeque<(usize, Arc<pb::Update>)>,
+    /// Changes (objects upserted or deleted, statuses) held in `log`.
+    logged: usize,
+    /// The most changes `log` holds.
+    history: usize,
 }
 
 impl View {
-    /// An empty view of a new epoch, keeping the last `log_limit` deltas for resumption.
-    pub fn new(epoch: impl Into<String>, log_limit: usize) -> Self {
+    /// An empty view of a new epoch, keeping the deltas of the last `history` changes
+    /// (objects and statuses) for resumption. A delta larger than that is not kept: whoever
+    /// is behind it takes a snapshot, which is no larger.
+    pub fn new(epoch: impl Into<String>, history: usize) -> Self {
         Self {
             epoch: epoch.into(),
             revision: 0,
             objects: BTreeMap::new(),
             clusters: BTreeMap::new(),
             log: VecDeque::new(),
-            log_limit,
+            logged: 0,
+            history,
         }
     }
 
@@ -162,13 +168,26 @@ impl View {
             return None;
         }
         self.revision += 1;
+        let changes = delta.upserts.len()
+            + delta.deletes.len()
+            + delta.clusters.len()
+            + delta.removed_clusters.len();
         let update = Arc::new(pb::Update {
             position: Some(self.position()),
             change: Some(pb::update::Change::Delta(delta)),
         });
-        self.log.push_back(update.clone());
-        while self.log.len() > self.log_limit {
-            self.log.pop_front();
+        if changes > self.history {
+            self.log.clear();
+            self.logged = 0;
+        } else {
+            self.log.push_back((changes, update.clone()));
+            self.logged += changes;
+            while self.logged > self.history {
+                match self.log.pop_front() {
+                    Some((n, _)) => self.logged -= n,
+                    None => break,
+                }
+            }
         }
         Some(update)
     }
@@ -226,7 +245,7 @@ impl View {
             self.log
                 .iter()
                 .skip(self.log.len() - missed)
-                .cloned()
+                .map(|(_, u)| u.clone())
                 .collect(),
         )
     }
@@ -320,6 +339,26 @@ mod tests {
         );
         assert_eq!(v.position().revision, 3);
         assert!(v.is_empty());
+    }
+
+    #[test]
+    fn a_delta_larger_than_the_history_is_not_kept() {
+        let mut v = View::new("e1", 3);
+        v.apply(upserts(
+            (0..10)
+                .map(|i| pod("c1", &format!("p{i}"), "10.0.0.1"))
+                .collect(),
+        ));
+        v.apply(upserts(vec![pod("c1", "x", "10.0.0.2")]));
+        let at = |revision| pb::Position {
+            epoch: "e1".into(),
+            revision,
+        };
+        assert_eq!(v.since(&at(1)).map(|d| d.len()), Some(1));
+        assert!(
+            v.since(&at(0)).is_none(),
+            "behind the large delta: a snapshot"
+        );
     }
 
     #[test]
