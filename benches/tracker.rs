@@ -6,59 +6,41 @@
 //! Run: `cargo bench --bench tracker`.
 
 mod common;
+#[path = "../tests/tracking/mod.rs"]
+mod tracking;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Rng, clusterset, rss_bytes};
+use tracking::serve;
 use weft::tracker::client;
 use weft::tracker::server::{SNAPSHOT_PART_BYTES, Tracker};
 use weft::tracker::view::{Change, View};
-use weft::tracker::wire::{Object, pb};
+use weft::tracker::wire::{Object, cluster_objects, pb};
 
 const ROUNDS: u64 = 50;
 
 fn all_objects(set: &weft::model::ClusterSet) -> Change {
-    let mut change = Change::default();
-    change
-        .upserts
-        .extend(set.namespaces().cloned().map(Object::Namespace));
-    change.upserts.extend(set.pods().cloned().map(Object::Pod));
-    change
-        .upserts
-        .extend(set.policies().cloned().map(Object::NetworkPolicy));
-    change.clusters = set
-        .clusters
-        .keys()
-        .map(|id| pb::ClusterStatus {
-            cluster: id.to_string(),
-            synced: true,
-            connected: true,
-            ..Default::default()
-        })
-        .collect();
-    change
+    Change {
+        upserts: set.clusters.values().flat_map(cluster_objects).collect(),
+        clusters: set
+            .clusters
+            .keys()
+            .map(|id| pb::ClusterStatus {
+                cluster: id.to_string(),
+                synced: true,
+                connected: true,
+                ..Default::default()
+            })
+            .collect(),
+        ..Change::default()
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).copied().unwrap_or_default()
-}
-
-async fn serve(tracker: &Tracker) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = tracker.service();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("serve");
-    });
-    format!("http://{addr}")
 }
 
 fn request(resume: Option<pb::Position>) -> pb::SubscribeRequest {

@@ -208,14 +208,10 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, %epoch, "tracker serving");
-        tonic::transport::Server::builder()
-            .add_service(tracker.service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = tokio::signal::ctrl_c().await;
-                },
-            )
+        tracker
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
             .await
             .context("serving")?;
         Ok(ExitCode::SUCCESS)

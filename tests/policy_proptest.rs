@@ -696,14 +696,8 @@ fn apply_update(f: &mut Fixture, b: &mut Builder, u: &Update) {
 /// Every object survives the tracker's wire unchanged: what a node receives is what the
 /// tracker holds.
 fn wire_round_trip(set: &weft::model::ClusterSet) -> Result<(), TestCaseError> {
-    use weft::tracker::wire::{Object, pb};
-    let objects = set
-        .namespaces()
-        .cloned()
-        .map(Object::Namespace)
-        .chain(set.pods().cloned().map(Object::Pod))
-        .chain(set.nodes().cloned().map(Object::Node))
-        .chain(set.policies().cloned().map(Object::NetworkPolicy));
+    use weft::tracker::wire::{Object, cluster_objects, pb};
+    let objects = set.clusters.values().flat_map(cluster_objects);
     for o in objects {
         let back = Object::try_from(pb::Object::from(&o));
         prop_assert_eq!(back.as_ref(), Ok(&o), "{:?}", o.key());

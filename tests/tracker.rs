@@ -1,7 +1,6 @@
 //! The tracker's gRPC stream end to end on loopback: snapshot, deltas, resumption, a slow
 //! subscriber, refusals, and `weft policy check --tracker` answering as the offline check.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,23 +12,11 @@ use weft::tracker::source::{ClustersetSource, watch};
 use weft::tracker::view::{Change, View};
 use weft::tracker::wire::{Object, pb};
 
-const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-cluster");
+mod tracking;
 
-async fn serve(tracker: &Tracker) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = tracker.service();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("serve");
-    });
-    addr
-}
+use tracking::{serve, status, until};
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-cluster");
 
 fn example_tracker(part_bytes: usize) -> Tracker {
     let mut source = ClustersetSource::new(Path::new(EXAMPLE).join("3-allow-from-cluster-1"));
@@ -68,14 +55,10 @@ fn part(u: &pb::Update) -> Option<&pb::SnapshotPart> {
 #[tokio::test]
 async fn a_synced_replica_answers_as_the_offline_check() {
     let tracker = example_tracker(200);
-    let addr = serve(&tracker).await;
-    let replica = client::sync(
-        &format!("http://{addr}"),
-        all_clusters(),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("synced");
+    let url = serve(&tracker).await;
+    let replica = client::sync(&url, all_clusters(), Duration::from_secs(10))
+        .await
+        .expect("synced");
     let loaded = weft::model::load_clusterset(&Path::new(EXAMPLE).join("3-allow-from-cluster-1"))
         .expect("example loads");
     let offline = weft::policy::Engine::from_clusterset(&loaded.clusterset);
@@ -97,10 +80,8 @@ async fn a_synced_replica_answers_as_the_offline_check() {
 #[tokio::test]
 async fn deltas_follow_and_a_reconnect_resumes_or_takes_a_snapshot() {
     let tracker = example_tracker(1 << 20);
-    let addr = serve(&tracker).await;
-    let mut c = client::connect(&format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let url = serve(&tracker).await;
+    let mut c = client::connect(&url).await.expect("connect");
     let mut stream = c
         .subscribe(all_clusters())
         .await
@@ -156,10 +137,8 @@ async fn deltas_follow_and_a_reconnect_resumes_or_takes_a_snapshot() {
 #[tokio::test]
 async fn a_slow_subscriber_gets_a_fresh_snapshot_not_an_unbounded_buffer() {
     let tracker = example_tracker(1 << 20);
-    let addr = serve(&tracker).await;
-    let mut c = client::connect(&format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let url = serve(&tracker).await;
+    let mut c = client::connect(&url).await.expect("connect");
     let mut stream = c
         .subscribe(all_clusters())
         .await
@@ -195,8 +174,7 @@ async fn a_slow_subscriber_gets_a_fresh_snapshot_not_an_unbounded_buffer() {
 #[tokio::test]
 async fn refusals_and_an_unsynced_cluster_never_read_as_a_view() {
     let tracker = example_tracker(1 << 20);
-    let addr = serve(&tracker).await;
-    let url = format!("http://{addr}");
+    let url = serve(&tracker).await;
     let mut c = client::connect(&url).await.expect("connect");
     let bad = pb::SubscribeRequest {
         cluster: "Not A Cluster".into(),
@@ -261,25 +239,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// Reads updates into `replica` until `done` holds of it, for at most 10 s.
-async fn until(
-    stream: &mut tonic::Streaming<pb::Update>,
-    replica: &mut Replica,
-    what: &str,
-    done: impl Fn(&Replica) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !done(replica) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let update = tokio::time::timeout(left, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .expect("stream ok")
-            .expect("an update");
-        replica.apply(update).expect("applies");
-    }
-}
-
 fn verdict(replica: &Replica, from: &str, to: &str) -> weft::policy::Verdict {
     let e = replica.engine();
     let pod = |name: &str| {
@@ -299,10 +258,6 @@ fn verdict(replica: &Replica, from: &str, to: &str) -> weft::policy::Verdict {
     e.decide(&conn).verdict()
 }
 
-fn status<'a>(replica: &'a Replica, cluster: &str) -> Option<&'a pb::ClusterStatus> {
-    replica.clusters().find(|s| s.cluster == cluster)
-}
-
 #[tokio::test]
 async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_state() {
     use weft::policy::Verdict::{Allow, Deny};
@@ -313,10 +268,8 @@ async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_
     let tracker = Tracker::new(View::new("epoch-w", 1000), 1 << 20);
     tracker.apply(source.rescan().expect("loads"));
     tokio::spawn(watch(source, tracker.clone(), Duration::from_millis(50)));
-    let addr = serve(&tracker).await;
-    let mut c = client::connect(&format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let url = serve(&tracker).await;
+    let mut c = client::connect(&url).await.expect("connect");
     let mut stream = c
         .subscribe(all_clusters())
         .await

@@ -3,11 +3,13 @@
 //! relist after 410 Gone, faults, and kubeconfig files added and removed at run time.
 
 mod apiserver;
+mod tracking;
 
 use std::time::Duration;
 
 use apiserver::{ApiServer, Fault, Kind};
 use serde_json::json;
+use tracking::{serve, status, until};
 use weft::tracker::client;
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
@@ -50,47 +52,8 @@ fn pod(name: &str, ip: &str) -> serde_json::Value {
            "status": {"phase": "Running", "podIP": ip}})
 }
 
-async fn serve(tracker: &Tracker) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let service = tracker.service();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("serve");
-    });
-    format!("http://{addr}")
-}
-
-/// Reads updates into `replica` until `done` holds of it, for at most 20 s.
-async fn until(
-    stream: &mut tonic::Streaming<pb::Update>,
-    replica: &mut Replica,
-    what: &str,
-    done: impl Fn(&Replica) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !done(replica) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let update = tokio::time::timeout(left, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-            .expect("stream ok")
-            .expect("an update");
-        replica.apply(update).expect("applies");
-    }
-}
-
 fn has_pod(r: &Replica, cluster: &str, name: &str) -> bool {
     r.engine().pod_by_name(cluster, "demo", name).is_some()
-}
-
-fn status<'a>(r: &'a Replica, cluster: &str) -> Option<&'a pb::ClusterStatus> {
-    r.clusters().find(|s| s.cluster == cluster)
 }
 
 #[tokio::test]

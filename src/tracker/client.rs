@@ -89,6 +89,36 @@ pub async fn connect(url: &str) -> Result<pb::tracker_client::TrackerClient<Chan
         .max_decoding_message_size(4 * SNAPSHOT_PART_BYTES))
 }
 
+/// Subscribes to the tracker at `url`: the stream of its updates.
+pub async fn subscribe(
+    url: &str,
+    request: pb::SubscribeRequest,
+) -> Result<tonic::Streaming<pb::Update>, ClientError> {
+    let mut client = connect(url).await?;
+    let response = client
+        .subscribe(request)
+        .await
+        .map_err(|status| ClientError::Status {
+            url: url.to_owned(),
+            status,
+        })?;
+    Ok(response.into_inner())
+}
+
+/// The next update of a subscription; `Ok(None)` when the tracker ended it.
+async fn next(
+    url: &str,
+    stream: &mut tonic::Streaming<pb::Update>,
+) -> Result<Option<pb::Update>, ClientError> {
+    stream
+        .message()
+        .await
+        .map_err(|status| ClientError::Status {
+            url: url.to_owned(),
+            status,
+        })
+}
+
 /// Subscribes to the tracker at `url` and returns a replica once it is ready (a complete
 /// snapshot and every cluster synced): a half-synced view never answers. Fails after
 /// `timeout`, naming the clusters not synced.
@@ -99,17 +129,8 @@ pub async fn sync(
 ) -> Result<Replica, ClientError> {
     let mut replica = Replica::new();
     let work = async {
-        let mut client = connect(url).await?;
-        let status = |status| ClientError::Status {
-            url: url.to_owned(),
-            status,
-        };
-        let mut stream = client
-            .subscribe(request)
-            .await
-            .map_err(status)?
-            .into_inner();
-        while let Some(update) = stream.message().await.map_err(status)? {
+        let mut stream = subscribe(url, request).await?;
+        while let Some(update) = next(url, &mut stream).await? {
             replica.apply(update).map_err(|error| ClientError::Update {
                 url: url.to_owned(),
                 error,
@@ -160,21 +181,12 @@ pub async fn follow(
         };
         fresh = false;
         let outcome: Result<(), ClientError> = async {
-            let mut client = connect(&url).await?;
-            let status = |status| ClientError::Status {
-                url: url.clone(),
-                status,
-            };
             let request = pb::SubscribeRequest {
                 resume,
                 ..request.clone()
             };
-            let mut stream = client
-                .subscribe(request)
-                .await
-                .map_err(status)?
-                .into_inner();
-            while let Some(update) = stream.message().await.map_err(status)? {
+            let mut stream = subscribe(&url, request).await?;
+            while let Some(update) = next(&url, &mut stream).await? {
                 delay = retry;
                 let applied = replica
                     .write()

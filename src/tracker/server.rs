@@ -86,6 +86,21 @@ impl Tracker {
         (receiver, initial, revision)
     }
 
+    /// Serves the gRPC service on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown,
+            )
+            .await
+    }
+
     /// The gRPC service.
     pub fn service(&self) -> pb::tracker_server::TrackerServer<Self> {
         pb::tracker_server::TrackerServer::new(self.clone())

@@ -12,34 +12,8 @@ use std::time::Duration;
 
 use super::server::Tracker;
 use super::view::Change;
-use super::wire::{Key, Object, pb};
+use super::wire::{Key, cluster_objects, pb};
 use crate::model::{Cluster, ClusterId, loader};
-
-/// Every object of a cluster.
-fn objects(cluster: &Cluster) -> impl Iterator<Item = Object> + '_ {
-    cluster
-        .namespaces
-        .values()
-        .cloned()
-        .map(Object::Namespace)
-        .chain(cluster.nodes.values().cloned().map(Object::Node))
-        .chain(cluster.pods.values().cloned().map(Object::Pod))
-        .chain(cluster.services.values().cloned().map(Object::Service))
-        .chain(
-            cluster
-                .endpoint_slices
-                .values()
-                .cloned()
-                .map(Object::EndpointSlice),
-        )
-        .chain(
-            cluster
-                .policies
-                .values()
-                .cloned()
-                .map(Object::NetworkPolicy),
-        )
-}
 
 /// The status of a cluster that loaded.
 fn loaded_status(cluster: &Cluster) -> pb::ClusterStatus {
@@ -104,12 +78,12 @@ impl ClustersetSource {
                 for w in warnings {
                     tracing::warn!(cluster = %id, warning = %w, "clusterset");
                 }
-                let keys: BTreeSet<Key> = objects(&cluster).map(|o| o.key()).collect();
+                let keys: BTreeSet<Key> = cluster_objects(&cluster).map(|o| o.key()).collect();
                 if let Some((old, _)) = self.last.get(&id) {
                     change.deletes.extend(old.difference(&keys).cloned());
                 }
                 // Unchanged objects are recognised by the view and cost nothing downstream.
-                change.upserts.extend(objects(&cluster));
+                change.upserts.extend(cluster_objects(&cluster));
                 let status = loaded_status(&cluster);
                 change.clusters.push(status.clone());
                 self.last.insert(id, (keys, status));

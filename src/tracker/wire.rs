@@ -98,6 +98,33 @@ impl Object {
     }
 }
 
+/// Every object of a cluster, in the order a fresh engine takes them (namespaces first,
+/// policies last).
+pub fn cluster_objects(cluster: &model::Cluster) -> impl Iterator<Item = Object> + '_ {
+    cluster
+        .namespaces
+        .values()
+        .cloned()
+        .map(Object::Namespace)
+        .chain(cluster.nodes.values().cloned().map(Object::Node))
+        .chain(cluster.pods.values().cloned().map(Object::Pod))
+        .chain(cluster.services.values().cloned().map(Object::Service))
+        .chain(
+            cluster
+                .endpoint_slices
+                .values()
+                .cloned()
+                .map(Object::EndpointSlice),
+        )
+        .chain(
+            cluster
+                .policies
+                .values()
+                .cloned()
+                .map(Object::NetworkPolicy),
+        )
+}
+
 /// An object or key from the wire that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -794,16 +821,10 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("examples/two-cluster/3-allow-from-cluster-1");
         let loaded = crate::model::load_clusterset(&dir).expect("example loads");
-        let set = &loaded.clusterset;
-        let objects = set
-            .namespaces()
-            .cloned()
-            .map(Object::Namespace)
-            .chain(set.pods().cloned().map(Object::Pod))
-            .chain(set.nodes().cloned().map(Object::Node))
-            .chain(set.policies().cloned().map(Object::NetworkPolicy));
-        for o in objects {
-            round_trip(o);
+        for cluster in loaded.clusterset.clusters.values() {
+            for o in cluster_objects(cluster) {
+                round_trip(o);
+            }
         }
     }
 

@@ -1,0 +1,49 @@
+//! Helpers for the tracker's integration tests: a tracker served on loopback, and a replica
+//! fed from a stream until a condition holds.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use weft::tracker::replica::Replica;
+use weft::tracker::server::Tracker;
+use weft::tracker::wire::pb;
+
+/// Serves `tracker` on an ephemeral loopback port; returns its URL.
+pub async fn serve(tracker: &Tracker) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let tracker = tracker.clone();
+    tokio::spawn(async move {
+        tracker
+            .serve(listener, std::future::pending())
+            .await
+            .expect("serve");
+    });
+    format!("http://{addr}")
+}
+
+/// Reads updates into `replica` until `done` holds of it, for at most 20 s.
+pub async fn until(
+    stream: &mut tonic::Streaming<pb::Update>,
+    replica: &mut Replica,
+    what: &str,
+    done: impl Fn(&Replica) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done(replica) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let update = tokio::time::timeout(left, stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("stream ok")
+            .expect("an update");
+        replica.apply(update).expect("applies");
+    }
+}
+
+/// The status of `cluster` in `replica`.
+pub fn status<'a>(replica: &'a Replica, cluster: &str) -> Option<&'a pb::ClusterStatus> {
+    replica.clusters().find(|s| s.cluster == cluster)
+}
