@@ -183,23 +183,8 @@ fn rule(
 }
 
 fn port_rule(at: &str, p: &net::NetworkPolicyPort) -> Result<PortRule, FieldError> {
-    let protocol = match p.protocol.as_deref() {
-        None => Protocol::Tcp,
-        Some(s) => Protocol::from_api(s).ok_or_else(|| {
-            FieldError::new(
-                format!("{at}.protocol"),
-                format!("unsupported protocol {s:?}: must be TCP, UDP or SCTP"),
-            )
-        })?,
-    };
-    let port_number = |n: i32, field: &str| {
-        u16::try_from(n).ok().filter(|&n| n != 0).ok_or_else(|| {
-            FieldError::new(
-                format!("{at}.{field}"),
-                format!("{n} is not a port between 1 and 65535"),
-            )
-        })
-    };
+    let protocol = objects::protocol_field(at, p.protocol.as_deref())?;
+    let port_number = |n: i32, field: &str| objects::port_field(&format!("{at}.{field}"), n);
     let port = match &p.port {
         None => {
             if p.end_port.is_some() {

@@ -247,24 +247,9 @@ impl Pod {
         for (at, c) in sidecars.chain(containers) {
             for (j, p) in c.ports.iter().flatten().enumerate() {
                 let at = format!("{at}.ports[{j}]");
-                let port = u16::try_from(p.container_port)
-                    .ok()
-                    .filter(|&n| n != 0)
-                    .ok_or_else(|| {
-                        err(FieldError::new(
-                            format!("{at}.containerPort"),
-                            format!("{} is not a port between 1 and 65535", p.container_port),
-                        ))
-                    })?;
-                let protocol = match p.protocol.as_deref() {
-                    None => Protocol::Tcp,
-                    Some(s) => Protocol::from_api(s).ok_or_else(|| {
-                        err(FieldError::new(
-                            format!("{at}.protocol"),
-                            format!("unsupported protocol {s:?}: must be TCP, UDP or SCTP"),
-                        ))
-                    })?,
-                };
+                let port =
+                    port_field(&format!("{at}.containerPort"), p.container_port).map_err(err)?;
+                let protocol = protocol_field(&at, p.protocol.as_deref()).map_err(err)?;
                 ports.push(ContainerPort {
                     name: p.name.clone().filter(|n| !n.is_empty()),
                     port,
@@ -339,6 +324,27 @@ impl Node {
             addresses,
         })
     }
+}
+
+/// The protocol field of the entry at `at` (TCP when unset).
+pub(crate) fn protocol_field(at: &str, p: Option<&str>) -> Result<Protocol, FieldError> {
+    match p {
+        None => Ok(Protocol::Tcp),
+        Some(s) => Protocol::from_api(s).ok_or_else(|| {
+            FieldError::new(
+                format!("{at}.protocol"),
+                format!("unsupported protocol {s:?}: must be TCP, UDP or SCTP"),
+            )
+        }),
+    }
+}
+
+/// A port number field at `at`: 1 to 65535.
+pub(crate) fn port_field(at: &str, n: i32) -> Result<u16, FieldError> {
+    u16::try_from(n)
+        .ok()
+        .filter(|&n| n != 0)
+        .ok_or_else(|| FieldError::new(at, format!("{n} is not a port between 1 and 65535")))
 }
 
 /// Parses an address, normalising IPv4-mapped IPv6 to IPv4.

@@ -7,7 +7,7 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::labels::{self, Labels};
-use super::objects::{self, Protocol};
+use super::objects::{self, Protocol, port_field, protocol_field};
 use super::{ClusterId, FieldError, ObjectError};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -54,25 +54,6 @@ pub struct Service {
     pub selector: Option<Labels>,
 }
 
-fn protocol(at: &str, p: Option<&str>) -> Result<Protocol, FieldError> {
-    match p {
-        None => Ok(Protocol::Tcp),
-        Some(s) => Protocol::from_api(s).ok_or_else(|| {
-            FieldError::new(
-                format!("{at}.protocol"),
-                format!("unsupported protocol {s:?}: must be TCP, UDP or SCTP"),
-            )
-        }),
-    }
-}
-
-fn port_number(at: &str, n: i32) -> Result<u16, FieldError> {
-    u16::try_from(n)
-        .ok()
-        .filter(|&n| n != 0)
-        .ok_or_else(|| FieldError::new(at, format!("{n} is not a port between 1 and 65535")))
-}
-
 impl Service {
     /// Converts the API object.
     pub fn from_api(cluster: &ClusterId, svc: &core::Service) -> Result<Self, ObjectError> {
@@ -108,18 +89,18 @@ impl Service {
         let mut ports = Vec::new();
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let at = format!("spec.ports[{i}]");
-            let port = port_number(&format!("{at}.port"), p.port).map_err(err)?;
+            let port = port_field(&format!("{at}.port"), p.port).map_err(err)?;
             let target_port = match &p.target_port {
                 None => TargetPort::Number(port),
                 Some(IntOrString::Int(n)) => {
-                    TargetPort::Number(port_number(&format!("{at}.targetPort"), *n).map_err(err)?)
+                    TargetPort::Number(port_field(&format!("{at}.targetPort"), *n).map_err(err)?)
                 }
                 Some(IntOrString::String(s)) => TargetPort::Name(s.clone()),
             };
             ports.push(ServicePort {
                 name: p.name.clone().filter(|n| !n.is_empty()),
                 port,
-                protocol: protocol(&at, p.protocol.as_deref()).map_err(err)?,
+                protocol: protocol_field(&at, p.protocol.as_deref()).map_err(err)?,
                 target_port,
             });
         }
@@ -248,8 +229,8 @@ impl EndpointSlice {
             };
             ports.push(SlicePort {
                 name: p.name.clone().filter(|n| !n.is_empty()),
-                port: port_number(&format!("{at}.port"), n).map_err(err)?,
-                protocol: protocol(&at, p.protocol.as_deref()).map_err(err)?,
+                port: port_field(&format!("{at}.port"), n).map_err(err)?,
+                protocol: protocol_field(&at, p.protocol.as_deref()).map_err(err)?,
             });
         }
         Ok(Self {
