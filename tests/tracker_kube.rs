@@ -116,6 +116,32 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
         "an invalid context name is refused"
     );
 
+    // A policy the API server took but weft cannot read stands in as deny-all.
+    a.apply(Kind::Pod, pod("peer", "10.1.0.9"));
+    a.apply(
+        Kind::NetworkPolicy,
+        json!({"metadata": {"name": "odd", "namespace": "demo"}, "spec": {"podSelector": {},
+               "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/8"]}}]}]}}),
+    );
+    until(&mut stream, &mut r, "the stand-in", |r| {
+        status(r, "cluster-a").is_some_and(|s| s.error.contains("strictly inside"))
+            && r.engine().counts().2 == 2
+    })
+    .await;
+    let e = r.engine();
+    let at = |ip: &str| e.address_endpoint(ip.parse().expect("ip"));
+    let conn = weft::policy::Connection {
+        src: at("10.1.0.9"),
+        dst: at("10.1.0.1"),
+        port: 80,
+        protocol: weft::model::Protocol::Tcp,
+    };
+    let explained = e.explain(&conn, &e.decide(&conn));
+    assert_eq!(explained.ingress.policies, ["cluster-a/demo/odd"]);
+    assert_eq!(explained.verdict, weft::policy::Verdict::Deny);
+    a.delete(Kind::NetworkPolicy, "demo", "odd");
+    a.delete(Kind::Pod, "demo", "peer");
+
     // Events.
     a.delete(Kind::Pod, "demo", "web-a");
     a.apply(Kind::Pod, pod("web-a2", "10.1.0.2"));

@@ -26,7 +26,8 @@ use super::super::server::Tracker;
 use super::super::view::Change;
 use super::super::wire::{Key, Object, pb};
 use crate::model::{
-    ClusterId, EndpointSlice, Namespace, NetworkPolicy, Node, ObjectError, Pod, Service,
+    ClusterId, EndpointSlice, LabelSelector, Namespace, NetworkPolicy, Node, ObjectError, Pod,
+    Service,
 };
 
 /// The kinds watched per cluster; it is synced when all have listed.
@@ -115,7 +116,8 @@ async fn watch_kind<K>(
             // status carries it too.
             tracing::error!(cluster = %id, error = %e, "object refused");
             ClusterState::update(&state, &tracker, |s| s.status.error = e.to_string());
-            None
+            // Skipping a policy would widen access: it stands in as deny-all for its namespace.
+            (kind == pb::Kind::NetworkPolicy).then(|| deny_all(&id, o.meta()))
         }
     };
     while let Some(event) = stream.next().await {
@@ -168,6 +170,19 @@ async fn watch_kind<K>(
             });
         }
     }
+}
+
+/// A policy that selects every pod of its namespace and allows nothing, in both directions.
+fn deny_all(id: &ClusterId, meta: &ObjectMeta) -> Object {
+    Object::NetworkPolicy(NetworkPolicy {
+        cluster: id.clone(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        pod_selector: LabelSelector::default(),
+        ingress: Some(Vec::new()),
+        egress: Some(Vec::new()),
+    })
 }
 
 fn namespace(id: &ClusterId, o: &core::Namespace) -> Result<Object, ObjectError> {
