@@ -54,6 +54,10 @@ struct TrackerArgs {
     /// Changes (objects and statuses) kept for subscribers that reconnect.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
+    /// How long a cluster whose API server is unreachable keeps its last state (fail
+    /// static); past it, its pods stop matching selectors.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    max_staleness: u64,
     /// Quiet time after a change to a watched directory before it is read again.
     #[arg(long, value_name = "MS", default_value_t = 200)]
     debounce_ms: u64,
@@ -160,6 +164,7 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
         server::SNAPSHOT_PART_BYTES,
     );
     let debounce = Duration::from_millis(args.debounce_ms);
+    let max_staleness = Duration::from_secs(args.max_staleness);
     let names: BTreeMap<String, ClusterId> = args.cluster_name.into_iter().collect();
     let mut clusterset = None;
     if let Some(dir) = &args.clusters {
@@ -198,7 +203,7 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
         if let Some(dir) = args.kubeconfig_dir {
             let watched = tracker.clone();
             tokio::spawn(async move {
-                if let Err(e) = source::kubernetes::watch_kubeconfigs(dir, names, watched, debounce).await {
+                if let Err(e) = source::kubernetes::watch_kubeconfigs(dir, names, watched, debounce, max_staleness).await {
                     tracing::error!(error = %e, "kubeconfig watch failed: clusters no longer follow the directory");
                 }
             });

@@ -2088,3 +2088,62 @@ fn pod_labels_that_mimic_namespace_or_cluster_labels_are_never_namespace_labels(
     r.expect_all_ingress("c1/x/*", false);
     f.validate(&r, 80, Tcp);
 }
+
+#[test]
+fn an_expired_clusters_pods_match_no_selector_but_denies_stay() {
+    let mut f = xyz2();
+    f.apply(
+        "c1",
+        policy(
+            "x",
+            "from-y-anywhere",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        ),
+    );
+    f.apply(
+        "c2",
+        policy(
+            "z",
+            "deny-all",
+            json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        ),
+    );
+    let mut engine = Engine::from_clusterset(&f.set);
+    let decide = |engine: &Engine, from: &str, to: &str| {
+        let end = |name: &str| {
+            let parts: Vec<&str> = name.split('/').collect();
+            let pod = engine
+                .pod_by_name(parts[0], parts[1], parts[2])
+                .expect("pod");
+            engine.pod_endpoint(pod, false).expect("endpoint")
+        };
+        let c = weft::policy::Connection {
+            src: end(from),
+            dst: end(to),
+            port: 80,
+            protocol: Tcp,
+        };
+        engine.explain(&c, &engine.decide(&c))
+    };
+    let c2 = weft::model::ClusterId::new("c2").expect("id");
+    assert_eq!(decide(&engine, "c2/y/b", "c1/x/a").verdict, Allow);
+    engine.set_cluster_expired(&c2, true);
+    // An allow that depends on c2's data fails closed, and says why.
+    let e = decide(&engine, "c2/y/b", "c1/x/a");
+    assert_eq!(e.verdict, Deny);
+    assert!(
+        e.ingress
+            .notes
+            .iter()
+            .any(|n| n.contains("older than the maximum staleness")),
+        "{:?}",
+        e.ingress.notes
+    );
+    // c1's own pods still match.
+    assert_eq!(decide(&engine, "c1/y/b", "c1/x/a").verdict, Allow);
+    // c2's own policies still isolate its pods: denies stay.
+    assert_eq!(decide(&engine, "c1/x/b", "c2/z/a").verdict, Deny);
+    engine.set_cluster_expired(&c2, false);
+    assert_eq!(decide(&engine, "c2/y/b", "c1/x/a").verdict, Allow);
+}

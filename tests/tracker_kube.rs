@@ -85,6 +85,7 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
         Default::default(),
         tracker.clone(),
         Duration::from_millis(50),
+        Duration::from_millis(300),
     ));
     let url = serve(&tracker).await;
     let mut c = client::connect(&url).await.expect("connect");
@@ -160,18 +161,70 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
     })
     .await;
 
-    // A failing API server: its last state stays, its status says so.
+    // A server of cluster-a that admits cluster-b's team: an allow that depends on b's data.
+    a.apply(
+        Kind::Pod,
+        json!({"metadata": {"name": "srv", "namespace": "demo", "labels": {"app": "srv"}},
+               "status": {"phase": "Running", "podIP": "10.1.0.5"}}),
+    );
+    a.apply(
+        Kind::NetworkPolicy,
+        json!({"metadata": {"name": "from-b", "namespace": "demo"}, "spec": {
+               "podSelector": {"matchLabels": {"app": "srv"}},
+               "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}]}]}}),
+    );
+    let b_to_srv = |r: &Replica| {
+        let e = r.engine();
+        let at = |ip: &str| e.address_endpoint(ip.parse().expect("ip"));
+        let conn = weft::policy::Connection {
+            src: at("10.2.0.1"),
+            dst: at("10.1.0.5"),
+            port: 80,
+            protocol: weft::model::Protocol::Tcp,
+        };
+        e.explain(&conn, &e.decide(&conn))
+    };
+    until(&mut stream, &mut r, "the allow from b", |r| {
+        b_to_srv(r).ingress.why == weft::policy::Why::Allowed
+    })
+    .await;
+
+    // A failing API server: its last state stays (fail static), its status says so; past the
+    // maximum staleness its pods stop matching selectors, so the allow fails closed.
     b.set_fault(Fault::InternalError);
     b.close_watches();
     until(&mut stream, &mut r, "b's error", |r| {
-        status(r, "cluster-b").is_some_and(|s| !s.error.is_empty())
+        status(r, "cluster-b").is_some_and(|s| !s.error.is_empty() && !s.connected)
     })
     .await;
     assert!(
         has_pod(&r, "cluster-b", "web-b"),
         "fail static: the last state is kept"
     );
+    until(&mut stream, &mut r, "b expiring", |r| {
+        status(r, "cluster-b").is_some_and(|s| s.expired && s.stale_for_ms >= 300)
+    })
+    .await;
+    let e = b_to_srv(&r);
+    assert_eq!(e.verdict, weft::policy::Verdict::Deny);
+    assert!(
+        e.ingress.notes[0].contains("older than the maximum staleness"),
+        "{:?}",
+        e.ingress.notes
+    );
     b.set_fault(Fault::None);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    eprintln!("DEBUG requests after: {:?}", b.requests().len());
+    until(&mut stream, &mut r, "b back", |r| {
+        eprintln!(
+            "DEBUG {:?} {:?}",
+            b_to_srv(r).ingress,
+            status(r, "cluster-b").map(|s| (s.connected, s.expired, s.stale_for_ms, s.synced))
+        );
+        b_to_srv(r).ingress.why == weft::policy::Why::Allowed
+    })
+    .await;
+    assert!(status(&r, "cluster-b").is_some_and(|s| !s.expired && s.stale_for_ms == 0));
 
     // The kubeconfig file goes away: its clusters leave the view.
     std::fs::remove_file(dir.join("both.yaml")).expect("rm");

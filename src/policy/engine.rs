@@ -204,6 +204,11 @@ pub struct Engine {
     ns_selector_index: HashMap<LabelSelector, u32>,
     /// Addresses owned by live pods; more than one owner makes an address ambiguous.
     ips: HashMap<IpAddr, SmallVec<[PodIdx; 1]>>,
+    /// Clusters whose data is older than the maximum staleness, by index: their pods match no
+    /// selector.
+    expired: Vec<bool>,
+    /// Whether any cluster is expired: decisions check no further when none is.
+    any_expired: bool,
     /// InternalIP addresses of nodes, by (cluster, node name).
     nodes: HashMap<(ClusterIdx, Box<str>), SmallVec<[IpAddr; 2]>>,
 }
@@ -776,7 +781,9 @@ impl Engine {
                 .and_then(|d| self.port_lists.get(d.named_ports))
                 .map(|p| p.as_slice()),
             peer_ip: peer.ip(),
-            peer_pod: peer_pod.and_then(|p| Some((p.ns, self.label_sets.get(p.labels)?))),
+            peer_pod: peer_pod
+                .filter(|p| !self.expired_ns(p.ns))
+                .and_then(|p| Some((p.ns, self.label_sets.get(p.labels)?))),
         };
         let side = usize::from(!ingress);
         for &pi in selecting {
@@ -807,6 +814,28 @@ impl Engine {
         } else {
             Direction::Allowed(allowed)
         }
+    }
+
+    /// Marks a cluster's data as older than the maximum staleness (or fresh again): while
+    /// expired, its pods match no selector, so allows that depend on them fail closed, while
+    /// denies stay (its addresses still match ipBlocks).
+    pub fn set_cluster_expired(&mut self, cluster: &ClusterId, expired: bool) {
+        let c = self.cluster_idx(cluster) as usize;
+        if self.expired.len() <= c {
+            self.expired.resize(c + 1, false);
+        }
+        self.expired[c] = expired;
+        self.any_expired = self.expired.iter().any(|&e| e);
+    }
+
+    /// Whether the cluster of namespace `ns` is expired.
+    #[inline]
+    fn expired_ns(&self, ns: NsIdx) -> bool {
+        self.any_expired
+            && self
+                .namespaces
+                .get(ns)
+                .is_some_and(|n| self.expired.get(n.cluster as usize) == Some(&true))
     }
 
     /// `cluster/namespace/name` of a policy.
@@ -891,6 +920,16 @@ impl Engine {
             }
             Direction::Denied(ps) => {
                 policies = ps.iter().map(|&p| self.policy_name(p)).collect();
+                if let Endpoint::Pod { pod, .. } = peer
+                    && let Some(p) = self.pods.get(pod.0)
+                    && self.expired_ns(p.ns)
+                {
+                    notes.push(format!(
+                        "{} is of cluster {}, whose data is older than the maximum staleness: it matches no selector",
+                        self.pod_name(pod),
+                        self.clusters[p.about.cluster as usize]
+                    ));
+                }
                 Why::Denied
             }
             Direction::Allowed(rs) => {

@@ -190,9 +190,13 @@ impl Replica {
         for o in ordered {
             upsert(&mut engine, o);
         }
+        let clusters = validated_statuses(done.clusters)?;
+        for (id, status) in &clusters {
+            engine.set_cluster_expired(id, status.expired);
+        }
         self.engine = engine;
         self.objects = done.objects.into_iter().map(|o| (o.key(), o)).collect();
-        self.clusters = validated_statuses(done.clusters)?.into_iter().collect();
+        self.clusters = clusters.into_iter().collect();
         self.position = Some(done.position);
         Ok(())
     }
@@ -245,6 +249,9 @@ impl Replica {
         for k in deletes {
             remove(&mut self.engine, &k);
             self.objects.remove(&k);
+        }
+        for (id, status) in &statuses {
+            self.engine.set_cluster_expired(id, status.expired);
         }
         self.clusters.extend(statuses);
         self.position = Some(position);

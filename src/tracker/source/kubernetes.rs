@@ -38,6 +38,10 @@ const KINDS: usize = 6;
 struct ClusterState {
     status: pb::ClusterStatus,
     listed: BTreeSet<pb::Kind>,
+    /// Since when the API server has not been reachable.
+    disconnected_since: Option<tokio::time::Instant>,
+    /// How long its last state is served before its pods stop matching selectors.
+    max_staleness: Duration,
 }
 
 impl ClusterState {
@@ -47,6 +51,17 @@ impl ClusterState {
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             f(&mut s);
             s.status.synced = s.listed.len() == KINDS;
+            // Fail static while disconnected, for at most the maximum staleness.
+            let now = tokio::time::Instant::now();
+            let since = if s.status.connected {
+                s.disconnected_since = None;
+                now
+            } else {
+                *s.disconnected_since.get_or_insert(now)
+            };
+            let stale = now.duration_since(since);
+            s.status.stale_for_ms = u64::try_from(stale.as_millis()).unwrap_or(u64::MAX);
+            s.status.expired = stale > s.max_staleness;
             s.status.clone()
         };
         tracker.apply(Change {
@@ -202,14 +217,22 @@ fn policy(id: &ClusterId, o: &net::NetworkPolicy) -> Result<Object, ObjectError>
     Ok(Object::NetworkPolicy(p))
 }
 
-/// Watches every kind of one cluster until stopped.
-pub fn watch_cluster(id: ClusterId, client: ::kube::Client, tracker: Tracker) -> JoinHandle<()> {
+/// Watches every kind of one cluster until stopped; while its API server is unreachable its
+/// status counts the staleness, and past `max_staleness` marks it expired.
+pub fn watch_cluster(
+    id: ClusterId,
+    client: ::kube::Client,
+    tracker: Tracker,
+    max_staleness: Duration,
+) -> JoinHandle<()> {
     let state = Arc::new(Mutex::new(ClusterState {
         status: pb::ClusterStatus {
             cluster: id.to_string(),
             ..Default::default()
         },
         listed: BTreeSet::new(),
+        disconnected_since: None,
+        max_staleness,
     }));
     ClusterState::update(&state, &tracker, |_| {});
     tokio::spawn(async move {
@@ -263,6 +286,34 @@ pub fn watch_cluster(id: ClusterId, client: ::kube::Client, tracker: Tracker) ->
                 pb::Kind::NetworkPolicy,
                 policy
             ),
+            async {
+                // While disconnected, staleness grows with no event to say so: count it, and
+                // ask the API server whether it answers again (a resumed watch with no change
+                // to deliver would not tell).
+                let tick =
+                    (max_staleness / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                let probe: Api<core::Namespace> = Api::all(client.clone());
+                loop {
+                    tokio::time::sleep(tick).await;
+                    let disconnected = s
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .disconnected_since
+                        .is_some();
+                    if disconnected {
+                        let answers = probe
+                            .list_metadata(&::kube::api::ListParams::default().limit(1))
+                            .await
+                            .is_ok();
+                        ClusterState::update(s, t, |state| {
+                            if answers {
+                                state.status.connected = true;
+                                state.status.error.clear();
+                            }
+                        });
+                    }
+                }
+            },
         );
     })
 }
@@ -375,6 +426,7 @@ pub async fn watch_kubeconfigs(
     names: BTreeMap<String, ClusterId>,
     tracker: Tracker,
     debounce: Duration,
+    max_staleness: Duration,
 ) -> Result<(), notify::Error> {
     use notify::Watcher as _;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -405,7 +457,7 @@ pub async fn watch_kubeconfigs(
             match client(&found).await {
                 Ok(c) => {
                     tracing::info!(cluster = %id, context = %found.context, file = %found.file.display(), "watching cluster");
-                    let task = watch_cluster(id.clone(), c, tracker.clone());
+                    let task = watch_cluster(id.clone(), c, tracker.clone(), max_staleness);
                     running.insert(id, (found, task));
                 }
                 Err(e) => {
