@@ -170,25 +170,30 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &args.clusters {
         // At start, a clusterset that does not load is an error; later, a bad file is
         // reported and its cluster keeps its last good state.
-        let loaded = loader::load_clusterset(dir)?;
-        log_warnings(&loaded.warnings);
+        let mut source = source::ClustersetSource::new(dir);
+        let initial = source.rescan()?;
+        if let Some(failed) = initial.clusters.iter().find(|s| !s.error.is_empty()) {
+            bail!("{}", failed.error);
+        }
+        if initial.clusters.is_empty() {
+            bail!("{}: no cluster directory in the clusterset", dir.display());
+        }
         if let Some(kubeconfigs) = &args.kubeconfig_dir {
             let claimed = source::kubernetes::cluster_ids(kubeconfigs, &names);
-            if let Some(id) = loaded
-                .clusterset
+            if let Some(id) = initial
                 .clusters
-                .keys()
-                .find(|id| claimed.contains(*id))
+                .iter()
+                .find(|s| ClusterId::new(&s.cluster).is_ok_and(|id| claimed.contains(&id)))
             {
                 bail!(
-                    "cluster {id} is claimed by both {} and {}",
+                    "cluster {} is claimed by both {} and {}",
+                    id.cluster,
                     dir.display(),
                     kubeconfigs.display()
                 );
             }
         }
-        let mut source = source::ClustersetSource::new(dir);
-        tracker.apply(source.rescan()?);
+        tracker.apply(initial);
         clusterset = Some(source);
     }
     runtime()?.block_on(async {

@@ -99,14 +99,12 @@ impl NetworkPolicy {
         np: &net::NetworkPolicy,
         warnings: &mut Vec<String>,
     ) -> Result<Self, ObjectError> {
-        let namespace = objects::object_namespace(&np.metadata);
-        let name = objects::object_name(&np.metadata, "NetworkPolicy", Some(&namespace))?;
+        let (namespace, name, _) = objects::namespaced(&np.metadata, "NetworkPolicy")?;
         let err = |field| ObjectError {
             kind: "NetworkPolicy",
             name: format!("{namespace}/{name}"),
             field,
         };
-        objects::metadata_labels(&np.metadata).map_err(err)?;
         let spec = np.spec.clone().unwrap_or_default();
         let pod_selector = LabelSelector::from_api(
             &spec.pod_selector.clone().unwrap_or_default(),

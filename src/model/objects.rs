@@ -191,14 +191,12 @@ impl Pod {
 
     /// Converts the API object.
     pub fn from_api(cluster: &ClusterId, pod: &core::Pod) -> Result<Self, ObjectError> {
-        let namespace = object_namespace(&pod.metadata);
-        let name = object_name(&pod.metadata, "Pod", Some(&namespace))?;
+        let (namespace, name, labels) = namespaced(&pod.metadata, "Pod")?;
         let err = |field| ObjectError {
             kind: "Pod",
             name: format!("{namespace}/{name}"),
             field,
         };
-        let labels = metadata_labels(&pod.metadata).map_err(err)?;
         let spec = pod.spec.clone().unwrap_or_default();
         let status = pod.status.clone().unwrap_or_default();
         let phase = match &status.phase {
@@ -376,6 +374,21 @@ pub fn object_name(
             field: FieldError::new("metadata.name", "is required"),
         }),
     }
+}
+
+/// The namespace (`default` when unset), name and validated labels of a namespaced object.
+pub(crate) fn namespaced(
+    meta: &ObjectMeta,
+    kind: &'static str,
+) -> Result<(String, String, Labels), ObjectError> {
+    let namespace = object_namespace(meta);
+    let name = object_name(meta, kind, Some(&namespace))?;
+    let labels = metadata_labels(meta).map_err(|field| ObjectError {
+        kind,
+        name: format!("{namespace}/{name}"),
+        field,
+    })?;
+    Ok((namespace, name, labels))
 }
 
 /// The object's labels, validated.

@@ -57,14 +57,12 @@ pub struct Service {
 impl Service {
     /// Converts the API object.
     pub fn from_api(cluster: &ClusterId, svc: &core::Service) -> Result<Self, ObjectError> {
-        let namespace = objects::object_namespace(&svc.metadata);
-        let name = objects::object_name(&svc.metadata, "Service", Some(&namespace))?;
+        let (namespace, name, _) = objects::namespaced(&svc.metadata, "Service")?;
         let err = |field| ObjectError {
             kind: "Service",
             name: format!("{namespace}/{name}"),
             field,
         };
-        objects::metadata_labels(&svc.metadata).map_err(err)?;
         let spec = svc.spec.clone().unwrap_or_default();
         let mut cluster_ips = Vec::new();
         let listed: Vec<(String, &String)> = match &spec.cluster_ips {
@@ -169,14 +167,12 @@ impl EndpointSlice {
         cluster: &ClusterId,
         slice: &discovery::EndpointSlice,
     ) -> Result<Self, ObjectError> {
-        let namespace = objects::object_namespace(&slice.metadata);
-        let name = objects::object_name(&slice.metadata, "EndpointSlice", Some(&namespace))?;
+        let (namespace, name, labels) = objects::namespaced(&slice.metadata, "EndpointSlice")?;
         let err = |field| ObjectError {
             kind: "EndpointSlice",
             name: format!("{namespace}/{name}"),
             field,
         };
-        let labels = objects::metadata_labels(&slice.metadata).map_err(err)?;
         let v6 = match slice.address_type.as_str() {
             "IPv4" => false,
             "IPv6" => true,

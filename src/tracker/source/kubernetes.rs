@@ -102,18 +102,30 @@ fn key_of(kind: pb::Kind, cluster: &ClusterId, meta: &ObjectMeta) -> Key {
     }
 }
 
-/// Watches one kind of one cluster until the task is stopped.
-async fn watch_kind<K>(
+/// What every watcher of one cluster shares.
+#[derive(Clone)]
+struct ClusterWatch {
     id: ClusterId,
     client: ::kube::Client,
     tracker: Tracker,
     state: Arc<Mutex<ClusterState>>,
+}
+
+/// Watches one kind of one cluster until the task is stopped.
+async fn watch_kind<K>(
+    w: ClusterWatch,
     kind: pb::Kind,
     convert: fn(&ClusterId, &K) -> Result<Object, ObjectError>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default,
 {
+    let ClusterWatch {
+        id,
+        client,
+        tracker,
+        state,
+    } = w;
     let api: Api<K> = Api::all(client);
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
@@ -236,56 +248,28 @@ pub fn watch_cluster(
     }));
     ClusterState::update(&state, &tracker, |_| {});
     tokio::spawn(async move {
-        let (c, t, s) = (&id, &tracker, &state);
+        let w = ClusterWatch {
+            id: id.clone(),
+            client: client.clone(),
+            tracker: tracker.clone(),
+            state: state.clone(),
+        };
+        let (s, t) = (&state, &tracker);
         tokio::join!(
-            watch_kind::<core::Namespace>(
-                c.clone(),
-                client.clone(),
-                t.clone(),
-                s.clone(),
-                pb::Kind::Namespace,
-                namespace
-            ),
-            watch_kind::<core::Pod>(
-                c.clone(),
-                client.clone(),
-                t.clone(),
-                s.clone(),
-                pb::Kind::Pod,
-                |id, o| Ok(Object::Pod(Pod::from_api(id, o)?))
-            ),
-            watch_kind::<core::Node>(
-                c.clone(),
-                client.clone(),
-                t.clone(),
-                s.clone(),
-                pb::Kind::Node,
-                |id, o| Ok(Object::Node(Node::from_api(id, o)?))
-            ),
-            watch_kind::<core::Service>(
-                c.clone(),
-                client.clone(),
-                t.clone(),
-                s.clone(),
-                pb::Kind::Service,
-                |id, o| Ok(Object::Service(Service::from_api(id, o)?))
-            ),
-            watch_kind::<discovery::EndpointSlice>(
-                c.clone(),
-                client.clone(),
-                t.clone(),
-                s.clone(),
-                pb::Kind::EndpointSlice,
-                |id, o| Ok(Object::EndpointSlice(EndpointSlice::from_api(id, o)?))
-            ),
-            watch_kind::<net::NetworkPolicy>(
-                c.clone(),
-                client.clone(),
-                t.clone(),
-                s.clone(),
-                pb::Kind::NetworkPolicy,
-                policy
-            ),
+            watch_kind::<core::Namespace>(w.clone(), pb::Kind::Namespace, namespace),
+            watch_kind::<core::Pod>(w.clone(), pb::Kind::Pod, |id, o| {
+                Ok(Object::Pod(Pod::from_api(id, o)?))
+            }),
+            watch_kind::<core::Node>(w.clone(), pb::Kind::Node, |id, o| {
+                Ok(Object::Node(Node::from_api(id, o)?))
+            }),
+            watch_kind::<core::Service>(w.clone(), pb::Kind::Service, |id, o| {
+                Ok(Object::Service(Service::from_api(id, o)?))
+            }),
+            watch_kind::<discovery::EndpointSlice>(w.clone(), pb::Kind::EndpointSlice, |id, o| {
+                Ok(Object::EndpointSlice(EndpointSlice::from_api(id, o)?))
+            }),
+            watch_kind::<net::NetworkPolicy>(w.clone(), pb::Kind::NetworkPolicy, policy),
             async {
                 // While disconnected, staleness grows with no event to say so: count it, and
                 // ask the API server whether it answers again (a resumed watch with no change
