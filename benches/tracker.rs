@@ -55,7 +55,7 @@ fn request(resume: Option<pb::Position>) -> pb::SubscribeRequest {
 /// changes has reached all of them: the latencies, sorted.
 async fn propagation(
     tracker: &Tracker,
-    url: &str,
+    url: &client::Target,
     subscribers: usize,
     set: &weft::model::ClusterSet,
 ) -> Vec<Duration> {

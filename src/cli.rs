@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::model::{ClusterId, loader};
 use crate::policy::Engine;
 use crate::probe;
+use crate::tracker::tls::TlsFiles;
 use crate::tracker::{client, server, source, view, wire::pb};
 
 /// weft: identity-aware per-node proxy for multi-cluster Kubernetes.
@@ -48,9 +49,8 @@ struct TrackerArgs {
     /// Address of the gRPC service.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19090")]
     listen: SocketAddr,
-    /// Serve plaintext (no mutual TLS): only for tests and demos on one machine.
-    #[arg(long)]
-    insecure: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Changes (objects and statuses) kept for subscribers that reconnect.
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     history: usize,
@@ -79,12 +79,12 @@ struct CheckArgs {
         conflicts_with = "tracker"
     )]
     clusters: Option<PathBuf>,
-    /// Take the clusters from a tracker instead (`http://HOST:PORT`, with --insecure).
+    /// Take the clusters from a tracker instead: `https://HOST:PORT` with the TLS flags, or
+    /// `http://HOST:PORT` with --insecure.
     #[arg(long, value_name = "URL")]
     tracker: Option<String>,
-    /// Talk plaintext to the tracker.
-    #[arg(long, requires = "tracker")]
-    insecure: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// How long to wait for every cluster to be synced.
     #[arg(
         long,
@@ -99,6 +99,42 @@ struct CheckArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+}
+
+/// Mutual TLS with the tracker's peers, or plaintext when asked for explicitly.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// This side's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"], conflicts_with = "insecure")]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA the other side's certificate is verified against (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// Plaintext, with no mutual TLS: only for tests and demos on one machine.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    /// The TLS files, `None` with --insecure, or an error when neither was asked for.
+    fn load(&self, what: &str) -> anyhow::Result<Option<TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(TlsFiles::load(cert, key, ca)?)),
+            _ if self.insecure => {
+                tracing::warn!(
+                    what,
+                    "plaintext: the tracker's stream is neither authenticated nor encrypted"
+                );
+                Ok(None)
+            }
+            _ => bail!(
+                "{what}: pass --tls-cert, --tls-key and --tls-ca for mutual TLS, or --insecure for plaintext (tests and demos on one machine only)"
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,20 +164,6 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Mutual TLS is the tracker's next step; until then plaintext must be asked for.
-fn require_insecure(insecure: bool, what: &str) -> anyhow::Result<()> {
-    if !insecure {
-        bail!(
-            "{what}: mutual TLS is not available yet; pass --insecure to use plaintext (tests and demos on one machine only)"
-        );
-    }
-    tracing::warn!(
-        what,
-        "plaintext: the tracker's stream is neither authenticated nor encrypted"
-    );
-    Ok(())
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
@@ -157,7 +179,7 @@ fn parse_cluster_name(s: &str) -> Result<(String, ClusterId), String> {
 }
 
 fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
-    require_insecure(args.insecure, "weft tracker")?;
+    let tls = args.tls.load("weft tracker")?;
     let epoch = uuid::Uuid::new_v4().to_string();
     let tracker = server::Tracker::new(
         view::View::new(epoch.clone(), args.history),
@@ -217,9 +239,9 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, %epoch, "tracker serving");
+        tracing::info!(%addr, %epoch, tls = tls.is_some(), "tracker serving");
         tracker
-            .serve(listener, async {
+            .serve(listener, tls.as_ref(), async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await
@@ -249,7 +271,8 @@ fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             &Engine::from_clusterset(&loaded.clusterset)
         }
         (None, Some(url)) => {
-            require_insecure(args.insecure, "weft policy check --tracker")?;
+            let tls = args.tls.load("weft policy check --tracker")?;
+            let target = client::Target::new(url, tls)?;
             let request = pb::SubscribeRequest {
                 node: String::new(),
                 cluster: String::new(),
@@ -257,7 +280,7 @@ fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 resume: None,
             };
             let timeout = Duration::from_secs(args.sync_timeout);
-            replica = runtime()?.block_on(client::sync(url, request, timeout))?;
+            replica = runtime()?.block_on(client::sync(&target, request, timeout))?;
             replica.engine()
         }
         (None, None) => bail!("--clusters or --tracker is required"),

@@ -201,9 +201,13 @@ async fn refusals_and_an_unsynced_cluster_never_read_as_a_view() {
         "{err}"
     );
 
-    let err = client::sync("http://127.0.0.1:1", all_clusters(), Duration::from_secs(5))
-        .await
-        .expect_err("nobody there");
+    let err = client::sync(
+        &client::Target::plaintext("http://127.0.0.1:1").expect("target"),
+        all_clusters(),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect_err("nobody there");
     assert!(err.to_string().contains("cannot connect"), "{err}");
 }
 
@@ -392,7 +396,7 @@ async fn a_follower_survives_a_tracker_restart_and_takes_the_new_view() {
     let first = TrackerProcess::start(&Path::new(EXAMPLE).join("1-no-policy"), port);
     let replica = std::sync::Arc::new(std::sync::RwLock::new(Replica::new()));
     let follower = tokio::spawn(client::follow(
-        format!("http://127.0.0.1:{port}"),
+        client::Target::plaintext(&format!("http://127.0.0.1:{port}")).expect("target"),
         all_clusters(),
         replica.clone(),
         Duration::from_millis(50),

@@ -6,6 +6,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::replica::{Replica, ReplicaError};
 use super::server::SNAPSHOT_PART_BYTES;
+use super::tls::TlsFiles;
 use super::wire::pb;
 use crate::model::ClusterId;
 
@@ -71,12 +72,64 @@ fn describe(unsynced: &[ClusterId]) -> String {
     }
 }
 
-/// A client of the tracker at `url` (`http://HOST:PORT`).
-pub async fn connect(url: &str) -> Result<pb::tracker_client::TrackerClient<Channel>, ClientError> {
-    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| ClientError::Url {
+/// A tracker to subscribe to: `https://HOST:PORT` with mutual TLS, or `http://HOST:PORT`
+/// in plaintext.
+#[derive(Debug, Clone)]
+pub struct Target {
+    url: String,
+    tls: Option<TlsFiles>,
+}
+
+impl Target {
+    /// The tracker at `url`: `https://` takes TLS files, `http://` none.
+    pub fn new(url: &str, tls: Option<TlsFiles>) -> Result<Self, ClientError> {
+        let bad = |error: &str| ClientError::Url {
+            url: url.to_owned(),
+            error: error.to_owned(),
+        };
+        match (url.split_once("://").map(|(scheme, _)| scheme), &tls) {
+            (Some("https"), Some(_)) | (Some("http"), None) => Ok(Self {
+                url: url.to_owned(),
+                tls,
+            }),
+            (Some("https"), None) => Err(bad(
+                "https needs --tls-cert, --tls-key and --tls-ca (mutual TLS)",
+            )),
+            (Some("http"), Some(_)) => Err(bad(
+                "TLS files were given for a plaintext URL: use https://",
+            )),
+            _ => Err(bad("the URL must start with https:// or http://")),
+        }
+    }
+
+    /// The tracker at `url` in plaintext (tests and demos on one machine).
+    pub fn plaintext(url: &str) -> Result<Self, ClientError> {
+        Self::new(url, None)
+    }
+
+    /// The URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+/// A client of the tracker at `target`.
+pub async fn connect(
+    target: &Target,
+) -> Result<pb::tracker_client::TrackerClient<Channel>, ClientError> {
+    let url = target.url();
+    let mut endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| ClientError::Url {
         url: url.to_owned(),
         error: e.to_string(),
     })?;
+    if let Some(tls) = &target.tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .map_err(|error| ClientError::Connect {
+                url: url.to_owned(),
+                error,
+            })?;
+    }
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .connect()
@@ -89,12 +142,13 @@ pub async fn connect(url: &str) -> Result<pb::tracker_client::TrackerClient<Chan
         .max_decoding_message_size(4 * SNAPSHOT_PART_BYTES))
 }
 
-/// Subscribes to the tracker at `url`: the stream of its updates.
+/// Subscribes to the tracker at `target`: the stream of its updates.
 pub async fn subscribe(
-    url: &str,
+    target: &Target,
     request: pb::SubscribeRequest,
 ) -> Result<tonic::Streaming<pb::Update>, ClientError> {
-    let mut client = connect(url).await?;
+    let url = target.url();
+    let mut client = connect(target).await?;
     let response = client
         .subscribe(request)
         .await
@@ -119,17 +173,18 @@ async fn next(
         })
 }
 
-/// Subscribes to the tracker at `url` and returns a replica once it is ready (a complete
+/// Subscribes to the tracker at `target` and returns a replica once it is ready (a complete
 /// snapshot and every cluster synced): a half-synced view never answers. Fails after
 /// `timeout`, naming the clusters not synced.
 pub async fn sync(
-    url: &str,
+    target: &Target,
     request: pb::SubscribeRequest,
     timeout: Duration,
 ) -> Result<Replica, ClientError> {
+    let url = target.url();
     let mut replica = Replica::new();
     let work = async {
-        let mut stream = subscribe(url, request).await?;
+        let mut stream = subscribe(target, request).await?;
         while let Some(update) = next(url, &mut stream).await? {
             replica.apply(update).map_err(|error| ClientError::Update {
                 url: url.to_owned(),
@@ -155,14 +210,14 @@ pub async fn sync(
     }
 }
 
-/// Keeps `replica` following the tracker at `url` until the task is stopped: on every
+/// Keeps `replica` following the tracker at `target` until the task is stopped: on every
 /// (re)connection it resumes from the replica's position, and the tracker answers with what
 /// was missed or, after a restart or a long absence, a fresh snapshot that replaces the view
 /// only once complete. An update that cannot be applied is dropped with the connection, and
 /// the next subscription asks for a fresh snapshot. Reconnections back off from `retry` up to
 /// 30 s.
 pub async fn follow(
-    url: String,
+    target: Target,
     request: pb::SubscribeRequest,
     replica: std::sync::Arc<std::sync::RwLock<Replica>>,
     retry: Duration,
@@ -185,19 +240,21 @@ pub async fn follow(
                 resume,
                 ..request.clone()
             };
-            let mut stream = subscribe(&url, request).await?;
-            while let Some(update) = next(&url, &mut stream).await? {
+            let mut stream = subscribe(&target, request).await?;
+            while let Some(update) = next(target.url(), &mut stream).await? {
                 delay = retry;
                 let applied = replica
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .apply(update);
                 applied.map_err(|error| ClientError::Update {
-                    url: url.clone(),
+                    url: target.url().to_owned(),
                     error,
                 })?;
             }
-            Err(ClientError::Ended { url: url.clone() })
+            Err(ClientError::Ended {
+                url: target.url().to_owned(),
+            })
         }
         .await;
         if let Err(e) = outcome {

@@ -10,9 +10,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::subscriber::{Subscriber, SubscriberError, claimed_scope};
+use super::tls::TlsFiles;
 use super::view::{Change, Scope, View};
 use super::wire::pb;
-use crate::model::ClusterId;
 
 /// Deltas kept for subscribers that are behind, shared by all of them.
 const SHARED_BUFFER: usize = 4096;
@@ -27,6 +28,9 @@ pub struct Tracker {
     view: Arc<RwLock<View>>,
     deltas: broadcast::Sender<Arc<pb::Update>>,
     part_bytes: usize,
+    /// Subscribers are who their client certificates say (mutual TLS), not who their
+    /// requests claim.
+    authenticated: bool,
 }
 
 impl Tracker {
@@ -37,6 +41,7 @@ impl Tracker {
             view: Arc::new(RwLock::new(view)),
             deltas,
             part_bytes,
+            authenticated: false,
         }
     }
 
@@ -86,14 +91,23 @@ impl Tracker {
         (receiver, initial, revision)
     }
 
-    /// Serves the gRPC service on `listener` until `shutdown` resolves.
+    /// Serves the gRPC service on `listener` until `shutdown` resolves: with mutual TLS when
+    /// given `tls` (every subscriber is who its certificate says), else plaintext (every
+    /// subscriber is who it claims).
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
+        tls: Option<&TlsFiles>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
-        tonic::transport::Server::builder()
-            .add_service(self.service())
+        let mut builder = tonic::transport::Server::builder();
+        let mut tracker = self.clone();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.server())?;
+            tracker.authenticated = true;
+        }
+        builder
+            .add_service(tracker.service())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 shutdown,
@@ -147,6 +161,14 @@ impl Tracker {
     }
 }
 
+/// The gRPC status for a refused subscriber.
+fn refusal(e: SubscriberError) -> Status {
+    match e {
+        SubscriberError::BadRequest { .. } => Status::invalid_argument(e.to_string()),
+        _ => Status::permission_denied(e.to_string()),
+    }
+}
+
 /// The stream of updates to one subscriber.
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::Update, Status>> + Send>>;
 
@@ -158,21 +180,24 @@ impl pb::tracker_server::Tracker for Tracker {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<UpdateStream>, Status> {
+        let certificates = request.peer_certs();
         let req = request.into_inner();
-        let scope = match pb::PolicyScope::try_from(req.policy_scope) {
-            Ok(pb::PolicyScope::AllClusters) => Scope::AllClusters,
-            Ok(pb::PolicyScope::OwnCluster) => Scope::Cluster(
-                ClusterId::new(&req.cluster)
-                    .map_err(|e| Status::invalid_argument(format!("cluster: {e}")))?,
-            ),
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown policy_scope {}",
-                    req.policy_scope
-                )));
+        let who = match certificates.as_deref().and_then(|c| c.first()) {
+            Some(leaf) => Some(Subscriber::from_certificate(leaf).map_err(refusal)?),
+            None if self.authenticated => {
+                return Err(Status::unauthenticated("a client certificate is required"));
             }
+            None => None,
         };
-        tracing::info!(node = %req.node, cluster = %req.cluster, ?scope, resume = req.resume.is_some(), "subscriber");
+        let scope = match &who {
+            Some(who) => who.authorize(&req),
+            None => claimed_scope(&req),
+        }
+        .map_err(|e| {
+            tracing::warn!(subscriber = ?who, node = %req.node, cluster = %req.cluster, error = %e, "subscriber refused");
+            refusal(e)
+        })?;
+        tracing::info!(subscriber = ?who, node = %req.node, cluster = %req.cluster, ?scope, resume = req.resume.is_some(), "subscriber");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         tokio::spawn(self.clone().feed(scope, req.resume, tx));
         Ok(Response::new(Box::pin(

@@ -4,12 +4,13 @@
 
 use std::time::Duration;
 
+use weft::tracker::client::Target;
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
 use weft::tracker::wire::pb;
 
-/// Serves `tracker` on an ephemeral loopback port; returns its URL.
-pub async fn serve(tracker: &Tracker) -> String {
+/// Serves `tracker` in plaintext on an ephemeral loopback port; returns where.
+pub async fn serve(tracker: &Tracker) -> Target {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -17,11 +18,11 @@ pub async fn serve(tracker: &Tracker) -> String {
     let tracker = tracker.clone();
     tokio::spawn(async move {
         tracker
-            .serve(listener, std::future::pending())
+            .serve(listener, None, std::future::pending())
             .await
             .expect("serve");
     });
-    format!("http://{addr}")
+    Target::plaintext(&format!("http://{addr}")).expect("a plaintext target")
 }
 
 /// Reads updates into `replica` until `done` holds of it, for at most 20 s.
