@@ -1,6 +1,6 @@
 //! The `weft` command line: subcommands and their wiring.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +43,15 @@ struct TrackerArgs {
     /// Directory of kubeconfig files: every context of every file is a cluster.
     #[arg(long, value_name = "DIR")]
     kubeconfig_dir: Option<PathBuf>,
+    /// Another tracker to take every other cluster from (hub and spoke): `https://HOST:PORT`
+    /// with the TLS flags (this tracker's certificate is its client certificate), or
+    /// `http://HOST:PORT` with --insecure.
+    #[arg(long, value_name = "URL", requires = "cluster")]
+    upstream: Option<String>,
+    /// This spoke's own cluster: it comes from this tracker's own sources, never from the
+    /// upstream.
+    #[arg(long, value_name = "ID", requires = "upstream", value_parser = parse_cluster_id)]
+    cluster: Option<ClusterId>,
     /// The cluster id of a kubeconfig context whose name is not one (`CONTEXT=ID`).
     #[arg(long, value_name = "CONTEXT=ID", value_parser = parse_cluster_name)]
     cluster_name: Vec<(String, ClusterId)>,
@@ -168,6 +177,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 
+fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
+    ClusterId::new(s).map_err(|e| e.to_string())
+}
+
 fn parse_cluster_name(s: &str) -> Result<(String, ClusterId), String> {
     let (context, id) = s
         .split_once('=')
@@ -188,6 +201,12 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
     let debounce = Duration::from_millis(args.debounce_ms);
     let max_staleness = Duration::from_secs(args.max_staleness);
     let names: BTreeMap<String, ClusterId> = args.cluster_name.into_iter().collect();
+    // The clusters this tracker's own sources name (kubeconfig contexts as named at start).
+    let mut local: BTreeSet<ClusterId> = args
+        .kubeconfig_dir
+        .as_deref()
+        .map(|dir| source::kubernetes::cluster_ids(dir, &names))
+        .unwrap_or_default();
     let mut clusterset = None;
     if let Some(dir) = &args.clusters {
         // At start, a clusterset that does not load is an error; later, a bad file is
@@ -200,24 +219,33 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
         if initial.clusters.is_empty() {
             bail!("{}: no cluster directory in the clusterset", dir.display());
         }
-        if let Some(kubeconfigs) = &args.kubeconfig_dir {
-            let claimed = source::kubernetes::cluster_ids(kubeconfigs, &names);
-            if let Some(id) = initial
-                .clusters
-                .iter()
-                .find(|s| ClusterId::new(&s.cluster).is_ok_and(|id| claimed.contains(&id)))
-            {
+        for id in initial
+            .clusters
+            .iter()
+            .filter_map(|s| ClusterId::new(&s.cluster).ok())
+        {
+            if let (false, Some(kubeconfigs)) = (local.insert(id.clone()), &args.kubeconfig_dir) {
                 bail!(
-                    "cluster {} is claimed by both {} and {}",
-                    id.cluster,
+                    "cluster {id} is claimed by both {} and {}",
                     dir.display(),
                     kubeconfigs.display()
                 );
             }
         }
-        tracker.apply(initial);
+        tracker.apply_from(&source.name(), initial);
         clusterset = Some(source);
     }
+    let upstream = match (&args.upstream, args.cluster) {
+        (Some(url), Some(own)) => {
+            if !local.contains(&own) {
+                bail!(
+                    "--cluster {own}: no --clusters or --kubeconfig-dir source names it; a spoke watches its own cluster itself"
+                );
+            }
+            Some((client::Target::new(url, tls.clone())?, own))
+        }
+        _ => None,
+    };
     runtime()?.block_on(async {
         if let Some(source) = clusterset {
             let watched = tracker.clone();
@@ -226,6 +254,16 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
                     tracing::error!(error = %e, "clusterset watch failed: the view no longer follows the directory");
                 }
             });
+        }
+        if let Some((target, own)) = upstream {
+            tracing::info!(upstream = %target.url(), cluster = %own, "spoke: every other cluster comes from the hub");
+            tokio::spawn(source::upstream::follow(
+                target,
+                own,
+                tracker.clone(),
+                max_staleness,
+                Duration::from_secs(1),
+            ));
         }
         if let Some(dir) = args.kubeconfig_dir {
             let watched = tracker.clone();

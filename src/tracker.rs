@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod replica;
+pub mod sequence;
 pub mod server;
 pub mod source;
 pub mod subscriber;

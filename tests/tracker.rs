@@ -14,7 +14,7 @@ use weft::tracker::wire::{Object, pb};
 
 mod tracking;
 
-use tracking::{serve, status, until};
+use tracking::{serve, status, until, verdict, wait_for};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-cluster");
 
@@ -243,25 +243,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-fn verdict(replica: &Replica, from: &str, to: &str) -> weft::policy::Verdict {
-    let e = replica.engine();
-    let pod = |name: &str| {
-        let mut parts = name.split('/');
-        let (c, ns, n) = (parts.next(), parts.next(), parts.next());
-        let id = e
-            .pod_by_name(c.unwrap_or(""), ns.unwrap_or(""), n.unwrap_or(""))
-            .expect("pod");
-        e.pod_endpoint(id, false).expect("endpoint")
-    };
-    let conn = weft::policy::Connection {
-        src: pod(from),
-        dst: pod(to),
-        port: 80,
-        protocol: weft::model::Protocol::Tcp,
-    };
-    e.decide(&conn).verdict()
-}
-
 #[tokio::test]
 async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_state() {
     use weft::policy::Verdict::{Allow, Deny};
@@ -270,7 +251,7 @@ async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_
     copy_tree(&Path::new(EXAMPLE).join("1-no-policy"), &dir);
     let mut source = ClustersetSource::new(&dir);
     let tracker = Tracker::new(View::new("epoch-w", 1000), 1 << 20);
-    tracker.apply(source.rescan().expect("loads"));
+    tracker.apply_from(&source.name(), source.rescan().expect("loads"));
     tokio::spawn(watch(source, tracker.clone(), Duration::from_millis(50)));
     let url = serve(&tracker).await;
     let mut c = client::connect(&url).await.expect("connect");
@@ -365,24 +346,6 @@ impl Drop for TrackerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-async fn wait_for(
-    replica: &std::sync::RwLock<Replica>,
-    what: &str,
-    done: impl Fn(&Replica) -> bool,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if done(&replica.read().expect("lock")) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -210,30 +210,54 @@ pub async fn sync(
     }
 }
 
-/// Keeps `replica` following the tracker at `target` until the task is stopped: on every
-/// (re)connection it resumes from the replica's position, and the tracker answers with what
+/// What follows a tracker's stream: a node's replica, or a spoke tracker's copy of its
+/// hub's view.
+pub trait Follower: Send + Sync {
+    /// Where it is in the stream, to resume from.
+    fn position(&self) -> Option<pb::Position>;
+    /// Applies one update; on error, nothing of it.
+    fn apply(&mut self, update: pb::Update) -> Result<(), ReplicaError>;
+    /// The tracker accepted the subscription: updates flow again.
+    fn connected(&mut self);
+    /// The subscription is down.
+    fn disconnected(&mut self, error: &ClientError);
+}
+
+impl Follower for Replica {
+    fn position(&self) -> Option<pb::Position> {
+        Replica::position(self).cloned()
+    }
+
+    fn apply(&mut self, update: pb::Update) -> Result<(), ReplicaError> {
+        Replica::apply(self, update)
+    }
+
+    fn connected(&mut self) {
+        self.set_connected(true);
+    }
+
+    fn disconnected(&mut self, _: &ClientError) {
+        self.set_connected(false);
+    }
+}
+
+/// Keeps `follower` following the tracker at `target` until the task is stopped: on every
+/// (re)connection it resumes from the follower's position, and the tracker answers with what
 /// was missed or, after a restart or a long absence, a fresh snapshot that replaces the view
 /// only once complete. An update that cannot be applied is dropped with the connection, and
 /// the next subscription asks for a fresh snapshot. Reconnections back off from `retry` up to
 /// 30 s.
-pub async fn follow(
+pub async fn follow<F: Follower>(
     target: Target,
     request: pb::SubscribeRequest,
-    replica: std::sync::Arc<std::sync::RwLock<Replica>>,
+    follower: std::sync::Arc<std::sync::RwLock<F>>,
     retry: Duration,
 ) {
+    let lock = || follower.write().unwrap_or_else(|e| e.into_inner());
     let mut delay = retry;
     let mut fresh = false;
     loop {
-        let resume = if fresh {
-            None
-        } else {
-            replica
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .position()
-                .cloned()
-        };
+        let resume = if fresh { None } else { lock().position() };
         fresh = false;
         let outcome: Result<(), ClientError> = async {
             let request = pb::SubscribeRequest {
@@ -241,12 +265,10 @@ pub async fn follow(
                 ..request.clone()
             };
             let mut stream = subscribe(&target, request).await?;
+            lock().connected();
             while let Some(update) = next(target.url(), &mut stream).await? {
                 delay = retry;
-                let applied = replica
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .apply(update);
+                let applied = lock().apply(update);
                 applied.map_err(|error| ClientError::Update {
                     url: target.url().to_owned(),
                     error,
@@ -260,6 +282,7 @@ pub async fn follow(
         if let Err(e) = outcome {
             fresh = matches!(e, ClientError::Update { .. });
             tracing::warn!(error = %e, retry_in = ?delay, "tracker subscription");
+            lock().disconnected(&e);
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(30));

@@ -1,60 +1,15 @@
-//! A subscriber's replica of the tracker's view: snapshot parts and deltas, every object
-//! validated, applied to the policy engine incrementally. A snapshot is used only once its
-//! last part arrives, positions must follow one another, and an update that fails is not
+//! A subscriber's replica of the tracker's view: the stream checked by [`Sequence`] (every
+//! object validated, a snapshot used only once its last part arrives, positions following one
+//! another), then applied to the policy engine incrementally. An update that fails is not
 //! applied at all: the last good state stays.
 
 use std::collections::BTreeMap;
 
-use super::wire::{Key, Object, WireError, pb};
-use crate::model::{ClusterId, cluster::InvalidClusterId};
+pub use super::sequence::ReplicaError;
+use super::sequence::{Received, Sequence};
+use super::wire::{Key, Object, pb};
+use crate::model::ClusterId;
 use crate::policy::Engine;
-
-/// An update the replica cannot apply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReplicaError {
-    /// The update has no position.
-    #[error("update without a position")]
-    NoPosition,
-    /// The update carries neither a snapshot part nor a delta.
-    #[error("update without a change")]
-    NoChange,
-    /// A snapshot part that does not continue the snapshot being received.
-    #[error("snapshot part at {epoch}/{revision} does not continue the snapshot being received")]
-    StraySnapshotPart {
-        /// Its epoch.
-        epoch: String,
-        /// Its revision.
-        revision: u64,
-    },
-    /// A delta while no complete snapshot has been applied.
-    #[error("delta before a complete snapshot")]
-    NoSnapshot,
-    /// A delta that does not follow the current position.
-    #[error("delta at {got_epoch}/{got} does not follow {epoch}/{have}: updates were lost")]
-    Gap {
-        /// The replica's epoch.
-        epoch: String,
-        /// The replica's revision.
-        have: u64,
-        /// The delta's epoch.
-        got_epoch: String,
-        /// The delta's revision.
-        got: u64,
-    },
-    /// An object or key that fails validation.
-    #[error("{0}")]
-    Wire(#[from] WireError),
-    /// A cluster status naming no valid cluster.
-    #[error("cluster status: {0}")]
-    Status(#[from] InvalidClusterId),
-}
-
-#[derive(Debug)]
-struct Assembly {
-    position: pb::Position,
-    objects: Vec<Object>,
-    clusters: Vec<pb::ClusterStatus>,
-}
 
 /// The replica, with its engine.
 #[derive(Debug, Default)]
@@ -62,8 +17,9 @@ pub struct Replica {
     objects: BTreeMap<Key, Object>,
     clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
     engine: Engine,
-    position: Option<pb::Position>,
-    assembling: Option<Assembly>,
+    sequence: Sequence,
+    /// Since when the tracker has been out of reach (fail static meanwhile).
+    disconnected_since: Option<tokio::time::Instant>,
 }
 
 fn upsert(engine: &mut Engine, o: &Object) {
@@ -87,15 +43,6 @@ fn remove(engine: &mut Engine, k: &Key) {
     }
 }
 
-fn validated_statuses(
-    statuses: Vec<pb::ClusterStatus>,
-) -> Result<Vec<(ClusterId, pb::ClusterStatus)>, ReplicaError> {
-    statuses
-        .into_iter()
-        .map(|s| Ok((ClusterId::new(&s.cluster)?, s)))
-        .collect()
-}
-
 impl Replica {
     /// An empty replica, not ready.
     pub fn new() -> Self {
@@ -109,7 +56,7 @@ impl Replica {
 
     /// The position of the last update applied (`None` before a complete snapshot).
     pub fn position(&self) -> Option<&pb::Position> {
-        self.position.as_ref()
+        self.sequence.position()
     }
 
     /// Clusters whose data is not a complete view yet.
@@ -124,7 +71,23 @@ impl Replica {
     /// A complete snapshot is applied and every cluster is synced: an answer from this
     /// replica is not a guess from half a view.
     pub fn ready(&self) -> bool {
-        self.position.is_some() && !self.clusters.is_empty() && self.unsynced().is_empty()
+        self.position().is_some() && !self.clusters.is_empty() && self.unsynced().is_empty()
+    }
+
+    /// Records whether the tracker is reachable: while it is not, the last state stays and
+    /// ages.
+    pub fn set_connected(&mut self, connected: bool) {
+        if connected {
+            self.disconnected_since = None;
+        } else {
+            self.disconnected_since
+                .get_or_insert_with(tokio::time::Instant::now);
+        }
+    }
+
+    /// How long the view has gone without its tracker (`None` while connected).
+    pub fn stale_for(&self) -> Option<std::time::Duration> {
+        self.disconnected_since.map(|since| since.elapsed())
     }
 
     /// The status of every cluster.
@@ -134,53 +97,48 @@ impl Replica {
 
     /// Applies one update; on error nothing of it is applied.
     pub fn apply(&mut self, update: pb::Update) -> Result<(), ReplicaError> {
-        let position = update.position.ok_or(ReplicaError::NoPosition)?;
-        match update.change.ok_or(ReplicaError::NoChange)? {
-            pb::update::Change::Snapshot(part) => self.snapshot_part(position, part),
-            pb::update::Change::Delta(delta) => self.delta(position, delta),
+        match self.sequence.receive(update)? {
+            None => {}
+            Some(Received::Snapshot { objects, clusters }) => self.replace(objects, clusters),
+            Some(Received::Delta(change)) => {
+                for cluster in change.removed_clusters {
+                    let gone: Vec<Key> = self
+                        .objects
+                        .keys()
+                        .filter(|k| k.cluster == cluster)
+                        .cloned()
+                        .collect();
+                    for k in gone {
+                        remove(&mut self.engine, &k);
+                        self.objects.remove(&k);
+                    }
+                    self.clusters.remove(&cluster);
+                }
+                for o in change.upserts {
+                    upsert(&mut self.engine, &o);
+                    self.objects.insert(o.key(), o);
+                }
+                for k in change.deletes {
+                    remove(&mut self.engine, &k);
+                    self.objects.remove(&k);
+                }
+                for status in change.clusters {
+                    // The sequence checked every status's cluster id.
+                    if let Ok(id) = ClusterId::new(&status.cluster) {
+                        self.engine.set_cluster_expired(&id, status.expired);
+                        self.clusters.insert(id, status);
+                    }
+                }
+            }
         }
+        Ok(())
     }
 
-    fn snapshot_part(
-        &mut self,
-        position: pb::Position,
-        part: pb::SnapshotPart,
-    ) -> Result<(), ReplicaError> {
-        let stray = || ReplicaError::StraySnapshotPart {
-            epoch: position.epoch.clone(),
-            revision: position.revision,
-        };
-        let objects = part
-            .objects
-            .into_iter()
-            .map(Object::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let clusters = part.clusters;
-        validated_statuses(clusters.clone())?;
-        if part.first {
-            self.assembling = Some(Assembly {
-                position: position.clone(),
-                objects: Vec::new(),
-                clusters: Vec::new(),
-            });
-        }
-        let assembly = self.assembling.as_mut().ok_or_else(stray)?;
-        if assembly.position != position {
-            // A part of another snapshot: what was gathered cannot be completed.
-            self.assembling = None;
-            return Err(stray());
-        }
-        assembly.objects.extend(objects);
-        assembly.clusters.extend(clusters);
-        if !part.last {
-            return Ok(());
-        }
-        let Some(done) = self.assembling.take() else {
-            return Err(stray());
-        };
+    /// A complete snapshot replaces everything: a fresh engine, built in the order a
+    /// clusterset builds one (namespaces first, policies last).
+    fn replace(&mut self, objects: Vec<Object>, clusters: Vec<(ClusterId, pb::ClusterStatus)>) {
         let mut engine = Engine::new();
-        // Namespaces first, policies last, as a fresh engine is built from a clusterset.
-        let mut ordered: Vec<&Object> = done.objects.iter().collect();
+        let mut ordered: Vec<&Object> = objects.iter().collect();
         ordered.sort_by_key(|o| match o {
             Object::Namespace(_) => 0,
             Object::Node(_) => 1,
@@ -190,72 +148,12 @@ impl Replica {
         for o in ordered {
             upsert(&mut engine, o);
         }
-        let clusters = validated_statuses(done.clusters)?;
         for (id, status) in &clusters {
             engine.set_cluster_expired(id, status.expired);
         }
         self.engine = engine;
-        self.objects = done.objects.into_iter().map(|o| (o.key(), o)).collect();
+        self.objects = objects.into_iter().map(|o| (o.key(), o)).collect();
         self.clusters = clusters.into_iter().collect();
-        self.position = Some(done.position);
-        Ok(())
-    }
-
-    fn delta(&mut self, position: pb::Position, delta: pb::Delta) -> Result<(), ReplicaError> {
-        let current = self.position.as_ref().ok_or(ReplicaError::NoSnapshot)?;
-        if position.epoch != current.epoch || position.revision != current.revision + 1 {
-            return Err(ReplicaError::Gap {
-                epoch: current.epoch.clone(),
-                have: current.revision,
-                got_epoch: position.epoch,
-                got: position.revision,
-            });
-        }
-        // Validate everything before changing anything.
-        let removed = delta
-            .removed_clusters
-            .iter()
-            .map(|c| ClusterId::new(c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let upserts = delta
-            .upserts
-            .into_iter()
-            .map(Object::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let deletes = delta
-            .deletes
-            .into_iter()
-            .map(Key::try_from)
-            .collect::<Result<Vec<_>, _>>()?;
-        let statuses = validated_statuses(delta.clusters)?;
-
-        for cluster in removed {
-            let gone: Vec<Key> = self
-                .objects
-                .keys()
-                .filter(|k| k.cluster == cluster)
-                .cloned()
-                .collect();
-            for k in gone {
-                remove(&mut self.engine, &k);
-                self.objects.remove(&k);
-            }
-            self.clusters.remove(&cluster);
-        }
-        for o in upserts {
-            upsert(&mut self.engine, &o);
-            self.objects.insert(o.key(), o);
-        }
-        for k in deletes {
-            remove(&mut self.engine, &k);
-            self.objects.remove(&k);
-        }
-        for (id, status) in &statuses {
-            self.engine.set_cluster_expired(id, status.expired);
-        }
-        self.clusters.extend(statuses);
-        self.position = Some(position);
-        Ok(())
     }
 }
 

@@ -3,8 +3,9 @@
 //! not buffered without bound: once it falls behind the shared buffer it gets a fresh
 //! snapshot instead of the deltas it missed.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
@@ -14,6 +15,7 @@ use super::subscriber::{Subscriber, SubscriberError, claimed_scope};
 use super::tls::TlsFiles;
 use super::view::{Change, Scope, View};
 use super::wire::pb;
+use crate::model::ClusterId;
 
 /// Deltas kept for subscribers that are behind, shared by all of them.
 const SHARED_BUFFER: usize = 4096;
@@ -31,6 +33,56 @@ pub struct Tracker {
     /// Subscribers are who their client certificates say (mutual TLS), not who their
     /// requests claim.
     authenticated: bool,
+    owners: Arc<Mutex<Owners>>,
+    /// Turns true when the server shuts down: every stream ends, so that subscribers
+    /// reconnect (elsewhere, or to the restarted tracker) instead of waiting.
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Which source each cluster comes from: the first to name it, until it removes it.
+#[derive(Debug, Default)]
+struct Owners {
+    by_cluster: BTreeMap<ClusterId, String>,
+    /// Refusals already logged.
+    refused: BTreeSet<(ClusterId, String)>,
+}
+
+impl Owners {
+    /// Whether `source` may speak for `cluster`, claiming it if nobody does.
+    fn admits(&mut self, source: &str, cluster: &ClusterId) -> bool {
+        let owner = self
+            .by_cluster
+            .entry(cluster.clone())
+            .or_insert_with(|| source.to_owned());
+        if owner == source {
+            return true;
+        }
+        if self.refused.insert((cluster.clone(), source.to_owned())) {
+            tracing::error!(%cluster, owner = %owner, refused = %source,
+                "two sources claim one cluster: the second is refused");
+        }
+        false
+    }
+
+    /// What of `change` comes from the owners of its clusters.
+    fn filter(&mut self, source: &str, mut change: Change) -> Change {
+        change
+            .upserts
+            .retain(|o| self.admits(source, &o.key().cluster));
+        change.deletes.retain(|k| self.admits(source, &k.cluster));
+        change
+            .clusters
+            .retain(|s| ClusterId::new(&s.cluster).is_ok_and(|id| self.admits(source, &id)));
+        change.removed_clusters.retain(|id| {
+            let owned = self.by_cluster.get(id).is_some_and(|o| o == source);
+            if owned {
+                self.by_cluster.remove(id);
+                self.refused.retain(|(c, _)| c != id);
+            }
+            owned
+        });
+        change
+    }
 }
 
 impl Tracker {
@@ -42,11 +94,26 @@ impl Tracker {
             deltas,
             part_bytes,
             authenticated: false,
+            owners: Arc::default(),
+            closing: None,
         }
     }
 
-    /// Applies a change from a source and sends its delta to every subscriber.
+    /// Applies a change from the tracker's only source and sends its delta to every
+    /// subscriber.
     pub fn apply(&self, change: Change) {
+        self.apply_from("", change);
+    }
+
+    /// Applies a change from `source` and sends its delta to every subscriber. A cluster
+    /// belongs to the first source that names it, until that source removes it: what
+    /// another source says of it is refused, and logged once.
+    pub fn apply_from(&self, source: &str, change: Change) {
+        let change = self
+            .owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(source, change);
         let update = self
             .view
             .write()
@@ -106,11 +173,17 @@ impl Tracker {
             builder = builder.tls_config(tls.server())?;
             tracker.authenticated = true;
         }
+        let (close, closing) = tokio::sync::watch::channel(false);
+        tracker.closing = Some(closing);
         builder
             .add_service(tracker.service())
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
+                async move {
+                    shutdown.await;
+                    // Streams never end by themselves: end them, or the drain waits forever.
+                    let _ = close.send(true);
+                },
             )
             .await
     }
@@ -199,7 +272,19 @@ impl pb::tracker_server::Tracker for Tracker {
         })?;
         tracing::info!(subscriber = ?who, node = %req.node, cluster = %req.cluster, ?scope, resume = req.resume.is_some(), "subscriber");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-        tokio::spawn(self.clone().feed(scope, req.resume, tx));
+        let feed = self.clone().feed(scope, req.resume, tx);
+        let closing = self.closing.clone();
+        tokio::spawn(async move {
+            match closing {
+                Some(mut closing) => {
+                    tokio::select! {
+                        () = feed => {}
+                        _ = closing.wait_for(|closed| *closed) => {}
+                    }
+                }
+                None => feed.await,
+            }
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -1,10 +1,11 @@
 //! Where the view comes from: a clusterset directory, watched for changes (file events,
 //! debounced), and Kubernetes API servers through kubeconfig files (`kubernetes`). A cluster
 //! whose files fail to load keeps its last good state, with the error in its status; one that
-//! never loaded is not synced, so nothing reads it as complete. An upstream tracker (hub and
-//! spoke) comes next.
+//! never loaded is not synced, so nothing reads it as complete. Another tracker is a source too
+//! (`upstream`: hub and spoke).
 
 pub mod kubernetes;
+pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -43,6 +44,11 @@ impl ClustersetSource {
             dir: dir.into(),
             last: BTreeMap::new(),
         }
+    }
+
+    /// The source's name, for the tracker's record of which source owns which cluster.
+    pub fn name(&self) -> String {
+        format!("clusterset {}", self.dir.display())
     }
 
     /// Reads the directory again and returns what changed since the last rescan. A cluster
@@ -126,7 +132,7 @@ pub async fn watch(
         // Gather the burst an editor or a ConfigMap update makes, then read once.
         while let Ok(Some(_)) = tokio::time::timeout(debounce, rx.recv()).await {}
         match source.rescan() {
-            Ok(change) => tracker.apply(change),
+            Ok(change) => tracker.apply_from(&source.name(), change),
             Err(e) => {
                 tracing::error!(error = %e, "clusterset unreadable; keeping the last good state")
             }

@@ -48,3 +48,42 @@ pub async fn until(
 pub fn status<'a>(replica: &'a Replica, cluster: &str) -> Option<&'a pb::ClusterStatus> {
     replica.clusters().find(|s| s.cluster == cluster)
 }
+
+/// The verdict for port 80 between two pods named `cluster/namespace/name`.
+pub fn verdict(replica: &Replica, from: &str, to: &str) -> weft::policy::Verdict {
+    let e = replica.engine();
+    let pod = |name: &str| {
+        let mut parts = name.split('/');
+        let (c, ns, n) = (parts.next(), parts.next(), parts.next());
+        let id = e
+            .pod_by_name(c.unwrap_or(""), ns.unwrap_or(""), n.unwrap_or(""))
+            .expect("pod");
+        e.pod_endpoint(id, false).expect("endpoint")
+    };
+    let conn = weft::policy::Connection {
+        src: pod(from),
+        dst: pod(to),
+        port: 80,
+        protocol: weft::model::Protocol::Tcp,
+    };
+    e.decide(&conn).verdict()
+}
+
+/// Waits until `done` holds of a followed replica, for at most 20 s.
+pub async fn wait_for(
+    replica: &std::sync::RwLock<Replica>,
+    what: &str,
+    done: impl Fn(&Replica) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if done(&replica.read().expect("lock")) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,188 @@
+//! A tracker's stream as a subscriber checks it: every object validated, snapshot parts
+//! assembled and used only once the last one arrives, deltas in strict revision order. What
+//! passes is handed on whole; what fails changes nothing.
+
+use super::view::Change;
+use super::wire::{Key, Object, WireError, pb};
+use crate::model::{ClusterId, cluster::InvalidClusterId};
+
+/// An update a subscriber cannot apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// The update has no position.
+    #[error("update without a position")]
+    NoPosition,
+    /// The update carries neither a snapshot part nor a delta.
+    #[error("update without a change")]
+    NoChange,
+    /// A snapshot part that does not continue the snapshot being received.
+    #[error("snapshot part at {epoch}/{revision} does not continue the snapshot being received")]
+    StraySnapshotPart {
+        /// Its epoch.
+        epoch: String,
+        /// Its revision.
+        revision: u64,
+    },
+    /// A delta while no complete snapshot has been applied.
+    #[error("delta before a complete snapshot")]
+    NoSnapshot,
+    /// A delta that does not follow the current position.
+    #[error("delta at {got_epoch}/{got} does not follow {epoch}/{have}: updates were lost")]
+    Gap {
+        /// The subscriber's epoch.
+        epoch: String,
+        /// The subscriber's revision.
+        have: u64,
+        /// The delta's epoch.
+        got_epoch: String,
+        /// The delta's revision.
+        got: u64,
+    },
+    /// An object or key that fails validation.
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    /// A cluster status naming no valid cluster.
+    #[error("cluster status: {0}")]
+    Status(#[from] InvalidClusterId),
+}
+
+/// What a valid update amounts to.
+#[derive(Debug)]
+pub enum Received {
+    /// A complete snapshot: the whole view, replacing what was held.
+    Snapshot {
+        /// Every object.
+        objects: Vec<Object>,
+        /// Every cluster's status.
+        clusters: Vec<(ClusterId, pb::ClusterStatus)>,
+    },
+    /// A delta to what is held.
+    Delta(Change),
+}
+
+#[derive(Debug)]
+struct Assembly {
+    position: pb::Position,
+    objects: Vec<Object>,
+    clusters: Vec<pb::ClusterStatus>,
+}
+
+/// Where a subscriber is in the stream, and the snapshot it is receiving.
+#[derive(Debug, Default)]
+pub struct Sequence {
+    position: Option<pb::Position>,
+    assembling: Option<Assembly>,
+}
+
+fn validated_statuses(
+    statuses: Vec<pb::ClusterStatus>,
+) -> Result<Vec<(ClusterId, pb::ClusterStatus)>, ReplicaError> {
+    statuses
+        .into_iter()
+        .map(|s| Ok((ClusterId::new(&s.cluster)?, s)))
+        .collect()
+}
+
+impl Sequence {
+    /// The position of the last complete update.
+    pub fn position(&self) -> Option<&pb::Position> {
+        self.position.as_ref()
+    }
+
+    /// Checks one update: `None` for a snapshot part that is not the last, else what the
+    /// update amounts to. On error nothing moves.
+    pub fn receive(&mut self, update: pb::Update) -> Result<Option<Received>, ReplicaError> {
+        let position = update.position.ok_or(ReplicaError::NoPosition)?;
+        match update.change.ok_or(ReplicaError::NoChange)? {
+            pb::update::Change::Snapshot(part) => self.snapshot_part(position, part),
+            pb::update::Change::Delta(delta) => self.delta(position, delta).map(Some),
+        }
+    }
+
+    fn snapshot_part(
+        &mut self,
+        position: pb::Position,
+        part: pb::SnapshotPart,
+    ) -> Result<Option<Received>, ReplicaError> {
+        let stray = || ReplicaError::StraySnapshotPart {
+            epoch: position.epoch.clone(),
+            revision: position.revision,
+        };
+        let objects = part
+            .objects
+            .into_iter()
+            .map(Object::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let clusters = part.clusters;
+        validated_statuses(clusters.clone())?;
+        if part.first {
+            self.assembling = Some(Assembly {
+                position: position.clone(),
+                objects: Vec::new(),
+                clusters: Vec::new(),
+            });
+        }
+        let assembly = self.assembling.as_mut().ok_or_else(stray)?;
+        if assembly.position != position {
+            // A part of another snapshot: what was gathered cannot be completed.
+            self.assembling = None;
+            return Err(stray());
+        }
+        assembly.objects.extend(objects);
+        assembly.clusters.extend(clusters);
+        if !part.last {
+            return Ok(None);
+        }
+        let Some(done) = self.assembling.take() else {
+            return Err(stray());
+        };
+        let clusters = validated_statuses(done.clusters)?;
+        self.position = Some(done.position);
+        Ok(Some(Received::Snapshot {
+            objects: done.objects,
+            clusters,
+        }))
+    }
+
+    fn delta(
+        &mut self,
+        position: pb::Position,
+        delta: pb::Delta,
+    ) -> Result<Received, ReplicaError> {
+        let current = self.position.as_ref().ok_or(ReplicaError::NoSnapshot)?;
+        if position.epoch != current.epoch || position.revision != current.revision + 1 {
+            return Err(ReplicaError::Gap {
+                epoch: current.epoch.clone(),
+                have: current.revision,
+                got_epoch: position.epoch,
+                got: position.revision,
+            });
+        }
+        let removed_clusters = delta
+            .removed_clusters
+            .iter()
+            .map(|c| ClusterId::new(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upserts = delta
+            .upserts
+            .into_iter()
+            .map(Object::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let deletes = delta
+            .deletes
+            .into_iter()
+            .map(Key::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let clusters = validated_statuses(delta.clusters)?
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        self.position = Some(position);
+        Ok(Received::Delta(Change {
+            upserts,
+            deletes,
+            clusters,
+            removed_clusters,
+        }))
+    }
+}

@@ -1,0 +1,235 @@
+//! Hub and spoke over clusterset sources: a spoke takes every other cluster from its hub and
+//! its own from its own source (which wins); while the hub is away the hub's clusters keep
+//! their last state, disconnected and aging, then expire; a restarted hub's fresh snapshot
+//! replaces them, deletes included. And two sources claiming one cluster: the first keeps it.
+
+mod tracking;
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tracking::{status, verdict, wait_for};
+use weft::model::{ClusterId, Pod};
+use weft::policy::Verdict::Deny;
+use weft::tracker::client::{self, Target};
+use weft::tracker::replica::Replica;
+use weft::tracker::server::Tracker;
+use weft::tracker::source::{ClustersetSource, upstream};
+use weft::tracker::view::{Change, View};
+use weft::tracker::wire::{Object, pb};
+
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-cluster");
+const MAX_STALENESS: Duration = Duration::from_millis(400);
+
+/// A tracker of the clusterset at `dir`, served on `port` until the returned sender fires.
+async fn hub(dir: &Path, port: u16) -> (Tracker, String, tokio::sync::oneshot::Sender<()>) {
+    let mut source = ClustersetSource::new(dir);
+    let tracker = Tracker::new(View::new(uuid::Uuid::new_v4().to_string(), 1000), 1 << 20);
+    tracker.apply_from(&source.name(), source.rescan().expect("clusterset loads"));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tracker.clone();
+    tokio::spawn(async move {
+        served
+            .serve(listener, None, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+    });
+    (tracker, source.name(), stop)
+}
+
+fn pod(cluster: &str, namespace: &str, name: &str, ip: &str) -> Object {
+    Object::Pod(
+        Pod::from_api(
+            &ClusterId::new(cluster).expect("id"),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
+                "status": {"phase": "Running", "podIP": ip}}))
+            .expect("pod"),
+        )
+        .expect("valid"),
+    )
+}
+
+fn has_pod(r: &Replica, cluster: &str, namespace: &str, name: &str) -> bool {
+    r.engine().pod_by_name(cluster, namespace, name).is_some()
+}
+
+#[tokio::test]
+async fn a_spoke_takes_other_clusters_from_its_hub_and_its_own_from_itself() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let (hub_tracker, hub_source, stop_hub) =
+        hub(&Path::new(EXAMPLE).join("3-allow-from-cluster-1"), port).await;
+
+    // The spoke of cluster-2 watches its own cluster: step 2's (deny all), not the hub's.
+    let own_dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(
+        Path::new(EXAMPLE).join("2-default-deny/cluster-2"),
+        own_dir.path().join("cluster-2"),
+    )
+    .expect("symlink");
+    let mut own = ClustersetSource::new(own_dir.path());
+    let spoke = Tracker::new(View::new("spoke", 1000), 1 << 20);
+    spoke.apply_from(&own.name(), own.rescan().expect("own cluster loads"));
+    let hub_target = Target::plaintext(&format!("http://127.0.0.1:{port}")).expect("target");
+    tokio::spawn(upstream::follow(
+        hub_target,
+        ClusterId::new("cluster-2").expect("id"),
+        spoke.clone(),
+        MAX_STALENESS,
+        Duration::from_millis(50),
+    ));
+
+    let replica = Arc::new(RwLock::new(Replica::new()));
+    tokio::spawn(client::follow(
+        tracking::serve(&spoke).await,
+        pb::SubscribeRequest {
+            policy_scope: pb::PolicyScope::AllClusters.into(),
+            ..Default::default()
+        },
+        replica.clone(),
+        Duration::from_millis(50),
+    ));
+    let (from, to) = ("cluster-1/demo-c1/tmp-client", "cluster-2/demo-c2/web-c2");
+    wait_for(&replica, "cluster-1 from the hub", |r| {
+        r.ready() && has_pod(r, "cluster-1", "demo-c1", "tmp-client")
+    })
+    .await;
+    assert_eq!(
+        verdict(&replica.read().expect("lock"), from, to),
+        Deny,
+        "the spoke's own cluster-2 (deny all) wins over the hub's (allow from cluster-1)"
+    );
+
+    // A change in the hub reaches the spoke's subscribers; one to the spoke's own cluster
+    // does not.
+    hub_tracker.apply_from(
+        &hub_source,
+        Change {
+            upserts: vec![
+                pod("cluster-1", "demo-c1", "late", "10.1.9.9"),
+                pod("cluster-2", "demo-c2", "hub-only", "10.2.9.9"),
+            ],
+            ..Change::default()
+        },
+    );
+    wait_for(&replica, "the hub's new pod", |r| {
+        has_pod(r, "cluster-1", "demo-c1", "late")
+    })
+    .await;
+    assert!(!has_pod(
+        &replica.read().expect("lock"),
+        "cluster-2",
+        "demo-c2",
+        "hub-only"
+    ));
+
+    // The hub goes away: its clusters stay (fail static), disconnected, then expire.
+    let _ = stop_hub.send(());
+    wait_for(&replica, "cluster-1 disconnected", |r| {
+        status(r, "cluster-1").is_some_and(|s| !s.connected && s.error.contains("127.0.0.1"))
+    })
+    .await;
+    assert!(has_pod(
+        &replica.read().expect("lock"),
+        "cluster-1",
+        "demo-c1",
+        "late"
+    ));
+    wait_for(&replica, "cluster-1 expired", |r| {
+        status(r, "cluster-1").is_some_and(|s| s.expired && s.stale_for_ms > 400)
+    })
+    .await;
+    let own_status = status(&replica.read().expect("lock"), "cluster-2")
+        .cloned()
+        .expect("own status");
+    assert!(
+        own_status.connected && !own_status.expired,
+        "{own_status:?}"
+    );
+
+    // A restarted hub (a new epoch, step 1's clusters): a fresh snapshot replaces what the
+    // spoke held of cluster-1, deleting what the new hub lacks.
+    let (_hub2, _, _keep) = hub(&Path::new(EXAMPLE).join("1-no-policy"), port).await;
+    wait_for(&replica, "cluster-1 fresh from the restarted hub", |r| {
+        status(r, "cluster-1").is_some_and(|s| s.connected && !s.expired)
+            && !has_pod(r, "cluster-1", "demo-c1", "late")
+            && has_pod(r, "cluster-1", "demo-c1", "tmp-client")
+    })
+    .await;
+    assert_eq!(verdict(&replica.read().expect("lock"), from, to), Deny);
+}
+
+#[tokio::test]
+async fn the_first_source_to_name_a_cluster_keeps_it() {
+    let tracker = Tracker::new(View::new("e", 100), 1 << 20);
+    let mut replica = Replica::new();
+    let url = tracking::serve(&tracker).await;
+    let mut stream = client::subscribe(
+        &url,
+        pb::SubscribeRequest {
+            policy_scope: pb::PolicyScope::AllClusters.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("subscribe");
+    let synced = |cluster: &str| pb::ClusterStatus {
+        cluster: cluster.into(),
+        synced: true,
+        connected: true,
+        ..Default::default()
+    };
+    let from = |pods: Vec<Object>, cluster: &str| Change {
+        upserts: pods,
+        clusters: vec![synced(cluster)],
+        ..Change::default()
+    };
+    tracker.apply_from("first", from(vec![pod("c1", "a", "one", "10.0.0.1")], "c1"));
+    tracker.apply_from(
+        "second",
+        from(vec![pod("c1", "a", "impostor", "10.0.0.2")], "c1"),
+    );
+    tracker.apply_from(
+        "second",
+        from(vec![pod("c2", "a", "two", "10.0.0.3")], "c2"),
+    );
+    tracking::until(
+        &mut stream,
+        &mut replica,
+        "c2 from the second source",
+        |r| has_pod(r, "c2", "a", "two"),
+    )
+    .await;
+    assert!(has_pod(&replica, "c1", "a", "one"));
+    assert!(!has_pod(&replica, "c1", "a", "impostor"), "refused");
+
+    // Once the first source lets go of it, the cluster is free.
+    tracker.apply_from(
+        "first",
+        Change {
+            removed_clusters: vec![ClusterId::new("c1").expect("id")],
+            ..Change::default()
+        },
+    );
+    tracker.apply_from(
+        "second",
+        from(vec![pod("c1", "a", "successor", "10.0.0.2")], "c1"),
+    );
+    tracking::until(
+        &mut stream,
+        &mut replica,
+        "c1 from the second source",
+        |r| has_pod(r, "c1", "a", "successor"),
+    )
+    .await;
+    assert!(!has_pod(&replica, "c1", "a", "one"));
+}
