@@ -58,6 +58,9 @@ struct TrackerArgs {
     /// Address of the gRPC service.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19090")]
     listen: SocketAddr,
+    /// Address of the admin endpoint: /healthz, /readyz (every cluster synced), /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19091")]
+    admin: SocketAddr,
     #[command(flatten)]
     tls: TlsArgs,
     /// Changes (objects and statuses) kept for subscribers that reconnect.
@@ -273,9 +276,14 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
                 }
             });
         }
+        let admin = tokio::net::TcpListener::bind(args.admin)
+            .await
+            .with_context(|| format!("--admin {}", args.admin))?;
+        tracing::info!(addr = %admin.local_addr()?, "admin endpoint");
+        tokio::spawn(crate::admin::serve(admin, tracker.clone(), std::future::pending()));
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
-            .with_context(|| format!("listening on {}", args.listen))?;
+            .with_context(|| format!("--listen {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, %epoch, tls = tls.is_some(), "tracker serving");
         tracker

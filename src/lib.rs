@@ -4,6 +4,7 @@
 //! → what consumes decisions ([`probe`] for the offline what-if, later the proxy).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod model;
 pub mod policy;

@@ -5,6 +5,7 @@
 //! (`source`).
 
 pub mod client;
+pub mod metrics;
 pub mod replica;
 pub mod sequence;
 pub mod server;

@@ -329,6 +329,8 @@ impl TrackerProcess {
             .args([
                 "tracker",
                 "--insecure",
+                "--admin",
+                "127.0.0.1:0",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--clusters",

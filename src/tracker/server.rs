@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{broadcast, mpsc};
@@ -37,6 +38,24 @@ pub struct Tracker {
     /// Turns true when the server shuts down: every stream ends, so that subscribers
     /// reconnect (elsewhere, or to the restarted tracker) instead of waiting.
     closing: Option<tokio::sync::watch::Receiver<bool>>,
+    stats: Arc<Stats>,
+}
+
+/// What the service has done, for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Subscribers being fed now.
+    pub subscribers: AtomicI64,
+    /// Snapshots sent (to new subscribers, to those that could not resume, to laggards).
+    pub snapshots: AtomicU64,
+    /// Subscribers that resumed with only what they missed.
+    pub resumed: AtomicU64,
+    /// Subscribers that fell behind the shared buffer.
+    pub lagged: AtomicU64,
+    /// Subscriptions refused (identity, scope or a malformed request).
+    pub refused: AtomicU64,
+    /// Objects, deletes and statuses refused because another source owns their cluster.
+    pub unowned: AtomicU64,
 }
 
 /// Which source each cluster comes from: the first to name it, until it removes it.
@@ -96,6 +115,7 @@ impl Tracker {
             authenticated: false,
             owners: Arc::default(),
             closing: None,
+            stats: Arc::default(),
         }
     }
 
@@ -109,11 +129,21 @@ impl Tracker {
     /// belongs to the first source that names it, until that source removes it: what
     /// another source says of it is refused, and logged once.
     pub fn apply_from(&self, source: &str, change: Change) {
+        let size = |c: &Change| {
+            c.upserts.len() + c.deletes.len() + c.clusters.len() + c.removed_clusters.len()
+        };
+        let before = size(&change);
         let change = self
             .owners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .filter(source, change);
+        let refused = before - size(&change);
+        if refused > 0 {
+            self.stats
+                .unowned
+                .fetch_add(refused as u64, Ordering::Relaxed);
+        }
         let update = self
             .view
             .write()
@@ -123,6 +153,16 @@ impl Tracker {
             // No subscriber is fine: the delta is in the view's log.
             let _ = self.deltas.send(update);
         }
+    }
+
+    /// Reads the view.
+    pub fn read<R>(&self, f: impl FnOnce(&View) -> R) -> R {
+        f(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// What the service has done.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     /// The current position.
@@ -148,12 +188,17 @@ impl Tracker {
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         let revision = view.position().revision;
         let initial = match resume.and_then(|p| view.since(p)) {
-            Some(missed) => missed.iter().map(|u| scope.filter(u)).collect(),
-            None => view
-                .snapshot(scope, self.part_bytes)
-                .into_iter()
-                .map(Arc::new)
-                .collect(),
+            Some(missed) => {
+                self.stats.resumed.fetch_add(1, Ordering::Relaxed);
+                missed.iter().map(|u| scope.filter(u)).collect()
+            }
+            None => {
+                self.stats.snapshots.fetch_add(1, Ordering::Relaxed);
+                view.snapshot(scope, self.part_bytes)
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect()
+            }
         };
         (receiver, initial, revision)
     }
@@ -218,6 +263,7 @@ impl Tracker {
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    self.stats.lagged.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         ?scope,
                         missed,
@@ -268,12 +314,15 @@ impl pb::tracker_server::Tracker for Tracker {
         }
         .map_err(|e| {
             tracing::warn!(subscriber = ?who, node = %req.node, cluster = %req.cluster, error = %e, "subscriber refused");
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
             refusal(e)
         })?;
         tracing::info!(subscriber = ?who, node = %req.node, cluster = %req.cluster, ?scope, resume = req.resume.is_some(), "subscriber");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let feed = self.clone().feed(scope, req.resume, tx);
         let closing = self.closing.clone();
+        let stats = self.stats.clone();
+        stats.subscribers.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             match closing {
                 Some(mut closing) => {
@@ -284,6 +333,7 @@ impl pb::tracker_server::Tracker for Tracker {
                 }
                 None => feed.await,
             }
+            stats.subscribers.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -83,6 +83,8 @@ pub struct View {
     epoch: String,
     revision: u64,
     objects: BTreeMap<Key, pb::Object>,
+    /// How many objects of each kind each cluster has.
+    counts: BTreeMap<(ClusterId, pb::Kind), usize>,
     clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
     /// The most recent deltas, oldest first.
     log: VecDeque<(usize, Arc<pb::Update>)>,
@@ -101,6 +103,7 @@ impl View {
             epoch: epoch.into(),
             revision: 0,
             objects: BTreeMap::new(),
+            counts: BTreeMap::new(),
             clusters: BTreeMap::new(),
             log: VecDeque::new(),
             logged: 0,
@@ -126,6 +129,11 @@ impl View {
         self.objects.is_empty()
     }
 
+    /// How many objects of each kind each cluster has (kinds with none left out).
+    pub fn counts(&self) -> impl Iterator<Item = (&ClusterId, pb::Kind, usize)> {
+        self.counts.iter().map(|((c, k), n)| (c, *k, *n))
+    }
+
     /// The status of every cluster.
     pub fn clusters(&self) -> impl Iterator<Item = &pb::ClusterStatus> {
         self.clusters.values()
@@ -137,6 +145,7 @@ impl View {
         for cluster in change.removed_clusters {
             let before = self.objects.len();
             self.objects.retain(|k, _| k.cluster != cluster);
+            self.counts.retain(|(c, _), _| *c != cluster);
             let had_status = self.clusters.remove(&cluster).is_some();
             if had_status || before != self.objects.len() {
                 delta.removed_clusters.push(cluster.to_string());
@@ -146,12 +155,22 @@ impl View {
             let wire = pb::Object::from(&o);
             let key = o.key();
             if self.objects.get(&key) != Some(&wire) {
-                self.objects.insert(key, wire.clone());
+                let counted = (key.cluster.clone(), key.kind);
+                if self.objects.insert(key, wire.clone()).is_none() {
+                    *self.counts.entry(counted).or_default() += 1;
+                }
                 delta.upserts.push(wire);
             }
         }
         for key in change.deletes {
             if self.objects.remove(&key).is_some() {
+                let counted = (key.cluster.clone(), key.kind);
+                if let Some(n) = self.counts.get_mut(&counted) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.counts.remove(&counted);
+                    }
+                }
                 delta.deletes.push(pb::ObjectKey::from(&key));
             }
         }

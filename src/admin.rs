@@ -1,0 +1,91 @@
+//! The admin endpoint of weft's processes, over plain HTTP: `/healthz` (the process
+//! answers), `/readyz` (it has what it needs to serve) and `/metrics` (Prometheus text).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+
+/// What a process reports on its admin endpoint.
+pub trait Report: Clone + Send + Sync + 'static {
+    /// `Err` with the reason while the process is not ready to serve.
+    fn ready(&self) -> Result<(), String>;
+    /// The metrics, in the OpenMetrics text format.
+    fn metrics(&self) -> String;
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = http::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// The answer to one request.
+pub fn answer<R: Report, B>(report: &R, request: &Request<B>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if request.method() != http::Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
+    }
+    match request.uri().path() {
+        "/healthz" => respond(StatusCode::OK, TEXT, "ok\n".into()),
+        "/readyz" => match report.ready() {
+            Ok(()) => respond(StatusCode::OK, TEXT, "ready\n".into()),
+            Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
+        },
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            report.metrics(),
+        ),
+        other => respond(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            format!("{other}: not found (try /healthz, /readyz, /metrics)\n"),
+        ),
+    }
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` resolves. A connection that
+/// fails is logged and dropped; the endpoint keeps serving.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    report: impl Report,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: pause rather than spin.
+                    tracing::warn!(error = %e, "admin endpoint: accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let report = report.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let response = answer(&report, &request);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "admin endpoint: connection");
+            }
+        });
+    }
+}
