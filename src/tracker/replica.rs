@@ -1,7 +1,7 @@
 //! A subscriber's replica of the tracker's view: snapshot parts and deltas, every object
 //! validated, applied to the policy engine incrementally. A snapshot is used only once its
-//! last part arrives, positions must follow one another, and an update that fails is not
-//! applied at all: the last good state stays.
+//! last part arrives, positions must follow one another (not even a snapshot goes back within
+//! an epoch), and an update that fails is not applied at all: the last good state stays.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +26,17 @@ pub enum ReplicaError {
         /// Its revision.
         revision: u64,
     },
+    /// A snapshot older than the view it would replace: within an epoch revisions only grow,
+    /// so this is a replay, and applying it would undo changes already applied.
+    #[error("snapshot at {epoch}/{got} is older than the view at {epoch}/{have}")]
+    OlderSnapshot {
+        /// The epoch of both.
+        epoch: String,
+        /// The replica's revision.
+        have: u64,
+        /// The snapshot's revision.
+        got: u64,
+    },
     /// A delta while no complete snapshot has been applied.
     #[error("delta before a complete snapshot")]
     NoSnapshot,
@@ -46,7 +57,10 @@ pub enum ReplicaError {
     Wire(#[from] WireError),
     /// A cluster status naming no valid cluster.
     #[error("cluster status: {0}")]
-    Status(#[from] InvalidClusterId),
+    Status(InvalidClusterId),
+    /// A removed cluster naming no valid cluster.
+    #[error("removed cluster: {0}")]
+    RemovedCluster(InvalidClusterId),
 }
 
 #[derive(Debug)]
@@ -92,7 +106,7 @@ fn validated_statuses(
 ) -> Result<Vec<(ClusterId, pb::ClusterStatus)>, ReplicaError> {
     statuses
         .into_iter()
-        .map(|s| Ok((ClusterId::new(&s.cluster)?, s)))
+        .map(|s| Ok((ClusterId::new(&s.cluster).map_err(ReplicaError::Status)?, s)))
         .collect()
 }
 
@@ -141,11 +155,35 @@ impl Replica {
         }
     }
 
+    /// Gathers a snapshot part. A part that fails drops the snapshot being received: what was
+    /// gathered cannot be completed without what was refused.
     fn snapshot_part(
         &mut self,
         position: pb::Position,
         part: pb::SnapshotPart,
     ) -> Result<(), ReplicaError> {
+        let outcome = self.gather(position, part);
+        if outcome.is_err() {
+            self.assembling = None;
+        }
+        outcome
+    }
+
+    fn gather(
+        &mut self,
+        position: pb::Position,
+        part: pb::SnapshotPart,
+    ) -> Result<(), ReplicaError> {
+        if let Some(current) = &self.position
+            && current.epoch == position.epoch
+            && position.revision < current.revision
+        {
+            return Err(ReplicaError::OlderSnapshot {
+                epoch: position.epoch,
+                have: current.revision,
+                got: position.revision,
+            });
+        }
         let stray = || ReplicaError::StraySnapshotPart {
             epoch: position.epoch.clone(),
             revision: position.revision,
@@ -166,8 +204,7 @@ impl Replica {
         }
         let assembly = self.assembling.as_mut().ok_or_else(stray)?;
         if assembly.position != position {
-            // A part of another snapshot: what was gathered cannot be completed.
-            self.assembling = None;
+            // A part of another snapshot.
             return Err(stray());
         }
         assembly.objects.extend(objects);
@@ -203,7 +240,10 @@ impl Replica {
 
     fn delta(&mut self, position: pb::Position, delta: pb::Delta) -> Result<(), ReplicaError> {
         let current = self.position.as_ref().ok_or(ReplicaError::NoSnapshot)?;
-        if position.epoch != current.epoch || position.revision != current.revision + 1 {
+        // `checked_add`: a revision at the top of the range is the peer's to send.
+        if position.epoch != current.epoch
+            || current.revision.checked_add(1) != Some(position.revision)
+        {
             return Err(ReplicaError::Gap {
                 epoch: current.epoch.clone(),
                 have: current.revision,
@@ -215,7 +255,7 @@ impl Replica {
         let removed = delta
             .removed_clusters
             .iter()
-            .map(|c| ClusterId::new(c))
+            .map(|c| ClusterId::new(c).map_err(ReplicaError::RemovedCluster))
             .collect::<Result<Vec<_>, _>>()?;
         let upserts = delta
             .upserts
@@ -493,5 +533,116 @@ mod tests {
         replica.apply((*d).clone()).expect("delta");
         assert_eq!(replica.engine().counts().0, 1);
         assert_eq!(replica.clusters().count(), 1);
+    }
+
+    /// The snapshot parts of `view`, at most `bytes` each.
+    fn parts(view: &View, bytes: usize) -> Vec<pb::Update> {
+        view.snapshot(&scope(), bytes)
+    }
+
+    fn with_position(mut u: pb::Update, epoch: &str, revision: u64) -> pb::Update {
+        u.position = Some(pb::Position {
+            epoch: epoch.into(),
+            revision,
+        });
+        u
+    }
+
+    #[test]
+    fn a_revision_at_the_top_of_the_range_is_a_gap_not_an_overflow() {
+        let (view, _) = fed();
+        let mut replica = Replica::new();
+        for p in parts(&view, 1 << 20) {
+            replica
+                .apply(with_position(p, "e1", u64::MAX))
+                .expect("part");
+        }
+        let delta = pb::Update {
+            position: Some(pb::Position {
+                epoch: "e1".into(),
+                revision: 0,
+            }),
+            change: Some(pb::update::Change::Delta(pb::Delta::default())),
+        };
+        let e = replica.apply(delta).expect_err("wraps around");
+        assert!(
+            matches!(
+                e,
+                ReplicaError::Gap {
+                    have: u64::MAX,
+                    got: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(replica.position().map(|p| p.revision), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_bad_part_drops_the_snapshot_being_received() {
+        let (mut view, _) = fed();
+        view.apply(Change {
+            upserts: vec![deny_all("c1")],
+            ..Change::default()
+        });
+        let parts = parts(&view, 1);
+        assert!(parts.len() >= 3);
+        let mut replica = Replica::new();
+        replica.apply(parts[0].clone()).expect("first part");
+        // The second part with an object that fails validation: had the rest completed the
+        // snapshot, the view would lack what that part carried (here perhaps the deny-all).
+        let mut bad = parts[1].clone();
+        if let Some(pb::update::Change::Snapshot(s)) = &mut bad.change {
+            s.objects.push(pb::Object { object: None });
+        }
+        assert_eq!(
+            replica.apply(bad),
+            Err(ReplicaError::Wire(WireError::Empty))
+        );
+        for p in &parts[1..] {
+            assert!(matches!(
+                replica.apply(p.clone()),
+                Err(ReplicaError::StraySnapshotPart { .. })
+            ));
+        }
+        assert_eq!(replica.position(), None);
+        assert_eq!(replica.engine().counts(), (0, 0, 0));
+        // The snapshot sent again from its first part is whole.
+        for p in parts {
+            replica.apply(p).expect("part");
+        }
+        assert!(replica.ready());
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
+    }
+
+    #[test]
+    fn an_older_snapshot_of_the_same_epoch_is_refused() {
+        let (mut view, mut replica) = fed();
+        let stale = parts(&view, 1 << 20);
+        let d = view
+            .apply(Change {
+                upserts: vec![deny_all("c1")],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        let e = replica
+            .apply(stale[0].clone())
+            .expect_err("a replay of the view before the deny-all");
+        assert_eq!(
+            e.to_string(),
+            "snapshot at e1/1 is older than the view at e1/2"
+        );
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
+        // The same revision (a subscriber that fell behind) and another epoch (a restarted
+        // tracker, which counts from zero again) both replace the view.
+        for p in parts(&view, 1 << 20) {
+            replica.apply(p).expect("same revision");
+        }
+        for p in stale {
+            replica.apply(with_position(p, "e2", 1)).expect("new epoch");
+        }
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Allow);
     }
 }
