@@ -1,6 +1,6 @@
 //! A subscriber's replica of the tracker's view: the stream checked by [`Sequence`] (every
 //! object validated, a snapshot used only once its last part arrives, positions following one
-//! another), then applied to the policy engine incrementally. An update that fails is not
+//! another, not even a snapshot going back within an epoch), then applied to the policy engine incrementally. An update that fails is not
 //! applied at all: the last good state stays.
 
 use std::collections::BTreeMap;
@@ -163,6 +163,7 @@ mod tests {
     use crate::model::{Pod, Protocol};
     use crate::policy::{Connection, Verdict};
     use crate::tracker::view::{Change, Scope, View};
+    use crate::tracker::wire::WireError;
 
     fn c(id: &str) -> ClusterId {
         ClusterId::new(id).expect("cluster id")
@@ -391,5 +392,116 @@ mod tests {
         replica.apply((*d).clone()).expect("delta");
         assert_eq!(replica.engine().counts().0, 1);
         assert_eq!(replica.clusters().count(), 1);
+    }
+
+    /// The snapshot parts of `view`, at most `bytes` each.
+    fn parts(view: &View, bytes: usize) -> Vec<pb::Update> {
+        view.snapshot(&scope(), bytes)
+    }
+
+    fn with_position(mut u: pb::Update, epoch: &str, revision: u64) -> pb::Update {
+        u.position = Some(pb::Position {
+            epoch: epoch.into(),
+            revision,
+        });
+        u
+    }
+
+    #[test]
+    fn a_revision_at_the_top_of_the_range_is_a_gap_not_an_overflow() {
+        let (view, _) = fed();
+        let mut replica = Replica::new();
+        for p in parts(&view, 1 << 20) {
+            replica
+                .apply(with_position(p, "e1", u64::MAX))
+                .expect("part");
+        }
+        let delta = pb::Update {
+            position: Some(pb::Position {
+                epoch: "e1".into(),
+                revision: 0,
+            }),
+            change: Some(pb::update::Change::Delta(pb::Delta::default())),
+        };
+        let e = replica.apply(delta).expect_err("wraps around");
+        assert!(
+            matches!(
+                e,
+                ReplicaError::Gap {
+                    have: u64::MAX,
+                    got: 0,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(replica.position().map(|p| p.revision), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_bad_part_drops_the_snapshot_being_received() {
+        let (mut view, _) = fed();
+        view.apply(Change {
+            upserts: vec![deny_all("c1")],
+            ..Change::default()
+        });
+        let parts = parts(&view, 1);
+        assert!(parts.len() >= 3);
+        let mut replica = Replica::new();
+        replica.apply(parts[0].clone()).expect("first part");
+        // The second part with an object that fails validation: had the rest completed the
+        // snapshot, the view would lack what that part carried (here perhaps the deny-all).
+        let mut bad = parts[1].clone();
+        if let Some(pb::update::Change::Snapshot(s)) = &mut bad.change {
+            s.objects.push(pb::Object { object: None });
+        }
+        assert_eq!(
+            replica.apply(bad),
+            Err(ReplicaError::Wire(WireError::Empty))
+        );
+        for p in &parts[1..] {
+            assert!(matches!(
+                replica.apply(p.clone()),
+                Err(ReplicaError::StraySnapshotPart { .. })
+            ));
+        }
+        assert_eq!(replica.position(), None);
+        assert_eq!(replica.engine().counts(), (0, 0, 0));
+        // The snapshot sent again from its first part is whole.
+        for p in parts {
+            replica.apply(p).expect("part");
+        }
+        assert!(replica.ready());
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
+    }
+
+    #[test]
+    fn an_older_snapshot_of_the_same_epoch_is_refused() {
+        let (mut view, mut replica) = fed();
+        let stale = parts(&view, 1 << 20);
+        let d = view
+            .apply(Change {
+                upserts: vec![deny_all("c1")],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        let e = replica
+            .apply(stale[0].clone())
+            .expect_err("a replay of the view before the deny-all");
+        assert_eq!(
+            e.to_string(),
+            "snapshot at e1/1 is older than the view at e1/2"
+        );
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
+        // The same revision (a subscriber that fell behind) and another epoch (a restarted
+        // tracker, which counts from zero again) both replace the view.
+        for p in parts(&view, 1 << 20) {
+            replica.apply(p).expect("same revision");
+        }
+        for p in stale {
+            replica.apply(with_position(p, "e2", 1)).expect("new epoch");
+        }
+        assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Allow);
     }
 }

@@ -23,6 +23,17 @@ pub enum ReplicaError {
         /// Its revision.
         revision: u64,
     },
+    /// A snapshot older than the view it would replace: within an epoch revisions only grow,
+    /// so this is a replay, and applying it would undo changes already applied.
+    #[error("snapshot at {epoch}/{got} is older than the view at {epoch}/{have}")]
+    OlderSnapshot {
+        /// The epoch of both.
+        epoch: String,
+        /// The subscriber's revision.
+        have: u64,
+        /// The snapshot's revision.
+        got: u64,
+    },
     /// A delta while no complete snapshot has been applied.
     #[error("delta before a complete snapshot")]
     NoSnapshot,
@@ -43,7 +54,10 @@ pub enum ReplicaError {
     Wire(#[from] WireError),
     /// A cluster status naming no valid cluster.
     #[error("cluster status: {0}")]
-    Status(#[from] InvalidClusterId),
+    Status(InvalidClusterId),
+    /// A removed cluster naming no valid cluster.
+    #[error("removed cluster: {0}")]
+    RemovedCluster(InvalidClusterId),
 }
 
 /// What a valid update amounts to.
@@ -79,7 +93,7 @@ fn validated_statuses(
 ) -> Result<Vec<(ClusterId, pb::ClusterStatus)>, ReplicaError> {
     statuses
         .into_iter()
-        .map(|s| Ok((ClusterId::new(&s.cluster)?, s)))
+        .map(|s| Ok((ClusterId::new(&s.cluster).map_err(ReplicaError::Status)?, s)))
         .collect()
 }
 
@@ -99,11 +113,35 @@ impl Sequence {
         }
     }
 
+    /// Gathers a snapshot part. A part that fails drops the snapshot being received: what was
+    /// gathered cannot be completed without what was refused.
     fn snapshot_part(
         &mut self,
         position: pb::Position,
         part: pb::SnapshotPart,
     ) -> Result<Option<Received>, ReplicaError> {
+        let outcome = self.gather(position, part);
+        if outcome.is_err() {
+            self.assembling = None;
+        }
+        outcome
+    }
+
+    fn gather(
+        &mut self,
+        position: pb::Position,
+        part: pb::SnapshotPart,
+    ) -> Result<Option<Received>, ReplicaError> {
+        if let Some(current) = &self.position
+            && current.epoch == position.epoch
+            && position.revision < current.revision
+        {
+            return Err(ReplicaError::OlderSnapshot {
+                epoch: position.epoch,
+                have: current.revision,
+                got: position.revision,
+            });
+        }
         let stray = || ReplicaError::StraySnapshotPart {
             epoch: position.epoch.clone(),
             revision: position.revision,
@@ -124,8 +162,7 @@ impl Sequence {
         }
         let assembly = self.assembling.as_mut().ok_or_else(stray)?;
         if assembly.position != position {
-            // A part of another snapshot: what was gathered cannot be completed.
-            self.assembling = None;
+            // A part of another snapshot.
             return Err(stray());
         }
         assembly.objects.extend(objects);
@@ -150,7 +187,10 @@ impl Sequence {
         delta: pb::Delta,
     ) -> Result<Received, ReplicaError> {
         let current = self.position.as_ref().ok_or(ReplicaError::NoSnapshot)?;
-        if position.epoch != current.epoch || position.revision != current.revision + 1 {
+        // `checked_add`: a revision at the top of the range is the peer's to send.
+        if position.epoch != current.epoch
+            || current.revision.checked_add(1) != Some(position.revision)
+        {
             return Err(ReplicaError::Gap {
                 epoch: current.epoch.clone(),
                 have: current.revision,
@@ -161,7 +201,7 @@ impl Sequence {
         let removed_clusters = delta
             .removed_clusters
             .iter()
-            .map(|c| ClusterId::new(c))
+            .map(|c| ClusterId::new(c).map_err(ReplicaError::RemovedCluster))
             .collect::<Result<Vec<_>, _>>()?;
         let upserts = delta
             .upserts

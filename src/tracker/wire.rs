@@ -159,9 +159,15 @@ pub enum WireError {
         /// The value.
         value: u32,
     },
-    /// The object fails the validation of its API form.
-    #[error("{0}")]
-    Invalid(#[from] Box<model::ObjectError>),
+    /// The object fails the validation of its API form; named with its cluster, as every
+    /// other wire error is.
+    #[error("{} {cluster}/{}: {}", error.kind, error.name, error.field)]
+    Invalid {
+        /// Its cluster.
+        cluster: ClusterId,
+        /// Why.
+        error: Box<model::ObjectError>,
+    },
 }
 
 fn protocol_to_wire(p: Protocol) -> i32 {
@@ -205,6 +211,14 @@ fn cluster_from_wire(what: &str, cluster: &str) -> Result<ClusterId, WireError> 
         what: what.to_owned(),
         error,
     })
+}
+
+/// Wraps the model's validation error of an object of `cluster`.
+fn invalid(cluster: &ClusterId) -> impl FnOnce(model::ObjectError) -> WireError + '_ {
+    |error| WireError::Invalid {
+        cluster: cluster.clone(),
+        error: Box::new(error),
+    }
 }
 
 fn labels_map(labels: &BTreeMap<String, String>) -> std::collections::HashMap<String, String> {
@@ -530,7 +544,6 @@ impl TryFrom<pb::Object> for Object {
 
     fn try_from(o: pb::Object) -> Result<Self, WireError> {
         use pb::object::Object as O;
-        let invalid = |e: model::ObjectError| WireError::Invalid(Box::new(e));
         Ok(match o.object.ok_or(WireError::Empty)? {
             O::Namespace(n) => {
                 let what = format!("Namespace {}/{}", n.cluster, n.name);
@@ -539,7 +552,11 @@ impl TryFrom<pb::Object> for Object {
                     metadata: metadata(n.name, None, n.uid, labels_from(n.labels)),
                     ..Default::default()
                 };
-                Object::Namespace(Namespace::from_api(&cluster, &api).map_err(invalid)?.0)
+                Object::Namespace(
+                    Namespace::from_api(&cluster, &api)
+                        .map_err(invalid(&cluster))?
+                        .0,
+                )
             }
             O::Pod(p) => {
                 let what = format!("Pod {}/{}/{}", p.cluster, p.namespace, p.name);
@@ -589,7 +606,7 @@ impl TryFrom<pb::Object> for Object {
                         ..Default::default()
                     }),
                 };
-                Object::Pod(Pod::from_api(&cluster, &api).map_err(invalid)?)
+                Object::Pod(Pod::from_api(&cluster, &api).map_err(invalid(&cluster))?)
             }
             O::Node(n) => {
                 let what = format!("Node {}/{}", n.cluster, n.name);
@@ -610,7 +627,7 @@ impl TryFrom<pb::Object> for Object {
                     }),
                     ..Default::default()
                 };
-                Object::Node(Node::from_api(&cluster, &api).map_err(invalid)?)
+                Object::Node(Node::from_api(&cluster, &api).map_err(invalid(&cluster))?)
             }
             O::Service(s) => {
                 let what = format!("Service {}/{}/{}", s.cluster, s.namespace, s.name);
@@ -647,7 +664,7 @@ impl TryFrom<pb::Object> for Object {
                     }),
                     ..Default::default()
                 };
-                Object::Service(Service::from_api(&cluster, &api).map_err(invalid)?)
+                Object::Service(Service::from_api(&cluster, &api).map_err(invalid(&cluster))?)
             }
             O::EndpointSlice(s) => {
                 let what = format!("EndpointSlice {}/{}/{}", s.cluster, s.namespace, s.name);
@@ -691,7 +708,9 @@ impl TryFrom<pb::Object> for Object {
                     ),
                     ports: Some(ports),
                 };
-                Object::EndpointSlice(EndpointSlice::from_api(&cluster, &api).map_err(invalid)?)
+                Object::EndpointSlice(
+                    EndpointSlice::from_api(&cluster, &api).map_err(invalid(&cluster))?,
+                )
             }
             O::NetworkPolicy(p) => {
                 let what = format!("NetworkPolicy {}/{}/{}", p.cluster, p.namespace, p.name);
@@ -700,7 +719,8 @@ impl TryFrom<pb::Object> for Object {
                 // The tracker masked host bits already; a second warning would say nothing new.
                 let mut warnings = Vec::new();
                 Object::NetworkPolicy(
-                    NetworkPolicy::from_api(&cluster, &api, &mut warnings).map_err(invalid)?,
+                    NetworkPolicy::from_api(&cluster, &api, &mut warnings)
+                        .map_err(invalid(&cluster))?,
                 )
             }
         })
@@ -724,7 +744,15 @@ impl TryFrom<pb::ObjectKey> for Key {
     type Error = WireError;
 
     fn try_from(k: pb::ObjectKey) -> Result<Self, WireError> {
-        let what = format!("key {}/{}/{}", k.cluster, k.namespace, k.name);
+        // Named as `Key` displays itself: a pod by its uid.
+        let kind_name = pb::Kind::try_from(k.kind).map_or("UNKNOWN", |kind| {
+            kind.as_str_name().trim_start_matches("KIND_")
+        });
+        let what = if k.kind == i32::from(pb::Kind::Pod) {
+            format!("key {kind_name} {} uid {}", k.cluster, k.uid)
+        } else {
+            format!("key {kind_name} {}/{}/{}", k.cluster, k.namespace, k.name)
+        };
         let kind = pb::Kind::try_from(k.kind)
             .ok()
             .filter(|k| *k != pb::Kind::Unspecified)
@@ -855,7 +883,7 @@ mod tests {
             ),
             (
                 Box::new(|p| p.ips = vec!["10.0.0.300".into()]),
-                "Pod demo/web: status.podIPs[0].ip: invalid IP address",
+                "Pod c1/demo/web: status.podIPs[0].ip: invalid IP address",
             ),
             (
                 Box::new(|p| p.phase = 42),
@@ -921,7 +949,7 @@ mod tests {
             })),
         };
         assert!(policy(bad_cidr).unwrap_err().to_string().contains(
-            "NetworkPolicy demo/p: spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR \"10.0.0/8\""
+            "NetworkPolicy c1/demo/p: spec.ingress[0].from[0].ipBlock.cidr: invalid CIDR \"10.0.0/8\""
         ));
         let empty = pb::Peer { peer: None };
         assert!(
@@ -968,5 +996,26 @@ mod tests {
             ..Default::default()
         };
         assert!(Key::try_from(bad).is_err());
+        // A bad key is named by what identifies it: a pod by its uid.
+        let bad = pb::ObjectKey {
+            kind: pb::Kind::Pod.into(),
+            cluster: "C 1".into(),
+            uid: "uid-1".into(),
+            ..Default::default()
+        };
+        let e = Key::try_from(bad).expect_err("bad cluster").to_string();
+        assert!(
+            e.starts_with("key POD C 1 uid uid-1: invalid cluster id"),
+            "{e}"
+        );
+        let bad = pb::ObjectKey {
+            kind: 99,
+            cluster: "c1".into(),
+            namespace: "demo".into(),
+            name: "p".into(),
+            ..Default::default()
+        };
+        let e = Key::try_from(bad).expect_err("bad kind").to_string();
+        assert_eq!(e, "key UNKNOWN c1/demo/p: unknown kind value 99");
     }
 }
