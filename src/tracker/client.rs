@@ -78,6 +78,7 @@ fn describe(unsynced: &[ClusterId]) -> String {
 pub struct Target {
     url: String,
     tls: Option<TlsFiles>,
+    keepalive: Duration,
 }
 
 impl Target {
@@ -91,6 +92,7 @@ impl Target {
             (Some("https"), Some(_)) | (Some("http"), None) => Ok(Self {
                 url: url.to_owned(),
                 tls,
+                keepalive: Duration::from_secs(30),
             }),
             (Some("https"), None) => Err(bad(
                 "https needs --tls-cert, --tls-key and --tls-ca (mutual TLS)",
@@ -105,6 +107,13 @@ impl Target {
     /// The tracker at `url` in plaintext (tests and demos on one machine).
     pub fn plaintext(url: &str) -> Result<Self, ClientError> {
         Self::new(url, None)
+    }
+
+    /// The same tracker, pinged every `interval` (30 s unless set): one that does not answer
+    /// within a third of it is taken as gone, even if its connection was never closed.
+    pub fn with_keepalive(mut self, interval: Duration) -> Self {
+        self.keepalive = interval;
+        self
     }
 
     /// The URL.
@@ -132,6 +141,9 @@ pub async fn connect(
     }
     let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(target.keepalive)
+        .keep_alive_timeout(target.keepalive / 3)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|error| ClientError::Connect {
@@ -280,7 +292,17 @@ pub async fn follow<F: Follower>(
         }
         .await;
         if let Err(e) = outcome {
-            fresh = matches!(e, ClientError::Update { .. });
+            // What cannot be applied or decoded is not asked for again: a fresh snapshot is.
+            fresh = match &e {
+                ClientError::Update { .. } => true,
+                ClientError::Status { status, .. } => {
+                    matches!(
+                        status.code(),
+                        tonic::Code::OutOfRange | tonic::Code::Internal
+                    )
+                }
+                _ => false,
+            };
             tracing::warn!(error = %e, retry_in = ?delay, "tracker subscription");
             lock().disconnected(&e);
         }

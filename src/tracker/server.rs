@@ -20,6 +20,10 @@ use crate::model::ClusterId;
 
 /// Deltas kept for subscribers that are behind, shared by all of them.
 const SHARED_BUFFER: usize = 4096;
+/// A subscription request is small; anything larger is not one.
+const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// HTTP/2 pings find a peer that vanished without closing its connection.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Updates queued for one subscriber's connection.
 const SUBSCRIBER_BUFFER: usize = 64;
 /// Snapshot parts stay well below tonic's 4 MiB message limit.
@@ -212,7 +216,10 @@ impl Tracker {
         tls: Option<&TlsFiles>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE / 3))
+            .tcp_keepalive(Some(KEEPALIVE));
         let mut tracker = self.clone();
         if let Some(tls) = tls {
             builder = builder.tls_config(tls.server())?;
@@ -237,6 +244,7 @@ impl Tracker {
     pub fn service(&self) -> pb::tracker_server::TrackerServer<Self> {
         pb::tracker_server::TrackerServer::new(self.clone())
             .max_encoding_message_size(4 * SNAPSHOT_PART_BYTES)
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     /// Feeds one subscriber until it goes away.
@@ -254,13 +262,23 @@ impl Tracker {
                     return;
                 }
             }
-            match deltas.recv().await {
+            let fresh = match deltas.recv().await {
+                // Seen already, in the snapshot or the missed deltas this subscriber started
+                // from.
+                Ok(update) if update.position.as_ref().map_or(0, |p| p.revision) <= revision => {
+                    false
+                }
+                Ok(update) if update.change.is_none() => {
+                    tracing::info!(
+                        ?scope,
+                        "a change too large for one delta; sending a fresh snapshot"
+                    );
+                    true
+                }
                 Ok(update) => {
-                    let at = update.position.as_ref().map_or(0, |p| p.revision);
-                    if at > revision {
-                        revision = at;
-                        pending.push(scope.filter(&update));
-                    }
+                    revision = update.position.as_ref().map_or(0, |p| p.revision);
+                    pending.push(scope.filter(&update));
+                    false
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     self.stats.lagged.fetch_add(1, Ordering::Relaxed);
@@ -269,12 +287,16 @@ impl Tracker {
                         missed,
                         "subscriber fell behind; sending a fresh snapshot"
                     );
-                    let (receiver, snapshot, at) = self.start(&scope, None);
-                    deltas = receiver;
-                    revision = at;
-                    pending = snapshot;
+                    true
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if fresh {
+                // The view as it now is, whole.
+                let (receiver, snapshot, at) = self.start(&scope, None);
+                deltas = receiver;
+                revision = at;
+                pending = snapshot;
             }
         }
     }
@@ -313,7 +335,7 @@ impl pb::tracker_server::Tracker for Tracker {
             None => claimed_scope(&req),
         }
         .map_err(|e| {
-            tracing::warn!(subscriber = ?who, node = %req.node, cluster = %req.cluster, error = %e, "subscriber refused");
+            tracing::warn!(subscriber = ?who, node = ?req.node, cluster = ?req.cluster, error = %e, "subscriber refused");
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             refusal(e)
         })?;

@@ -188,7 +188,21 @@ impl Subscriber {
     }
 }
 
+/// The request's policy scope, once its claims are well formed (a node name, a cluster id,
+/// each possibly empty), whatever the scope.
 fn policy_scope(request: &pb::SubscribeRequest) -> Result<pb::PolicyScope, SubscriberError> {
+    if !request.node.is_empty() {
+        node_name(&request.node).map_err(|error| SubscriberError::BadRequest {
+            field: "node",
+            error,
+        })?;
+    }
+    if !request.cluster.is_empty() {
+        ClusterId::new(&request.cluster).map_err(|e| SubscriberError::BadRequest {
+            field: "cluster",
+            error: e.to_string(),
+        })?;
+    }
     pb::PolicyScope::try_from(request.policy_scope).map_err(|_| SubscriberError::BadRequest {
         field: "policy_scope",
         error: format!("unknown value {}", request.policy_scope),
@@ -337,5 +351,21 @@ mod tests {
                 ..
             })
         ));
+        // Claims are checked whatever the scope, also by whom they cannot fool.
+        for (node, cluster, field) in [
+            ("a\nforged log line", "", "node"),
+            ("", "c1\u{0}", "cluster"),
+        ] {
+            for who in [&admin, &spoke] {
+                assert!(matches!(
+                    who.authorize(&request(node, cluster, AllClusters)),
+                    Err(SubscriberError::BadRequest { field: f, .. }) if f == field
+                ));
+            }
+            assert!(matches!(
+                claimed_scope(&request(node, cluster, AllClusters)),
+                Err(SubscriberError::BadRequest { field: f, .. }) if f == field
+            ));
+        }
     }
 }

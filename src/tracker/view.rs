@@ -92,7 +92,12 @@ pub struct View {
     logged: usize,
     /// The most changes `log` holds.
     history: usize,
+    /// The largest delta sent as one: a larger one would pass the message limit.
+    max_delta_bytes: usize,
 }
+
+/// The largest delta sent as one by default, well below tonic's 4 MiB message limit.
+pub const MAX_DELTA_BYTES: usize = 2 << 20;
 
 impl View {
     /// An empty view of a new epoch, keeping the deltas of the last `history` changes
@@ -108,7 +113,14 @@ impl View {
             log: VecDeque::new(),
             logged: 0,
             history,
+            max_delta_bytes: MAX_DELTA_BYTES,
         }
+    }
+
+    /// The same view with deltas larger than `bytes` (encoded) not sent as deltas.
+    pub fn with_max_delta_bytes(mut self, bytes: usize) -> Self {
+        self.max_delta_bytes = bytes;
+        self
     }
 
     /// The current position.
@@ -139,7 +151,10 @@ impl View {
         self.clusters.values()
     }
 
-    /// Applies a change; returns the delta to send, or `None` when nothing changed.
+    /// Applies a change; returns the delta to send, or `None` when nothing changed. A delta
+    /// too large to send as one comes back without its change: a subscriber takes a fresh
+    /// snapshot instead (splitting it could show a half-applied change, say a policy removed
+    /// before its replacement arrives), and it is not kept for resumption.
     pub fn apply(&mut self, change: Change) -> Option<Arc<pb::Update>> {
         let mut delta = pb::Delta::default();
         for cluster in change.removed_clusters {
@@ -195,6 +210,15 @@ impl View {
             position: Some(self.position()),
             change: Some(pb::update::Change::Delta(delta)),
         });
+        let oversized = update.encoded_len() > self.max_delta_bytes;
+        if oversized {
+            self.log.clear();
+            self.logged = 0;
+            return Some(Arc::new(pb::Update {
+                position: update.position.clone(),
+                change: None,
+            }));
+        }
         if changes > self.history {
             self.log.clear();
             self.logged = 0;
