@@ -42,7 +42,8 @@ struct TrackerArgs {
     /// Directory of kubeconfig files: every context of every file is a cluster.
     #[arg(long, value_name = "DIR")]
     kubeconfig_dir: Option<PathBuf>,
-    /// The cluster id of a kubeconfig context whose name is not one (`CONTEXT=ID`).
+    /// The cluster id of a kubeconfig context (`CONTEXT=ID`), for a cluster whose own
+    /// ClusterProperty `cluster.clusterset.k8s.io` names none.
     #[arg(long, value_name = "CONTEXT=ID", value_parser = parse_cluster_name)]
     cluster_name: Vec<(String, ClusterId)>,
     /// Address of the gRPC service.
@@ -179,6 +180,8 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
             bail!("{}: no cluster directory in the clusterset", dir.display());
         }
         if let Some(kubeconfigs) = &args.kubeconfig_dir {
+            // The ids the kubeconfigs claim without asking their API servers: an id a
+            // ClusterProperty names is only known once the cluster is reached.
             let claimed = source::kubernetes::cluster_ids(kubeconfigs, &names);
             if let Some(id) = initial
                 .clusters
