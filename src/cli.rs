@@ -52,7 +52,8 @@ struct TrackerArgs {
     /// upstream.
     #[arg(long, value_name = "ID", requires = "upstream", value_parser = parse_cluster_id)]
     cluster: Option<ClusterId>,
-    /// The cluster id of a kubeconfig context whose name is not one (`CONTEXT=ID`).
+    /// The cluster id of a kubeconfig context (`CONTEXT=ID`), for a cluster whose own
+    /// ClusterProperty `cluster.clusterset.k8s.io` names none.
     #[arg(long, value_name = "CONTEXT=ID", value_parser = parse_cluster_name)]
     cluster_name: Vec<(String, ClusterId)>,
     /// Address of the gRPC service.

@@ -1,15 +1,20 @@
 //! The tracker over Kubernetes API servers (the test API server of `tests/apiserver`), named
 //! by a directory of kubeconfig files, to a subscriber's replica: initial lists, events, a
-//! relist after 410 Gone, faults, and kubeconfig files added and removed at run time.
+//! relist after 410 Gone, faults, kubeconfig files added and removed at run time, cluster ids
+//! (ClusterProperty, mapping, context name), and token, client-certificate and exec
+//! authentication.
 
 mod apiserver;
 mod tracking;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::Duration;
 
 use apiserver::{ApiServer, Fault, Kind};
 use serde_json::json;
 use tracking::{serve, status, until};
+use weft::model::ClusterId;
 use weft::tracker::client;
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
@@ -17,21 +22,73 @@ use weft::tracker::source::kubernetes::watch_kubeconfigs;
 use weft::tracker::view::View;
 use weft::tracker::wire::pb;
 
-fn kubeconfig(contexts: &[(&str, &ApiServer)]) -> String {
-    let mut clusters = String::new();
-    let mut ctxs = String::new();
-    for (name, server) in contexts {
+/// A kubeconfig with one context per (name, server, user), the user a YAML flow mapping of
+/// `users[].user`.
+fn kubeconfig_with(contexts: &[(&str, &ApiServer, &str)]) -> String {
+    let (mut clusters, mut users, mut ctxs) = (String::new(), String::new(), String::new());
+    for (name, server, user) in contexts {
         clusters.push_str(&format!(
-            "- name: {name}\n  cluster: {{server: \"{}\"}}\n",
-            server.url()
+            "- name: {name}\n  cluster: {}\n",
+            server.cluster_entry()
         ));
+        users.push_str(&format!("- name: {name}\n  user: {user}\n"));
         ctxs.push_str(&format!(
-            "- name: {name}\n  context: {{cluster: {name}, user: u}}\n"
+            "- name: {name}\n  context: {{cluster: {name}, user: {name}}}\n"
         ));
     }
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{ctxs}users:\n- name: u\n  user: {{token: t}}\n"
-    )
+    format!("apiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{ctxs}users:\n{users}")
+}
+
+/// A kubeconfig with one context per (name, server), all with a token the servers ignore.
+fn kubeconfig(contexts: &[(&str, &ApiServer)]) -> String {
+    let with_user: Vec<_> = contexts
+        .iter()
+        .map(|(n, s)| (*n, *s, "{token: t}"))
+        .collect();
+    kubeconfig_with(&with_user)
+}
+
+/// A tracker watching the kubeconfig files of `dir` (`names` maps contexts to ids), and a
+/// subscriber's stream of it with its replica.
+async fn follow(dir: &Path, names: &[(&str, &str)]) -> (tonic::Streaming<pb::Update>, Replica) {
+    let names: BTreeMap<String, ClusterId> = names
+        .iter()
+        .map(|(ctx, id)| ((*ctx).to_owned(), ClusterId::new(id).expect("id")))
+        .collect();
+    let tracker = Tracker::new(View::new("e", 10_000), 1 << 20);
+    tokio::spawn(watch_kubeconfigs(
+        dir.to_path_buf(),
+        names,
+        tracker.clone(),
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+    ));
+    let url = serve(&tracker).await;
+    let mut c = client::connect(&url).await.expect("connect");
+    let request = pb::SubscribeRequest {
+        policy_scope: pb::PolicyScope::AllClusters.into(),
+        ..Default::default()
+    };
+    let stream = c.subscribe(request).await.expect("subscribe").into_inner();
+    (stream, Replica::new())
+}
+
+/// Applies what the stream brings for `time`.
+async fn drain(stream: &mut tonic::Streaming<pb::Update>, r: &mut Replica, time: Duration) {
+    let forever = until(stream, r, "nothing", |_| false);
+    let _ = tokio::time::timeout(time, forever).await;
+}
+
+fn synced(r: &Replica, cluster: &str) -> bool {
+    status(r, cluster).is_some_and(|s| s.synced && s.connected && s.error.is_empty())
+}
+
+fn cluster_names(r: &Replica) -> BTreeSet<String> {
+    r.clusters().map(|s| s.cluster.clone()).collect()
+}
+
+fn property(id: &str) -> serde_json::Value {
+    json!({"metadata": {"name": "cluster.clusterset.k8s.io"}, "spec": {"value": id}})
 }
 
 async fn cluster(name: &str) -> ApiServer {
@@ -79,22 +136,7 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
     )
     .expect("write");
 
-    let tracker = Tracker::new(View::new("e", 10_000), 1 << 20);
-    tokio::spawn(watch_kubeconfigs(
-        dir.clone(),
-        Default::default(),
-        tracker.clone(),
-        Duration::from_millis(50),
-        Duration::from_millis(300),
-    ));
-    let url = serve(&tracker).await;
-    let mut c = client::connect(&url).await.expect("connect");
-    let request = pb::SubscribeRequest {
-        policy_scope: pb::PolicyScope::AllClusters.into(),
-        ..Default::default()
-    };
-    let mut stream = c.subscribe(request).await.expect("subscribe").into_inner();
-    let mut r = Replica::new();
+    let (mut stream, mut r) = follow(&dir, &[]).await;
     until(&mut stream, &mut r, "both clusters synced", |r| {
         r.ready() && r.clusters().count() == 2
     })
@@ -213,14 +255,7 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
         e.ingress.notes
     );
     b.set_fault(Fault::None);
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    eprintln!("DEBUG requests after: {:?}", b.requests().len());
     until(&mut stream, &mut r, "b back", |r| {
-        eprintln!(
-            "DEBUG {:?} {:?}",
-            b_to_srv(r).ingress,
-            status(r, "cluster-b").map(|s| (s.connected, s.expired, s.stale_for_ms, s.synced))
-        );
         b_to_srv(r).ingress.why == weft::policy::Why::Allowed
     })
     .await;
@@ -240,4 +275,232 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
         status(r, "cluster-a").is_some_and(|s| s.synced)
     })
     .await;
+}
+
+#[tokio::test]
+async fn cluster_ids_come_from_the_cluster_property_then_the_mapping_then_the_context_name() {
+    // Its ClusterProperty wins over both the mapping and the context name.
+    let prop = cluster("a").await;
+    prop.apply(Kind::ClusterProperty, property("prop-a"));
+    prop.apply(Kind::Pod, pod("web-a", "10.1.0.1"));
+    // No ClusterProperty (the kind is served): the mapping.
+    let mapped = cluster("b").await;
+    mapped.apply(Kind::Pod, pod("web-b", "10.2.0.1"));
+    // No ClusterProperty kind at all (a plain-text 404), no mapping: the context name.
+    let named = cluster("c").await;
+    named.set_installed(Kind::ClusterProperty, false);
+    named.apply(Kind::Pod, pod("web-c", "10.3.0.1"));
+    // A context name that is no cluster id does not matter when the cluster names itself.
+    let odd = cluster("e").await;
+    odd.apply(Kind::ClusterProperty, property("prop-e"));
+    odd.apply(Kind::Pod, pod("web-e", "10.5.0.1"));
+    // A ClusterProperty that is no cluster id.
+    let bad = cluster("d").await;
+    bad.apply(Kind::ClusterProperty, property("Not A Valid Id!"));
+    bad.apply(Kind::Pod, pod("web-d", "10.4.0.1"));
+    // A second cluster naming itself prop-a: one of the two is refused.
+    let twin = cluster("f").await;
+    twin.apply(Kind::ClusterProperty, property("prop-a"));
+    twin.apply(Kind::Pod, pod("web-f", "10.6.0.1"));
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("clusters.yaml"),
+        kubeconfig(&[
+            ("ctx-a", &prop),
+            ("ctx-b", &mapped),
+            ("ctx-c", &named),
+            ("Not_A_Valid_Id!", &odd),
+            ("ctx-d", &bad),
+        ]),
+    )
+    .expect("write");
+    std::fs::write(
+        tmp.path().join("twin.yaml"),
+        kubeconfig(&[("ctx-twin", &twin)]),
+    )
+    .expect("write");
+    let names = [("ctx-a", "mapped-a"), ("ctx-b", "mapped-b")];
+    let (mut stream, mut r) = follow(tmp.path(), &names).await;
+    until(&mut stream, &mut r, "the clusters under their ids", |r| {
+        ["prop-a", "mapped-b", "ctx-c", "prop-e"]
+            .iter()
+            .all(|c| synced(r, c))
+            && status(r, "ctx-d").is_some_and(|s| !s.error.is_empty())
+    })
+    .await;
+    assert!(has_pod(&r, "mapped-b", "web-b") && has_pod(&r, "ctx-c", "web-c"));
+    assert!(has_pod(&r, "prop-e", "web-e"));
+    assert_ne!(
+        has_pod(&r, "prop-a", "web-a"),
+        has_pod(&r, "prop-a", "web-f"),
+        "prop-a is one cluster's, the other is refused"
+    );
+    assert_eq!(
+        cluster_names(&r),
+        ["ctx-c", "ctx-d", "mapped-b", "prop-a", "prop-e"]
+            .map(String::from)
+            .into(),
+        "no cluster under a mapping or a context name its ClusterProperty overrides"
+    );
+    // The bad value: said under the fallback id, which serves nothing.
+    let d = status(&r, "ctx-d").expect("ctx-d");
+    assert!(
+        d.error.contains("ctx-d") && d.error.contains("\"Not A Valid Id!\""),
+        "{}",
+        d.error
+    );
+    assert!(!d.synced && !d.connected && !r.ready());
+    assert!(!has_pod(&r, "ctx-d", "web-d"));
+
+    // Mended, it is watched under its id and the placeholder goes.
+    bad.apply(Kind::ClusterProperty, property("prop-d"));
+    until(&mut stream, &mut r, "prop-d", |r| {
+        synced(r, "prop-d") && status(r, "ctx-d").is_none()
+    })
+    .await;
+    assert!(has_pod(&r, "prop-d", "web-d"));
+    until(&mut stream, &mut r, "every cluster synced", Replica::ready).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_is_unsynced_under_its_fallback_id_until_it_names_itself() {
+    let s = cluster("x").await;
+    s.apply(Kind::ClusterProperty, property("real-x"));
+    s.apply(Kind::Pod, pod("web-x", "10.7.0.1"));
+    s.set_fault(Fault::Down);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("x.yaml"), kubeconfig(&[("ctx-x", &s)])).expect("write");
+    let (mut stream, mut r) = follow(tmp.path(), &[]).await;
+    until(&mut stream, &mut r, "the placeholder", |r| {
+        status(r, "ctx-x").is_some_and(|s| s.error.starts_with("resolving cluster id"))
+    })
+    .await;
+    let x = status(&r, "ctx-x").expect("ctx-x");
+    assert!(!x.synced && !x.connected && !r.ready());
+
+    s.set_fault(Fault::None);
+    until(&mut stream, &mut r, "real-x", |r| {
+        synced(r, "real-x") && status(r, "ctx-x").is_none()
+    })
+    .await;
+    assert!(has_pod(&r, "real-x", "web-x"));
+}
+
+#[tokio::test]
+async fn a_token_rotated_in_the_kubeconfig_file_is_picked_up() {
+    let s = cluster("t").await;
+    s.apply(Kind::Pod, pod("web-1", "10.8.0.1"));
+    s.set_token(Some("one"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let file = tmp.path().join("t.yaml");
+    let with_token =
+        |token: &str| kubeconfig_with(&[("ctx-t", &s, &format!("{{token: {token}}}"))]);
+    // A wrong token: unsynced, with the error.
+    std::fs::write(&file, with_token("zero")).expect("write");
+    let (mut stream, mut r) = follow(tmp.path(), &[]).await;
+    until(&mut stream, &mut r, "refused", |r| {
+        status(r, "ctx-t").is_some_and(|s| s.error.contains("401") && !s.synced)
+    })
+    .await;
+    std::fs::write(&file, with_token("one")).expect("write");
+    until(&mut stream, &mut r, "accepted", |r| synced(r, "ctx-t")).await;
+    assert!(has_pod(&r, "ctx-t", "web-1"));
+
+    // The server moves to a new token; its watches end and are refused again.
+    s.set_token(Some("two"));
+    s.close_watches();
+    until(&mut stream, &mut r, "refused again", |r| {
+        status(r, "ctx-t").is_some_and(|s| !s.error.is_empty() && !s.connected)
+    })
+    .await;
+    // A rewrite with a token that does not work either: the running watchers keep saying how
+    // the cluster is, its last state stale and, past the maximum staleness, expired.
+    std::fs::write(&file, with_token("zero")).expect("write");
+    drain(&mut stream, &mut r, Duration::from_secs(1)).await;
+    let t = status(&r, "ctx-t").expect("ctx-t");
+    assert!(
+        t.expired && !t.error.starts_with("resolving cluster id"),
+        "{t:?}"
+    );
+    assert!(has_pod(&r, "ctx-t", "web-1"));
+    // The file is rewritten with the new token: no restart of the tracker.
+    std::fs::write(&file, with_token("two")).expect("write");
+    s.apply(Kind::Pod, pod("web-2", "10.8.0.2"));
+    until(&mut stream, &mut r, "the new token used", |r| {
+        synced(r, "ctx-t") && has_pod(r, "ctx-t", "web-2")
+    })
+    .await;
+    assert!(
+        has_pod(&r, "ctx-t", "web-1"),
+        "the state was kept across the restart"
+    );
+}
+
+#[tokio::test]
+async fn client_certificate_authentication() {
+    let s = ApiServer::start_tls().await;
+    s.apply(
+        Kind::Namespace,
+        json!({"metadata": {"name": "kube-system"}}),
+    );
+    s.apply(Kind::Pod, pod("web", "10.9.0.1"));
+    let pki = s.pki().expect("TLS");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("tls.yaml"),
+        kubeconfig_with(&[
+            ("with-cert", &s, &pki.user_entry()),
+            ("without-cert", &s, "{token: t}"),
+        ]),
+    )
+    .expect("write");
+    let (mut stream, mut r) = follow(tmp.path(), &[]).await;
+    until(&mut stream, &mut r, "the cluster over mutual TLS", |r| {
+        synced(r, "with-cert") && status(r, "without-cert").is_some_and(|s| !s.error.is_empty())
+    })
+    .await;
+    assert!(has_pod(&r, "with-cert", "web"));
+    let refused = status(&r, "without-cert").expect("without-cert");
+    assert!(
+        refused.error.contains("CertificateRequired"),
+        "the server asked for a certificate: {}",
+        refused.error
+    );
+    assert!(!refused.synced && !has_pod(&r, "without-cert", "web"));
+}
+
+#[tokio::test]
+async fn exec_authentication() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = cluster("x").await;
+    s.apply(Kind::Pod, pod("web", "10.10.0.1"));
+    s.set_token(Some("from-exec"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Outside the kubeconfig directory, which would read it as a kubeconfig.
+    let plugin = tmp.path().join("credential.sh");
+    std::fs::write(
+        &plugin,
+        "#!/bin/sh\necho '{\"apiVersion\": \"client.authentication.k8s.io/v1\", \
+         \"kind\": \"ExecCredential\", \"status\": {\"token\": \"from-exec\"}}'\n",
+    )
+    .expect("write");
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = tmp.path().join("kubeconfigs");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let user = format!(
+        "{{exec: {{apiVersion: client.authentication.k8s.io/v1, command: \"{}\", interactiveMode: Never}}}}",
+        plugin.display()
+    );
+    std::fs::write(
+        dir.join("exec.yaml"),
+        kubeconfig_with(&[("ctx-exec", &s, &user)]),
+    )
+    .expect("write");
+    let (mut stream, mut r) = follow(&dir, &[]).await;
+    until(&mut stream, &mut r, "the cluster", |r| {
+        synced(r, "ctx-exec")
+    })
+    .await;
+    assert!(has_pod(&r, "ctx-exec", "web"));
 }

@@ -45,6 +45,20 @@ pub struct Tracker {
     stats: Arc<Stats>,
 }
 
+/// One source's way into a tracker: everything it applies is in its name.
+#[derive(Debug, Clone)]
+pub struct Feed {
+    tracker: Tracker,
+    source: Arc<str>,
+}
+
+impl Feed {
+    /// Applies a change from this source (see [`Tracker::apply_from`]).
+    pub fn apply(&self, change: Change) {
+        self.tracker.apply_from(&self.source, change);
+    }
+}
+
 /// What the service has done, for metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -159,6 +173,14 @@ impl Tracker {
         }
     }
 
+    /// The way in for the source named `source`.
+    pub fn feed(&self, source: impl Into<Arc<str>>) -> Feed {
+        Feed {
+            tracker: self.clone(),
+            source: source.into(),
+        }
+    }
+
     /// Reads the view.
     pub fn read<R>(&self, f: impl FnOnce(&View) -> R) -> R {
         f(&self.view.read().unwrap_or_else(|e| e.into_inner()))
@@ -248,7 +270,7 @@ impl Tracker {
     }
 
     /// Feeds one subscriber until it goes away.
-    async fn feed(
+    async fn send_updates(
         self,
         scope: Scope,
         resume: Option<pb::Position>,
@@ -341,7 +363,7 @@ impl pb::tracker_server::Tracker for Tracker {
         })?;
         tracing::info!(subscriber = ?who, node = %req.node, cluster = %req.cluster, ?scope, resume = req.resume.is_some(), "subscriber");
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-        let feed = self.clone().feed(scope, req.resume, tx);
+        let feed = self.clone().send_updates(scope, req.resume, tx);
         let closing = self.closing.clone();
         let stats = self.stats.clone();
         stats.subscribers.fetch_add(1, Ordering::Relaxed);

@@ -1,11 +1,12 @@
 //! A test Kubernetes API server for kube-rs's real client: JSON lists with resourceVersion and
-//! paging (`limit`/`continue`), watch streams with ADDED / MODIFIED / DELETED / BOOKMARK, 410
-//! Gone both as a watch ERROR event and as an HTTP status, and knobs to inject faults (down,
-//! 500, hang, slow events). Reusable by every test that needs a cluster: include it with
-//! `mod apiserver;`.
+//! paging (`limit`/`continue`), GET of one object by name, watch streams with ADDED / MODIFIED /
+//! DELETED / BOOKMARK, 410 Gone both as a watch ERROR event and as an HTTP status, knobs to
+//! inject faults (down, 500, hang, slow events, a kind not installed), and authentication: a
+//! required bearer token, and HTTPS with a required client certificate. Reusable by every test
+//! that needs a cluster: include it with `mod apiserver;`.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,8 +19,12 @@ use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 /// The kinds the server serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -36,16 +41,27 @@ pub enum Kind {
     NetworkPolicy,
     /// discovery.k8s.io/v1 EndpointSlice.
     EndpointSlice,
+    /// about.k8s.io/v1alpha1 ClusterProperty (KEP-2149), cluster-scoped: the one named
+    /// `cluster.clusterset.k8s.io` holds the cluster's id in `spec.value`.
+    ClusterProperty,
+}
+
+/// A request's target: a kind, in a namespace or all, one object by name or all.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Node,
         Kind::Service,
         Kind::NetworkPolicy,
         Kind::EndpointSlice,
+        Kind::ClusterProperty,
     ];
 
     /// (URL prefix, plural, namespaced, apiVersion, kind).
@@ -69,21 +85,44 @@ impl Kind {
                 "discovery.k8s.io/v1",
                 "EndpointSlice",
             ),
+            Kind::ClusterProperty => (
+                "/apis/about.k8s.io/v1alpha1",
+                "clusterproperties",
+                false,
+                "about.k8s.io/v1alpha1",
+                "ClusterProperty",
+            ),
         }
     }
 
-    /// The kind and namespace a request path lists or watches.
-    fn from_path(path: &str) -> Option<(Kind, Option<String>)> {
+    /// What a request path lists, watches or gets: `PREFIX/PLURAL[/NAME]`, or for a
+    /// namespaced kind also `PREFIX/namespaces/NS/PLURAL[/NAME]`.
+    fn target(path: &str) -> Option<Target> {
         Kind::ALL.into_iter().find_map(|kind| {
             let (prefix, plural, namespaced, _, _) = kind.api();
-            let rest = path.strip_prefix(prefix)?;
-            if rest == format!("/{plural}") {
-                return Some((kind, None));
+            let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
+            let (namespace, rest) = match rest.strip_prefix("namespaces/") {
+                Some(in_ns) if namespaced => {
+                    let (ns, rest) = in_ns.split_once('/')?;
+                    (Some(ns.to_owned()), rest)
+                }
+                _ => (None, rest),
+            };
+            let name = match rest.strip_prefix(plural)? {
+                "" => None,
+                named => Some(named.strip_prefix('/')?.to_owned()),
+            };
+            if name
+                .as_deref()
+                .is_some_and(|n| n.is_empty() || n.contains('/'))
+            {
+                return None;
             }
-            let ns = rest
-                .strip_prefix("/namespaces/")?
-                .strip_suffix(&format!("/{plural}"))?;
-            (namespaced && !ns.contains('/')).then(|| (kind, Some(ns.to_owned())))
+            Some(Target {
+                kind,
+                namespace,
+                name,
+            })
         })
     }
 }
@@ -140,6 +179,10 @@ struct State {
     requests: Vec<String>,
     /// Lists taken, by (kind, namespace, resourceVersion), for their continue tokens.
     lists: BTreeMap<(Kind, Option<String>, u64), Arc<Vec<Value>>>,
+    /// The bearer token every request must carry, if any.
+    token: Option<String>,
+    /// Kinds served as a real server serves a group it does not have (a CRD not installed).
+    uninstalled: BTreeSet<Kind>,
 }
 
 /// A running test API server on 127.0.0.1.
@@ -148,6 +191,102 @@ pub struct ApiServer {
     state: Arc<Mutex<State>>,
     signals: broadcast::Sender<Signal>,
     task: tokio::task::JoinHandle<()>,
+    pki: Option<Pki>,
+}
+
+/// The certificates of a server started with [`ApiServer::start_tls`]: its CA, which signed
+/// both the server's certificate (for 127.0.0.1) and a client certificate the server accepts.
+pub struct Pki {
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// A client certificate the server accepts, PEM.
+    pub client_cert_pem: String,
+    /// The client certificate's private key, PKCS#8 PEM.
+    pub client_key_pem: String,
+    ca_cert: CertificateDer<'static>,
+    server_cert: CertificateDer<'static>,
+    server_key: Vec<u8>,
+}
+
+fn base64(data: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+impl Pki {
+    /// A fresh CA, a server certificate for 127.0.0.1 and a client certificate.
+    fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name
+            .push(DnType::CommonName, "weft test API server CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
+        let leaf = |sans: Vec<String>, name: &str, usage: ExtendedKeyUsagePurpose| {
+            let mut p = CertificateParams::new(sans).expect("params");
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("key");
+            let cert = p.signed_by(&key, &ca).expect("sign");
+            (cert, key)
+        };
+        let (server, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "apiserver",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client, client_key) = leaf(
+            Vec::new(),
+            "weft-tracker",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        Self {
+            ca_pem: ca.pem(),
+            ca_cert: ca.der().clone(),
+            client_cert_pem: client.pem(),
+            client_key_pem: client_key.serialize_pem(),
+            server_cert: server.der().clone(),
+            server_key: server_key.serialize_der(),
+        }
+    }
+
+    /// The kubeconfig `users[].user` of the client certificate, as a YAML flow mapping.
+    pub fn user_entry(&self) -> String {
+        format!(
+            "{{client-certificate-data: \"{}\", client-key-data: \"{}\"}}",
+            base64(&self.client_cert_pem),
+            base64(&self.client_key_pem)
+        )
+    }
+
+    /// A TLS acceptor that requires a client certificate signed by the CA.
+    fn acceptor(&self) -> TlsAcceptor {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_cert.clone()).expect("CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .expect("client verifier");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()));
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(vec![self.server_cert.clone()], key)
+            .expect("server certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(config))
+    }
 }
 
 impl Drop for ApiServer {
@@ -179,8 +318,18 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 impl ApiServer {
-    /// Starts a server on an ephemeral port of 127.0.0.1.
+    /// Starts a plain-HTTP server on an ephemeral port of 127.0.0.1.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts an HTTPS server on an ephemeral port of 127.0.0.1 that requires a client
+    /// certificate signed by its CA (see [`ApiServer::pki`]).
+    pub async fn start_tls() -> Self {
+        Self::start_with(Some(Pki::generate())).await
+    }
+
+    async fn start_with(pki: Option<Pki>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
@@ -189,21 +338,42 @@ impl ApiServer {
             ..State::default()
         }));
         let (signals, _) = broadcast::channel(4096);
-        let task = tokio::spawn(serve(listener, state.clone(), signals.clone()));
+        let acceptor = pki.as_ref().map(Pki::acceptor);
+        let task = tokio::spawn(serve(listener, acceptor, state.clone(), signals.clone()));
         Self {
             addr,
             state,
             signals,
             task,
+            pki,
         }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT`, or `https://` for a server started with TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// A kube client for this server.
+    /// The certificates of a server started with TLS.
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
+    /// The kubeconfig `clusters[].cluster` of this server (its URL, and its CA when it serves
+    /// TLS), as a YAML flow mapping.
+    pub fn cluster_entry(&self) -> String {
+        match &self.pki {
+            Some(pki) => format!(
+                "{{server: \"{}\", certificate-authority-data: \"{}\"}}",
+                self.url(),
+                base64(&pki.ca_pem)
+            ),
+            None => format!("{{server: \"{}\"}}", self.url()),
+        }
+    }
+
+    /// A kube client for this server, if it is plain HTTP and requires no token.
     pub fn client(&self) -> kube::Client {
         let mut config = kube::Config::new(self.url().parse().expect("url"));
         config.connect_timeout = Some(Duration::from_secs(2));
@@ -320,6 +490,23 @@ impl ApiServer {
         }
     }
 
+    /// Requires `Authorization: Bearer TOKEN` on every request from now on (401 otherwise), or
+    /// no token with `None`. Open watches carry on, as on a real server.
+    pub fn set_token(&self, token: Option<&str>) {
+        lock(&self.state).token = token.map(str::to_owned);
+    }
+
+    /// Serves `kind` (true) or answers it as a real server answers a group it does not have
+    /// (false): a plain-text 404, as for a CRD not installed.
+    pub fn set_installed(&self, kind: Kind, on: bool) {
+        let mut st = lock(&self.state);
+        if on {
+            st.uninstalled.remove(&kind);
+        } else {
+            st.uninstalled.insert(kind);
+        }
+    }
+
     /// Answers expired watches with HTTP 410 (true) or with a 200 carrying an ERROR event.
     pub fn set_gone_as_status(&self, on: bool) {
         lock(&self.state).gone_as_status = on;
@@ -343,6 +530,7 @@ impl ApiServer {
 
 async fn serve(
     listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
     state: Arc<Mutex<State>>,
     signals: broadcast::Sender<Signal>,
 ) {
@@ -354,17 +542,33 @@ async fn serve(
             drop(tcp);
             continue;
         }
-        let (state, signals) = (state.clone(), signals.clone());
+        let (state, signals, acceptor) = (state.clone(), signals.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (state, signals) = (state.clone(), signals.clone());
-                async move { Ok::<_, Infallible>(handle(req, state, signals).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            match acceptor {
+                // A client without an acceptable certificate fails the handshake.
+                Some(acceptor) => {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        serve_connection(tls, state, signals).await;
+                    }
+                }
+                None => serve_connection(tcp, state, signals).await,
+            }
         });
     }
+}
+
+async fn serve_connection(
+    io: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    state: Arc<Mutex<State>>,
+    signals: broadcast::Sender<Signal>,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let (state, signals) = (state.clone(), signals.clone());
+        async move { Ok::<_, Infallible>(handle(req, state, signals).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 /// Decodes `%XX` escapes (the client escapes continue tokens and selectors).
@@ -409,10 +613,10 @@ async fn handle(
     signals: broadcast::Sender<Signal>,
 ) -> Response<Body> {
     let q = query(&req);
-    let fault = {
+    let (fault, token) = {
         let mut st = lock(&state);
         st.requests.push(req.uri().to_string());
-        st.fault
+        (st.fault, st.token.clone())
     };
     match fault {
         Fault::InternalError => {
@@ -434,16 +638,83 @@ async fn handle(
         }
         Fault::None => {}
     }
-    let Some((kind, namespace)) = Kind::from_path(req.uri().path()) else {
+    if let Some(token) = token {
+        let presented = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented != Some(token.as_str()) {
+            return full(
+                StatusCode::UNAUTHORIZED,
+                status(401, "Unauthorized", "Unauthorized"),
+            );
+        }
+    }
+    let Some(target) = Kind::target(req.uri().path()) else {
         return full(
             StatusCode::NOT_FOUND,
-            status(404, "NotFound", "no such resource"),
+            status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     };
-    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    if lock(&state).uninstalled.contains(&target.kind) {
+        // What kube-apiserver answers for a group or version it does not serve.
+        let mut r = Response::new(Full::new(Bytes::from("404 page not found\n")).boxed());
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8".parse().expect("header"),
+        );
+        return r;
+    }
+    let Target {
+        kind,
+        namespace,
+        name,
+    } = target;
+    if let Some(name) = name {
+        get(kind, namespace.as_deref(), &name, &state)
+    } else if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
         watch(kind, namespace, &q, state, signals)
     } else {
         list(kind, namespace.as_deref(), &q, &state)
+    }
+}
+
+/// One object by name, or a 404 Status as the real server words it.
+fn get(kind: Kind, namespace: Option<&str>, name: &str, state: &Mutex<State>) -> Response<Body> {
+    let (prefix, plural, namespaced, _, _) = kind.api();
+    let found = match (namespaced, namespace) {
+        (true, Some(ns)) => lock(state)
+            .objects
+            .get(&(kind, ns.to_owned(), name.to_owned()))
+            .cloned(),
+        (false, _) => lock(state)
+            .objects
+            .get(&(kind, String::new(), name.to_owned()))
+            .cloned(),
+        (true, None) => None,
+    };
+    match found {
+        Some(object) => full(StatusCode::OK, object),
+        None => {
+            let group = prefix
+                .strip_prefix("/apis/")
+                .and_then(|gv| gv.split_once('/'))
+                .map_or("", |(g, _)| g);
+            let resource = if group.is_empty() {
+                plural.to_owned()
+            } else {
+                format!("{plural}.{group}")
+            };
+            let mut body = status(404, "NotFound", &format!("{resource} \"{name}\" not found"));
+            body["details"] = json!({"name": name, "group": group, "kind": plural});
+            full(StatusCode::NOT_FOUND, body)
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! in a directory is a cluster, watched with kube-rs watchers (list, then watch; relist on
 //! 410 Gone; backoff on errors) for the kinds the view holds. A cluster is synced once every
 //! kind's initial list completed; the files are watched, so a cluster added, changed or
-//! removed starts, restarts or stops its watchers without a restart of the tracker.
+//! removed starts, restarts or stops its watchers without a restart of the tracker. A
+//! cluster's id is resolved before it is watched: its own KEP-2149 `ClusterProperty`, else
+//! the context's `--cluster-name` mapping, else the context name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -10,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use ::kube::api::{Api, Resource};
-use ::kube::config::{KubeConfigOptions, Kubeconfig};
+use ::kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Resource};
+use ::kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use ::kube::runtime::WatchStreamExt as _;
 use ::kube::runtime::watcher::{self, Event};
 use futures::StreamExt as _;
@@ -22,9 +24,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
-use super::super::server::Tracker;
+use super::super::server::{Feed, Tracker};
 use super::super::view::Change;
 use super::super::wire::{Key, Object, pb};
+use crate::model::cluster::InvalidClusterId;
 use crate::model::{
     ClusterId, EndpointSlice, LabelSelector, Namespace, NetworkPolicy, Node, ObjectError, Pod,
     Service,
@@ -46,7 +49,7 @@ struct ClusterState {
 
 impl ClusterState {
     /// Updates the status and sends it if it changed (the view ignores repeats).
-    fn update(state: &Mutex<Self>, tracker: &Tracker, f: impl FnOnce(&mut Self)) {
+    fn update(state: &Mutex<Self>, tracker: &Feed, f: impl FnOnce(&mut Self)) {
         let status = {
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             f(&mut s);
@@ -107,7 +110,7 @@ fn key_of(kind: pb::Kind, cluster: &ClusterId, meta: &ObjectMeta) -> Key {
 struct ClusterWatch {
     id: ClusterId,
     client: ::kube::Client,
-    tracker: Tracker,
+    tracker: Feed,
     state: Arc<Mutex<ClusterState>>,
 }
 
@@ -234,7 +237,7 @@ fn policy(id: &ClusterId, o: &net::NetworkPolicy) -> Result<Object, ObjectError>
 pub fn watch_cluster(
     id: ClusterId,
     client: ::kube::Client,
-    tracker: Tracker,
+    tracker: Feed,
     max_staleness: Duration,
 ) -> JoinHandle<()> {
     let state = Arc::new(Mutex::new(ClusterState {
@@ -302,7 +305,78 @@ pub fn watch_cluster(
     })
 }
 
-/// A cluster found in a kubeconfig file.
+/// The KEP-2149 `ClusterProperty` whose `spec.value` is a cluster's own id.
+const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
+
+/// Why a kubeconfig context is not watched as a cluster (yet).
+#[derive(Debug, thiserror::Error)]
+enum SourceError {
+    /// The file cannot be read.
+    #[error("{file}: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is no kubeconfig.
+    #[error("{file}: {source}")]
+    Kubeconfig {
+        file: PathBuf,
+        source: KubeconfigError,
+    },
+    /// The context cannot be used (a missing user, bad certificate data).
+    #[error("{file}, context {context}: {source}")]
+    Context {
+        file: PathBuf,
+        context: String,
+        source: KubeconfigError,
+    },
+    /// The context's client cannot be built.
+    #[error("context {context}: {source}")]
+    Client {
+        context: String,
+        source: ::kube::Error,
+    },
+    /// The cluster's `ClusterProperty` cannot be read (unreachable, refused): retried.
+    #[error("resolving cluster id of context {context}: {source}")]
+    Lookup {
+        context: String,
+        source: ::kube::Error,
+    },
+    /// The cluster's `ClusterProperty` names no valid cluster id.
+    #[error(
+        "resolving cluster id of context {context}: ClusterProperty {CLUSTER_ID_PROPERTY} says {value:?}: {source}"
+    )]
+    BadProperty {
+        context: String,
+        value: String,
+        source: InvalidClusterId,
+    },
+    /// Nothing names the cluster: no `ClusterProperty`, no mapping, an invalid context name.
+    #[error(
+        "resolving cluster id of context {context}: no ClusterProperty {CLUSTER_ID_PROPERTY}, and the context name is no cluster id: map it with --cluster-name CONTEXT=ID ({source})"
+    )]
+    Unnamed {
+        context: String,
+        source: InvalidClusterId,
+    },
+}
+
+/// `e` with the causes its message leaves out: kube's "client error (SendRequest)" does not
+/// say whether the connection was refused or the TLS handshake failed.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !message.contains(&said) {
+            message = format!("{message}: {said}");
+        }
+        cause = c.source();
+    }
+    message
+}
+
+/// A context found in a kubeconfig file: where a cluster comes from.
 #[derive(Debug, Clone)]
 struct Found {
     file: PathBuf,
@@ -311,6 +385,8 @@ struct Found {
     /// The file's contents: a change (rotated credentials, a new server) restarts the
     /// cluster's watchers.
     contents: Vec<u8>,
+    /// Its id unless its API server names one: its `--cluster-name` mapping, else its name.
+    fallback: Result<ClusterId, InvalidClusterId>,
 }
 
 impl PartialEq for Found {
@@ -320,11 +396,19 @@ impl PartialEq for Found {
     }
 }
 
-/// The clusters of the kubeconfig files in `dir`, by id. A context whose name is not a valid
-/// cluster id and has no mapping, a file that does not parse, or two contexts claiming one
-/// id are reported and left out.
-fn scan(dir: &Path, names: &BTreeMap<String, ClusterId>) -> BTreeMap<ClusterId, Found> {
-    let mut found: BTreeMap<ClusterId, Found> = BTreeMap::new();
+/// A context, named by its file and its name.
+type Source = (PathBuf, String);
+
+impl Found {
+    fn source(&self) -> Source {
+        (self.file.clone(), self.context.clone())
+    }
+}
+
+/// Every context of the kubeconfig files in `dir`, in file and context order. A file that
+/// does not parse is reported and left out.
+fn scan(dir: &Path, names: &BTreeMap<String, ClusterId>) -> Vec<Found> {
+    let mut found = Vec::new();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries.filter_map(|e| Some(e.ok()?.path())).collect(),
         Err(e) => {
@@ -341,12 +425,18 @@ fn scan(dir: &Path, names: &BTreeMap<String, ClusterId>) -> BTreeMap<ClusterId, 
             continue;
         }
         let parsed = std::fs::read(&file)
-            .map_err(|e| e.to_string())
+            .map_err(|source| SourceError::Read {
+                file: file.clone(),
+                source,
+            })
             .and_then(|contents| {
                 let text = String::from_utf8_lossy(&contents).into_owned();
                 Kubeconfig::from_yaml(&text)
                     .map(|k| (k, contents))
-                    .map_err(|e| e.to_string())
+                    .map_err(|source| SourceError::Kubeconfig {
+                        file: file.clone(),
+                        source,
+                    })
             });
         let (kubeconfig, contents) = match parsed {
             Ok(k) => k,
@@ -356,55 +446,400 @@ fn scan(dir: &Path, names: &BTreeMap<String, ClusterId>) -> BTreeMap<ClusterId, 
             }
         };
         for ctx in &kubeconfig.contexts {
-            let id = match names.get(&ctx.name) {
-                Some(id) => id.clone(),
-                None => match ClusterId::new(&ctx.name) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        tracing::error!(file = %file.display(), context = %ctx.name, error = %e,
-                            "context name is no cluster id: map it with --cluster-name CONTEXT=ID");
-                        continue;
-                    }
-                },
+            let fallback = match names.get(&ctx.name) {
+                Some(id) => Ok(id.clone()),
+                None => ClusterId::new(&ctx.name),
             };
-            if let Some(first) = found.get(&id) {
-                tracing::error!(cluster = %id, context = %ctx.name, file = %file.display(),
-                    first = %first.file.display(), "two contexts claim one cluster id; the second is refused");
-                continue;
-            }
-            found.insert(
-                id,
-                Found {
-                    file: file.clone(),
-                    context: ctx.name.clone(),
-                    kubeconfig: kubeconfig.clone(),
-                    contents: contents.clone(),
-                },
-            );
+            found.push(Found {
+                file: file.clone(),
+                context: ctx.name.clone(),
+                kubeconfig: kubeconfig.clone(),
+                contents: contents.clone(),
+                fallback,
+            });
         }
     }
     found
 }
 
-/// The cluster ids the kubeconfig files of `dir` name (to refuse a second source of one).
+/// The cluster ids the kubeconfig files of `dir` claim without asking their API servers (each
+/// context's mapping, else its name), to refuse a second source of one at start. A cluster's
+/// own `ClusterProperty` may name another id once it is reached: that is checked then.
 pub fn cluster_ids(dir: &Path, names: &BTreeMap<String, ClusterId>) -> BTreeSet<ClusterId> {
-    scan(dir, names).into_keys().collect()
+    scan(dir, names)
+        .into_iter()
+        .filter_map(|f| f.fallback.ok())
+        .collect()
 }
 
-async fn client(found: &Found) -> Result<::kube::Client, String> {
+async fn client(found: &Found) -> Result<::kube::Client, SourceError> {
     let options = KubeConfigOptions {
         context: Some(found.context.clone()),
         ..Default::default()
     };
     let mut config = ::kube::Config::from_custom_kubeconfig(found.kubeconfig.clone(), &options)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| SourceError::Context {
+            file: found.file.clone(),
+            context: found.context.clone(),
+            source,
+        })?;
     config.connect_timeout = Some(Duration::from_secs(5));
-    ::kube::Client::try_from(config).map_err(|e| e.to_string())
+    ::kube::Client::try_from(config).map_err(|source| SourceError::Client {
+        context: found.context.clone(),
+        source,
+    })
+}
+
+/// The id of the cluster behind `client`, in order: its own `ClusterProperty`, the context's
+/// mapping, the context's name.
+async fn resolve(client: &::kube::Client, found: &Found) -> Result<ClusterId, SourceError> {
+    let gvk = GroupVersionKind::gvk("about.k8s.io", "v1alpha1", "ClusterProperty");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "clusterproperties");
+    let properties: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    match properties.get(CLUSTER_ID_PROPERTY).await {
+        Ok(property) => {
+            let value = property
+                .data
+                .pointer("/spec/value")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default();
+            ClusterId::new(value).map_err(|source| SourceError::BadProperty {
+                context: found.context.clone(),
+                value: value.to_owned(),
+                source,
+            })
+        }
+        // No such object, or no such kind: a server without the CRD may answer in plain
+        // text, which kube does not read as NotFound.
+        Err(::kube::Error::Api(status)) if status.is_not_found() || status.code == 404 => found
+            .fallback
+            .clone()
+            .map_err(|source| SourceError::Unnamed {
+                context: found.context.clone(),
+                source,
+            }),
+        Err(source) => Err(SourceError::Lookup {
+            context: found.context.clone(),
+            source,
+        }),
+    }
+}
+
+/// What a context's resolution tells the loop of [`watch_kubeconfigs`].
+struct Report {
+    source: Source,
+    run: u64,
+    outcome: Result<(ClusterId, ::kube::Client), SourceError>,
+}
+
+/// Builds the context's client and resolves its cluster id, retrying with backoff until it
+/// has one; each failure is reported too. A client that cannot be built waits for the file
+/// to change.
+fn spawn_resolve(
+    found: Found,
+    run: u64,
+    reports: tokio::sync::mpsc::UnboundedSender<Report>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let report = |outcome| Report {
+            source: found.source(),
+            run,
+            outcome,
+        };
+        let client = match client(&found).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reports.send(report(Err(e)));
+                return;
+            }
+        };
+        let mut backoff = watcher::DefaultBackoff::default();
+        loop {
+            let outcome = resolve(&client, &found).await;
+            let resolved = outcome.is_ok();
+            let outcome = outcome.map(|id| (id, client.clone()));
+            // The loop gone means the tracker is stopping.
+            if reports.send(report(outcome)).is_err() || resolved {
+                return;
+            }
+            let pause = backoff.next().unwrap_or(Duration::from_secs(30));
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// How far a context is.
+#[derive(Debug)]
+enum Phase {
+    /// Resolving its cluster id.
+    Resolving(JoinHandle<()>),
+    /// Watching its cluster.
+    Watching(ClusterId, JoinHandle<()>),
+    /// Its cluster id is another context's: it waits for that one to leave.
+    Refused(ClusterId),
+}
+
+/// The id a resolving context holds a place under: a status saying why it is not watched,
+/// or its previous run's watchers, which keep the cluster's state and status true (fresh, or
+/// stale and in time expired) until this run replaces them.
+#[derive(Debug)]
+struct Placeholder {
+    id: ClusterId,
+    previous: Option<JoinHandle<()>>,
+}
+
+impl Placeholder {
+    /// Stops the previous run's watchers; returns the id.
+    fn end(self) -> ClusterId {
+        if let Some(task) = self.previous {
+            task.abort();
+        }
+        self.id
+    }
+}
+
+/// A context of the directory and what it does.
+#[derive(Debug)]
+struct Context {
+    found: Found,
+    /// Which run of the context a report is from (a changed file starts a new one).
+    run: u64,
+    phase: Phase,
+    /// Goes if the context resolves to another id.
+    placeholder: Option<Placeholder>,
+}
+
+/// Every context of the kubeconfig directory, and which holds which cluster id.
+struct Contexts {
+    by_source: BTreeMap<Source, Context>,
+    next_run: u64,
+    reports: tokio::sync::mpsc::UnboundedSender<Report>,
+    tracker: Feed,
+    max_staleness: Duration,
+}
+
+impl Contexts {
+    /// Starts what is new or changed, stops what changed or left.
+    fn rescan(&mut self, wanted: Vec<Found>) {
+        let wanted: BTreeMap<Source, Found> = wanted.into_iter().map(|f| (f.source(), f)).collect();
+        let changed: Vec<Source> = self
+            .by_source
+            .iter()
+            .filter(|(source, c)| wanted.get(*source) != Some(&c.found))
+            .map(|(source, _)| source.clone())
+            .collect();
+        let mut change = Change::default();
+        let mut kept = BTreeMap::new();
+        for source in changed {
+            let Some(old) = self.by_source.remove(&source) else {
+                continue;
+            };
+            let held = match old.phase {
+                Phase::Resolving(task) => {
+                    task.abort();
+                    old.placeholder
+                }
+                Phase::Watching(id, task) => Some(Placeholder {
+                    id,
+                    previous: Some(task),
+                }),
+                Phase::Refused(_) => None,
+            };
+            match held {
+                // A changed file: the cluster keeps its watchers until the new run resolves.
+                Some(held) if wanted.contains_key(&source) => {
+                    kept.insert(source, held);
+                }
+                Some(held) => {
+                    let id = held.end();
+                    tracing::info!(cluster = %id, file = %source.0.display(), context = %source.1,
+                        "cluster left the kubeconfig directory");
+                    change.removed_clusters.push(id);
+                }
+                None => {}
+            }
+        }
+        let released = change.removed_clusters.clone();
+        self.tracker.apply(change);
+        for (source, found) in wanted {
+            if !self.by_source.contains_key(&source) {
+                let placeholder = kept.remove(&source);
+                self.start(found, placeholder);
+            }
+        }
+        self.wake(&released);
+    }
+
+    fn start(&mut self, found: Found, placeholder: Option<Placeholder>) {
+        let run = self.next_run;
+        self.next_run += 1;
+        let task = spawn_resolve(found.clone(), run, self.reports.clone());
+        self.by_source.insert(
+            found.source(),
+            Context {
+                found,
+                run,
+                phase: Phase::Resolving(task),
+                placeholder,
+            },
+        );
+    }
+
+    /// Restarts the contexts refused for one of `ids`, now free.
+    fn wake(&mut self, ids: &[ClusterId]) {
+        let refused: Vec<Found> = self
+            .by_source
+            .values()
+            .filter(|c| matches!(&c.phase, Phase::Refused(id) if ids.contains(id)))
+            .map(|c| c.found.clone())
+            .collect();
+        for found in refused {
+            self.start(found, None);
+        }
+    }
+
+    /// The context that watches `id` or holds a place under it.
+    fn holder(&self, id: &ClusterId) -> Option<&Context> {
+        self.by_source.values().find(|c| match &c.phase {
+            Phase::Watching(watched, _) => watched == id,
+            _ => c.placeholder.as_ref().is_some_and(|p| p.id == *id),
+        })
+    }
+
+    fn report(&mut self, report: Report) {
+        let current = self
+            .by_source
+            .get(&report.source)
+            .is_some_and(|c| c.run == report.run && matches!(c.phase, Phase::Resolving(_)));
+        if !current {
+            // From a run stopped since.
+            return;
+        }
+        match report.outcome {
+            Ok((id, client)) => self.claim(report.source, id, client),
+            Err(e) => self.unresolved(&report.source, &e),
+        }
+    }
+
+    /// A context has no id for now. Unless its previous run's watchers still say how the
+    /// cluster is, that is said under its fallback id, unsynced, so nothing reads the view as
+    /// complete meanwhile.
+    fn unresolved(&mut self, source: &Source, e: &SourceError) {
+        let (file, context) = (source.0.display(), &source.1);
+        let error = with_causes(e);
+        match e {
+            SourceError::Lookup { .. } => {
+                tracing::warn!(%file, %context, %error, "cluster id unresolved; retrying")
+            }
+            _ => tracing::error!(%file, %context, %error, "cluster id unresolved"),
+        }
+        let Some(c) = self.by_source.get(source) else {
+            return;
+        };
+        let id = match &c.placeholder {
+            Some(Placeholder {
+                previous: Some(_), ..
+            }) => return,
+            Some(p) => p.id.clone(),
+            None => match &c.found.fallback {
+                Ok(id) => id.clone(),
+                Err(_) => return,
+            },
+        };
+        if self
+            .holder(&id)
+            .is_some_and(|h| h.found.source() != *source)
+        {
+            // Another context's cluster: its status is not this one's to say.
+            return;
+        }
+        if let Some(c) = self.by_source.get_mut(source) {
+            c.placeholder = Some(Placeholder {
+                id: id.clone(),
+                previous: None,
+            });
+        }
+        self.tracker.apply(Change {
+            clusters: vec![pb::ClusterStatus {
+                cluster: id.to_string(),
+                error,
+                ..Default::default()
+            }],
+            ..Change::default()
+        });
+    }
+
+    /// A context resolved to `id`: it watches the cluster unless another context does.
+    fn claim(&mut self, source: Source, id: ClusterId, client: ::kube::Client) {
+        let (file, context) = (source.0.display(), &source.1);
+        let mut change = Change::default();
+        let first = self
+            .by_source
+            .values()
+            .find(|c| matches!(&c.phase, Phase::Watching(watched, _) if *watched == id));
+        if let Some(first) = first {
+            tracing::error!(cluster = %id, %context, %file, first_context = %first.found.context,
+                first_file = %first.found.file.display(),
+                "two contexts claim one cluster id; the second is refused");
+            if let Some(c) = self.by_source.get_mut(&source) {
+                c.phase = Phase::Refused(id.clone());
+                change
+                    .removed_clusters
+                    .extend(c.placeholder.take().map(Placeholder::end));
+            }
+        } else {
+            // Another context's placeholder under this id goes, with whatever state it kept.
+            for c in self.by_source.values_mut() {
+                let theirs = c.placeholder.as_ref().is_some_and(|p| p.id == id);
+                if c.found.source() != source && theirs {
+                    change
+                        .removed_clusters
+                        .extend(c.placeholder.take().map(Placeholder::end));
+                }
+            }
+            let Some(c) = self.by_source.get_mut(&source) else {
+                return;
+            };
+            // This context's own placeholder goes: under another id with its state; under
+            // this id, its previous run's state stays for the new watchers' relists to replace.
+            if let Some(old) = c.placeholder.take().map(Placeholder::end)
+                && old != id
+            {
+                tracing::info!(cluster = %id, provisional = %old, %context, "cluster id resolved");
+                change.removed_clusters.push(old);
+            }
+            tracing::info!(cluster = %id, %context, %file, "watching cluster");
+            let task = watch_cluster(id.clone(), client, self.tracker.clone(), self.max_staleness);
+            c.phase = Phase::Watching(id.clone(), task);
+        }
+        let released: Vec<ClusterId> = change
+            .removed_clusters
+            .iter()
+            .filter(|r| **r != id)
+            .cloned()
+            .collect();
+        self.tracker.apply(change);
+        self.wake(&released);
+    }
+
+    fn stop(self) {
+        for c in self.by_source.into_values() {
+            if let Phase::Resolving(task) | Phase::Watching(_, task) = c.phase {
+                task.abort();
+            }
+            if let Some(p) = c.placeholder {
+                p.end();
+            }
+        }
+    }
 }
 
 /// Watches the kubeconfig files of `dir` and the clusters they name, applying everything to
-/// `tracker`, until the directory watch fails. `names` maps context names to cluster ids.
+/// `tracker`, until the directory watch fails. Each context's cluster id is resolved once its
+/// client exists and before it is watched: the cluster's own `ClusterProperty`
+/// `cluster.clusterset.k8s.io`, else its mapping in `names`, else the context name. Two
+/// contexts resolving to one id: the second is refused.
 pub async fn watch_kubeconfigs(
     dir: PathBuf,
     names: BTreeMap<String, ClusterId>,
@@ -412,61 +847,57 @@ pub async fn watch_kubeconfigs(
     debounce: Duration,
     max_staleness: Duration,
 ) -> Result<(), notify::Error> {
+    let tracker = tracker.feed(format!("kubeconfig {}", dir.display()));
     use notify::Watcher as _;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut files) = tokio::sync::mpsc::unbounded_channel();
     let mut watch = notify::recommended_watcher(move |event| {
         let _ = tx.send(event);
     })?;
     watch.watch(&dir, notify::RecursiveMode::NonRecursive)?;
-    let mut running: BTreeMap<ClusterId, (Found, JoinHandle<()>)> = BTreeMap::new();
+    let (reports, mut reported) = tokio::sync::mpsc::unbounded_channel();
+    let mut contexts = Contexts {
+        by_source: BTreeMap::new(),
+        next_run: 0,
+        reports,
+        tracker,
+        max_staleness,
+    };
+    contexts.rescan(scan(&dir, &names));
     loop {
-        let wanted = scan(&dir, &names);
-        let mut change = Change::default();
-        running.retain(|id, (found, task)| {
-            let keep = wanted.get(id) == Some(found);
-            if !keep {
-                task.abort();
-                if !wanted.contains_key(id) {
-                    tracing::info!(cluster = %id, "cluster left the kubeconfig directory");
-                    change.removed_clusters.push(id.clone());
+        tokio::select! {
+            event = files.recv() => {
+                let Some(event) = event else {
+                    break;
+                };
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "kubeconfig directory watch");
                 }
+                while let Ok(Some(_)) = tokio::time::timeout(debounce, files.recv()).await {}
+                contexts.rescan(scan(&dir, &names));
             }
-            keep
-        });
-        tracker.apply(change);
-        for (id, found) in wanted {
-            if running.contains_key(&id) {
-                continue;
-            }
-            match client(&found).await {
-                Ok(c) => {
-                    tracing::info!(cluster = %id, context = %found.context, file = %found.file.display(), "watching cluster");
-                    let task = watch_cluster(id.clone(), c, tracker.clone(), max_staleness);
-                    running.insert(id, (found, task));
-                }
-                Err(e) => {
-                    tracing::error!(cluster = %id, file = %found.file.display(), error = %e, "cluster client");
-                    tracker.apply(Change {
-                        clusters: vec![pb::ClusterStatus {
-                            cluster: id.to_string(),
-                            error: e,
-                            ..Default::default()
-                        }],
-                        ..Change::default()
-                    });
-                }
-            }
+            Some(report) = reported.recv() => contexts.report(report),
         }
-        let Some(event) = rx.recv().await else {
-            break;
-        };
-        if let Err(e) = event {
-            tracing::warn!(error = %e, "kubeconfig directory watch");
-        }
-        while let Ok(Some(_)) = tokio::time::timeout(debounce, rx.recv()).await {}
     }
-    for (_, (_, task)) in running {
-        task.abort();
-    }
+    contexts.stop();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("client error")]
+    struct Terse(#[source] std::io::Error);
+
+    #[test]
+    fn causes_are_said_once() {
+        let terse = Terse(std::io::Error::other("connection refused"));
+        assert_eq!(with_causes(&terse), "client error: connection refused");
+        let said = SourceError::Read {
+            file: "k.yaml".into(),
+            source: std::io::Error::other("gone"),
+        };
+        assert_eq!(with_causes(&said), "k.yaml: gone");
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::super::client::{self, ClientError, Follower, Target};
 use super::super::sequence::{Received, ReplicaError, Sequence};
-use super::super::server::Tracker;
+use super::super::server::{Feed, Tracker};
 use super::super::view::Change;
 use super::super::wire::{Key, Object, pb};
 use crate::model::ClusterId;
@@ -18,8 +18,7 @@ use crate::model::ClusterId;
 #[derive(Debug)]
 pub struct Upstream {
     own: ClusterId,
-    source: String,
-    tracker: Tracker,
+    feed: Feed,
     sequence: Sequence,
     /// The keys applied per cluster, so that a fresh snapshot also deletes what it lacks.
     applied: BTreeMap<ClusterId, BTreeSet<Key>>,
@@ -35,8 +34,7 @@ impl Upstream {
     pub fn new(url: &str, own: ClusterId, tracker: Tracker, max_staleness: Duration) -> Self {
         Self {
             own,
-            source: format!("upstream {url}"),
-            tracker,
+            feed: tracker.feed(format!("upstream {url}")),
             sequence: Sequence::default(),
             applied: BTreeMap::new(),
             statuses: BTreeMap::new(),
@@ -136,13 +134,10 @@ impl Upstream {
     /// Applies every hub cluster's status as the spoke now serves it.
     fn publish_statuses(&self) {
         let clusters = self.statuses.values().map(|s| self.aged(s)).collect();
-        self.tracker.apply_from(
-            &self.source,
-            Change {
-                clusters,
-                ..Change::default()
-            },
-        );
+        self.feed.apply(Change {
+            clusters,
+            ..Change::default()
+        });
     }
 }
 
@@ -157,7 +152,7 @@ impl Follower for Upstream {
             Some(Received::Snapshot { objects, clusters }) => self.replace(objects, clusters),
             Some(Received::Delta(change)) => self.follow_delta(change),
         };
-        self.tracker.apply_from(&self.source, change);
+        self.feed.apply(change);
         Ok(())
     }
 
