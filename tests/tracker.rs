@@ -344,6 +344,18 @@ impl TrackerProcess {
     }
 }
 
+impl TrackerProcess {
+    /// Sends the process a signal (`STOP`, `CONT`).
+    fn signal(&self, name: &str) {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.0.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{name}");
+    }
+}
+
 impl Drop for TrackerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -383,5 +395,100 @@ async fn a_follower_survives_a_tracker_restart_and_takes_the_new_view() {
         r.position().map(|p| p.epoch.clone()) != epoch && verdict(r, from, to) == Deny
     })
     .await;
+    follower.abort();
+}
+
+#[tokio::test]
+async fn a_change_too_large_for_one_delta_arrives_as_a_whole_snapshot() {
+    let mut source = ClustersetSource::new(Path::new(EXAMPLE).join("3-allow-from-cluster-1"));
+    let tracker = Tracker::new(
+        View::new("epoch-1", 100).with_max_delta_bytes(2_000),
+        1 << 20,
+    );
+    tracker.apply(source.rescan().expect("example loads"));
+    let url = serve(&tracker).await;
+    let mut c = client::connect(&url).await.expect("connect");
+    let mut stream = c
+        .subscribe(all_clusters())
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut replica = Replica::new();
+    until(&mut stream, &mut replica, "the snapshot", Replica::ready).await;
+    let before = replica.position().cloned().expect("position");
+
+    let many: Vec<Object> = (0..60)
+        .map(|i| pod(&format!("bulk-{i}"), &format!("10.2.3.{i}")))
+        .collect();
+    tracker.apply(Change {
+        upserts: many,
+        ..Change::default()
+    });
+    let u = stream.message().await.expect("ok").expect("an update");
+    assert!(
+        part(&u).is_some_and(|p| p.first),
+        "a fresh snapshot, not a delta: {:?}",
+        u.position
+    );
+    replica.apply(u).expect("applies");
+    until(&mut stream, &mut replica, "all of the change", |r| {
+        r.engine()
+            .pod_by_name("cluster-2", "demo-c2", "bulk-59")
+            .is_some()
+    })
+    .await;
+    assert_eq!(
+        replica.position().map(|p| p.revision),
+        Some(before.revision + 1)
+    );
+
+    // A small change after it is a delta again; resuming from before the large one is a
+    // snapshot, since it was never kept.
+    tracker.apply(Change {
+        upserts: vec![pod("small", "10.2.4.1")],
+        ..Change::default()
+    });
+    let u = stream.message().await.expect("ok").expect("an update");
+    assert!(part(&u).is_none(), "a delta");
+    let resume = pb::SubscribeRequest {
+        resume: Some(before),
+        ..all_clusters()
+    };
+    let mut stream = c.subscribe(resume).await.expect("subscribe").into_inner();
+    let u = stream.message().await.expect("ok").expect("an update");
+    assert!(part(&u).is_some_and(|p| p.first));
+}
+
+#[tokio::test]
+async fn a_tracker_that_stops_answering_is_noticed_without_a_closed_connection() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let tracker = TrackerProcess::start(&Path::new(EXAMPLE).join("1-no-policy"), port);
+    let replica = std::sync::Arc::new(std::sync::RwLock::new(Replica::new()));
+    let target = client::Target::plaintext(&format!("http://127.0.0.1:{port}"))
+        .expect("target")
+        .with_keepalive(Duration::from_millis(300));
+    let follower = tokio::spawn(client::follow(
+        target,
+        all_clusters(),
+        replica.clone(),
+        Duration::from_millis(50),
+    ));
+    wait_for(&replica, "the view", |r| {
+        r.ready() && r.stale_for().is_none()
+    })
+    .await;
+
+    // Frozen: its connection stays open, but it answers no ping.
+    tracker.signal("STOP");
+    wait_for(&replica, "the tracker taken as gone", |r| {
+        r.stale_for().is_some()
+    })
+    .await;
+    assert!(replica.read().expect("lock").ready(), "fail static");
+    tracker.signal("CONT");
+    wait_for(&replica, "the tracker back", |r| r.stale_for().is_none()).await;
     follower.abort();
 }
