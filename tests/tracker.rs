@@ -14,7 +14,7 @@ use weft::tracker::wire::{Object, pb};
 
 mod tracking;
 
-use tracking::{serve, status, until, verdict, wait_for};
+use tracking::{all_clusters, serve, status, synced, until, verdict, wait_for};
 
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-cluster");
 
@@ -23,13 +23,6 @@ fn example_tracker(part_bytes: usize) -> Tracker {
     let tracker = Tracker::new(View::new("epoch-1", 100), part_bytes);
     tracker.apply(source.rescan().expect("example loads"));
     tracker
-}
-
-fn all_clusters() -> pb::SubscribeRequest {
-    pb::SubscribeRequest {
-        policy_scope: pb::PolicyScope::AllClusters.into(),
-        ..Default::default()
-    }
 }
 
 fn pod(name: &str, ip: &str) -> Object {
@@ -254,14 +247,7 @@ async fn the_clusterset_directory_is_watched_and_a_bad_file_keeps_the_last_good_
     tracker.apply_from(&source.name(), source.rescan().expect("loads"));
     tokio::spawn(watch(source, tracker.clone(), Duration::from_millis(50)));
     let url = serve(&tracker).await;
-    let mut c = client::connect(&url).await.expect("connect");
-    let mut stream = c
-        .subscribe(all_clusters())
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut replica = Replica::new();
-    until(&mut stream, &mut replica, "the snapshot", Replica::ready).await;
+    let (mut stream, mut replica) = synced(&url).await;
     let (client, web) = ("cluster-1/demo-c1/tmp-client", "cluster-2/demo-c2/web-c2");
     assert_eq!(verdict(&replica, client, web), Allow);
 
@@ -407,14 +393,7 @@ async fn a_change_too_large_for_one_delta_arrives_as_a_whole_snapshot() {
     );
     tracker.apply(source.rescan().expect("example loads"));
     let url = serve(&tracker).await;
-    let mut c = client::connect(&url).await.expect("connect");
-    let mut stream = c
-        .subscribe(all_clusters())
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut replica = Replica::new();
-    until(&mut stream, &mut replica, "the snapshot", Replica::ready).await;
+    let (mut stream, mut replica) = synced(&url).await;
     let before = replica.position().cloned().expect("position");
 
     let many: Vec<Object> = (0..60)
@@ -454,7 +433,7 @@ async fn a_change_too_large_for_one_delta_arrives_as_a_whole_snapshot() {
         resume: Some(before),
         ..all_clusters()
     };
-    let mut stream = c.subscribe(resume).await.expect("subscribe").into_inner();
+    let mut stream = client::subscribe(&url, resume).await.expect("subscribe");
     let u = stream.message().await.expect("ok").expect("an update");
     assert!(part(&u).is_some_and(|p| p.first));
 }

@@ -97,15 +97,7 @@ async fn readiness_and_metrics_follow_the_view() {
 
     // A subscriber, to be counted.
     let url = tracking::serve(&tracker).await;
-    let _stream = weft::tracker::client::subscribe(
-        &url,
-        pb::SubscribeRequest {
-            policy_scope: pb::PolicyScope::AllClusters.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("subscribe");
+    let _stream = tracking::subscribe_all(&url).await;
     let (code, metrics) = http(addr, "GET", "/metrics").await;
     assert_eq!(code, 200);
     for line in [

@@ -91,10 +91,7 @@ async fn a_spoke_takes_other_clusters_from_its_hub_and_its_own_from_itself() {
     let replica = Arc::new(RwLock::new(Replica::new()));
     tokio::spawn(client::follow(
         tracking::serve(&spoke).await,
-        pb::SubscribeRequest {
-            policy_scope: pb::PolicyScope::AllClusters.into(),
-            ..Default::default()
-        },
+        tracking::all_clusters(),
         replica.clone(),
         Duration::from_millis(50),
     ));
@@ -173,15 +170,7 @@ async fn the_first_source_to_name_a_cluster_keeps_it() {
     let tracker = Tracker::new(View::new("e", 100), 1 << 20);
     let mut replica = Replica::new();
     let url = tracking::serve(&tracker).await;
-    let mut stream = client::subscribe(
-        &url,
-        pb::SubscribeRequest {
-            policy_scope: pb::PolicyScope::AllClusters.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("subscribe");
+    let mut stream = tracking::subscribe_all(&url).await;
     let synced = |cluster: &str| pb::ClusterStatus {
         cluster: cluster.into(),
         synced: true,

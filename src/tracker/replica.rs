@@ -195,6 +195,17 @@ mod tests {
         )
     }
 
+    /// Applies a deny-all policy in c1 to `view` and its delta to `replica`.
+    fn deny_all_in(view: &mut View, replica: &mut Replica) {
+        let d = view
+            .apply(Change {
+                upserts: vec![deny_all("c1")],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+    }
+
     fn synced(cluster: &str, synced: bool) -> pb::ClusterStatus {
         pb::ClusterStatus {
             cluster: cluster.into(),
@@ -242,13 +253,7 @@ mod tests {
         let (mut view, mut replica) = fed();
         assert!(replica.ready());
         assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Allow);
-        let d = view
-            .apply(Change {
-                upserts: vec![deny_all("c1")],
-                ..Change::default()
-            })
-            .expect("a change");
-        replica.apply((*d).clone()).expect("delta");
+        deny_all_in(&mut view, &mut replica);
         assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Deny);
         assert_eq!(replica.position(), Some(&view.position()));
         let d = view
@@ -479,13 +484,7 @@ mod tests {
     fn an_older_snapshot_of_the_same_epoch_is_refused() {
         let (mut view, mut replica) = fed();
         let stale = parts(&view, 1 << 20);
-        let d = view
-            .apply(Change {
-                upserts: vec![deny_all("c1")],
-                ..Change::default()
-            })
-            .expect("a change");
-        replica.apply((*d).clone()).expect("delta");
+        deny_all_in(&mut view, &mut replica);
         let e = replica
             .apply(stale[0].clone())
             .expect_err("a replay of the view before the deny-all");

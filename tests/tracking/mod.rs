@@ -25,6 +25,29 @@ pub async fn serve(tracker: &Tracker) -> Target {
     Target::plaintext(&format!("http://{addr}")).expect("a plaintext target")
 }
 
+/// A request for the whole view, every cluster's policies included.
+pub fn all_clusters() -> pb::SubscribeRequest {
+    pb::SubscribeRequest {
+        policy_scope: pb::PolicyScope::AllClusters.into(),
+        ..Default::default()
+    }
+}
+
+/// Subscribes to the whole view at `target`.
+pub async fn subscribe_all(target: &Target) -> tonic::Streaming<pb::Update> {
+    weft::tracker::client::subscribe(target, all_clusters())
+        .await
+        .expect("subscribe")
+}
+
+/// Subscribes to the whole view at `target` and reads it into a replica until it is ready.
+pub async fn synced(target: &Target) -> (tonic::Streaming<pb::Update>, Replica) {
+    let mut stream = subscribe_all(target).await;
+    let mut replica = Replica::new();
+    until(&mut stream, &mut replica, "a ready replica", Replica::ready).await;
+    (stream, replica)
+}
+
 /// Reads updates into `replica` until `done` holds of it, for at most 20 s.
 pub async fn until(
     stream: &mut tonic::Streaming<pb::Update>,
