@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod identity;
 pub mod model;
 pub mod policy;
 pub mod probe;
