@@ -222,3 +222,65 @@ async fn the_first_source_to_name_a_cluster_keeps_it() {
     .await;
     assert!(!has_pod(&replica, "c1", "a", "one"));
 }
+
+fn weft(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(args)
+        .output()
+        .expect("run weft")
+}
+
+#[test]
+fn two_sources_of_one_cluster_and_a_spoke_without_its_own_are_refused_at_start() {
+    let kubeconfigs = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        kubeconfigs.path().join("config"),
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"http://127.0.0.1:1\"}\ncontexts:\n- name: cluster-1\n  context: {cluster: c, user: u}\nusers:\n- name: u\n  user: {token: t}\n",
+    )
+    .expect("write");
+    let clusters = format!("{EXAMPLE}/1-no-policy");
+    let kube = kubeconfigs.path().display().to_string();
+    let common = [
+        "tracker",
+        "--insecure",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let mut args = common.to_vec();
+    args.extend(["--clusters", &clusters, "--kubeconfig-dir", &kube]);
+    let out = weft(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cluster cluster-1 is claimed by both"),
+        "{stderr}"
+    );
+
+    let mut args = common.to_vec();
+    args.extend([
+        "--clusters",
+        &clusters,
+        "--upstream",
+        "http://127.0.0.1:1",
+        "--cluster",
+        "cluster-9",
+    ]);
+    let out = weft(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--cluster cluster-9: no --clusters or --kubeconfig-dir source names it"),
+        "{stderr}"
+    );
+    let out = weft(&[
+        "tracker",
+        "--insecure",
+        "--clusters",
+        &clusters,
+        "--cluster",
+        "cluster-1",
+    ]);
+    assert!(!out.status.success(), "--cluster needs --upstream");
+}
