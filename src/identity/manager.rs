@@ -195,8 +195,8 @@ fn certified(
         .chain
         .first()
         .ok_or_else(|| bad("an empty chain".into()))?;
-    let named = spiffe::cert::spiffe_id_from_der(leaf).map_err(|e| bad(e.to_string()))?;
-    if named.to_string() != identity.to_string() {
+    let named = super::svid::leaf_identity(leaf).map_err(|e| bad(e.to_string()))?;
+    if named != *identity {
         return Err(bad(format!("the certificate is for {named}")));
     }
     let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
@@ -489,6 +489,7 @@ mod tests {
                 let now = time::OffsetDateTime::now_utc();
                 csr.params.not_before = now - time::Duration::minutes(5);
                 csr.params.not_after = now + ttl;
+                csr.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
                 if self.wrong {
                     csr.params.subject_alt_names = vec![SanType::URI(
                         format!("spiffe://{}/ns/other/sa/other", identity.trust_domain())
