@@ -1,5 +1,6 @@
 //! kube-rs's real client and watcher against the test API server: paged lists, watch events,
-//! 410 Gone with relist, faults and recovery. The tracker's tests build on the same fixture.
+//! 410 Gone with relist, faults and recovery, events held back and released out of order. The
+//! tracker's tests build on the same fixture.
 
 mod apiserver;
 
@@ -187,4 +188,46 @@ async fn gone_can_be_an_http_status_and_bookmarks_carry_the_version() {
         }
         other => panic!("expected a bookmark, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn held_events_are_released_newest_first() {
+    let server = ApiServer::start().await;
+    server.apply(Kind::Pod, pod("n1", "old", "10.0.0.1"));
+    let api: Api<Pod> = Api::all(server.client());
+    let mut events = api
+        .watch(
+            &kube::api::WatchParams::default(),
+            &server.resource_version().to_string(),
+        )
+        .await
+        .expect("watch starts")
+        .boxed();
+    server.hold_events();
+    server.delete(Kind::Pod, "n1", "old");
+    server.apply(Kind::Pod, pod("n2", "new", "10.0.0.1"));
+    // Held: the watch says nothing, a list already has the change.
+    let quiet = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+    assert!(quiet.is_err(), "held: {quiet:?}");
+    let listed = api.list(&Default::default()).await.expect("list");
+    let names: Vec<_> = listed
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    assert_eq!(names, ["new"]);
+
+    server.release_events_reversed();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        match events.next().await {
+            Some(Ok(kube::api::WatchEvent::Added(p))) => seen.push(("ADDED", p)),
+            Some(Ok(kube::api::WatchEvent::Deleted(p))) => seen.push(("DELETED", p)),
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+    let seen: Vec<_> = seen
+        .iter()
+        .map(|(t, p)| (*t, p.metadata.name.as_deref().unwrap_or_default()))
+        .collect();
+    assert_eq!(seen, [("ADDED", "new"), ("DELETED", "old")]);
 }

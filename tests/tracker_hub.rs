@@ -5,14 +5,13 @@
 
 mod tracking;
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tracking::{status, verdict, wait_for};
+use tracking::{Served, has_pod, serve_on, status, subscriber, verdict, wait_for};
 use weft::model::{ClusterId, Pod};
 use weft::policy::Verdict::Deny;
-use weft::tracker::client::{self, Target};
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
 use weft::tracker::source::{ClustersetSource, upstream};
@@ -22,25 +21,13 @@ use weft::tracker::wire::{Object, pb};
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-cluster");
 const MAX_STALENESS: Duration = Duration::from_millis(400);
 
-/// A tracker of the clusterset at `dir`, served on `port` until the returned sender fires.
-async fn hub(dir: &Path, port: u16) -> (Tracker, String, tokio::sync::oneshot::Sender<()>) {
+/// A tracker of the clusterset at `dir`, served on `addr` until stopped.
+async fn hub(dir: &Path, addr: SocketAddr) -> (Tracker, String, Served) {
     let mut source = ClustersetSource::new(dir);
     let tracker = Tracker::new(View::new(uuid::Uuid::new_v4().to_string(), 1000), 1 << 20);
     tracker.apply_from(&source.name(), source.rescan().expect("clusterset loads"));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = tracker.clone();
-    tokio::spawn(async move {
-        served
-            .serve(listener, None, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("serve");
-    });
-    (tracker, source.name(), stop)
+    let served = serve_on(&tracker, addr).await;
+    (tracker, source.name(), served)
 }
 
 fn pod(cluster: &str, namespace: &str, name: &str, ip: &str) -> Object {
@@ -56,18 +43,13 @@ fn pod(cluster: &str, namespace: &str, name: &str, ip: &str) -> Object {
     )
 }
 
-fn has_pod(r: &Replica, cluster: &str, namespace: &str, name: &str) -> bool {
-    r.engine().pod_by_name(cluster, namespace, name).is_some()
-}
-
 #[tokio::test]
 async fn a_spoke_takes_other_clusters_from_its_hub_and_its_own_from_itself() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let (hub_tracker, hub_source, stop_hub) =
-        hub(&Path::new(EXAMPLE).join("3-allow-from-cluster-1"), port).await;
+    let (hub_tracker, hub_source, first_hub) = hub(
+        &Path::new(EXAMPLE).join("3-allow-from-cluster-1"),
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await;
 
     // The spoke of cluster-2 watches its own cluster: step 2's (deny all), not the hub's.
     let own_dir = tempfile::tempdir().expect("tempdir");
@@ -79,22 +61,16 @@ async fn a_spoke_takes_other_clusters_from_its_hub_and_its_own_from_itself() {
     let mut own = ClustersetSource::new(own_dir.path());
     let spoke = Tracker::new(View::new("spoke", 1000), 1 << 20);
     spoke.apply_from(&own.name(), own.rescan().expect("own cluster loads"));
-    let hub_target = Target::plaintext(&format!("http://127.0.0.1:{port}")).expect("target");
+    let hub_addr = first_hub.addr;
     tokio::spawn(upstream::follow(
-        hub_target,
+        first_hub.target.clone(),
         ClusterId::new("cluster-2").expect("id"),
         spoke.clone(),
         MAX_STALENESS,
         Duration::from_millis(50),
     ));
 
-    let replica = Arc::new(RwLock::new(Replica::new()));
-    tokio::spawn(client::follow(
-        tracking::serve(&spoke).await,
-        tracking::all_clusters(),
-        replica.clone(),
-        Duration::from_millis(50),
-    ));
+    let replica = subscriber(tracking::serve(&spoke).await);
     let (from, to) = ("cluster-1/demo-c1/tmp-client", "cluster-2/demo-c2/web-c2");
     wait_for(&replica, "cluster-1 from the hub", |r| {
         r.ready() && has_pod(r, "cluster-1", "demo-c1", "tmp-client")
@@ -130,7 +106,7 @@ async fn a_spoke_takes_other_clusters_from_its_hub_and_its_own_from_itself() {
     ));
 
     // The hub goes away: its clusters stay (fail static), disconnected, then expire.
-    let _ = stop_hub.send(());
+    first_hub.stop().await;
     wait_for(&replica, "cluster-1 disconnected", |r| {
         status(r, "cluster-1").is_some_and(|s| !s.connected && s.error.contains("127.0.0.1"))
     })
@@ -155,7 +131,7 @@ async fn a_spoke_takes_other_clusters_from_its_hub_and_its_own_from_itself() {
 
     // A restarted hub (a new epoch, step 1's clusters): a fresh snapshot replaces what the
     // spoke held of cluster-1, deleting what the new hub lacks.
-    let (_hub2, _, _keep) = hub(&Path::new(EXAMPLE).join("1-no-policy"), port).await;
+    let (_hub2, _, _serving) = hub(&Path::new(EXAMPLE).join("1-no-policy"), hub_addr).await;
     wait_for(&replica, "cluster-1 fresh from the restarted hub", |r| {
         status(r, "cluster-1").is_some_and(|s| s.connected && !s.expired)
             && !has_pod(r, "cluster-1", "demo-c1", "late")

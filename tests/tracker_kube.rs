@@ -7,62 +7,21 @@
 mod apiserver;
 mod tracking;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use apiserver::{ApiServer, Fault, Kind};
+use apiserver::{ApiServer, Fault, Kind, kubeconfig, kubeconfig_with};
 use serde_json::json;
-use tracking::{serve, status, until};
-use weft::model::ClusterId;
+use tracking::{connection, kube_tracker, serve, status, until};
 use weft::tracker::client;
 use weft::tracker::replica::Replica;
-use weft::tracker::server::Tracker;
-use weft::tracker::source::kubernetes::watch_kubeconfigs;
-use weft::tracker::view::View;
 use weft::tracker::wire::pb;
-
-/// A kubeconfig with one context per (name, server, user), the user a YAML flow mapping of
-/// `users[].user`.
-fn kubeconfig_with(contexts: &[(&str, &ApiServer, &str)]) -> String {
-    let (mut clusters, mut users, mut ctxs) = (String::new(), String::new(), String::new());
-    for (name, server, user) in contexts {
-        clusters.push_str(&format!(
-            "- name: {name}\n  cluster: {}\n",
-            server.cluster_entry()
-        ));
-        users.push_str(&format!("- name: {name}\n  user: {user}\n"));
-        ctxs.push_str(&format!(
-            "- name: {name}\n  context: {{cluster: {name}, user: {name}}}\n"
-        ));
-    }
-    format!("apiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{ctxs}users:\n{users}")
-}
-
-/// A kubeconfig with one context per (name, server), all with a token the servers ignore.
-fn kubeconfig(contexts: &[(&str, &ApiServer)]) -> String {
-    let with_user: Vec<_> = contexts
-        .iter()
-        .map(|(n, s)| (*n, *s, "{token: t}"))
-        .collect();
-    kubeconfig_with(&with_user)
-}
 
 /// A tracker watching the kubeconfig files of `dir` (`names` maps contexts to ids), and a
 /// subscriber's stream of it with its replica.
 async fn follow(dir: &Path, names: &[(&str, &str)]) -> (tonic::Streaming<pb::Update>, Replica) {
-    let names: BTreeMap<String, ClusterId> = names
-        .iter()
-        .map(|(ctx, id)| ((*ctx).to_owned(), ClusterId::new(id).expect("id")))
-        .collect();
-    let tracker = Tracker::new(View::new("e", 10_000), 1 << 20);
-    tokio::spawn(watch_kubeconfigs(
-        dir.to_path_buf(),
-        names,
-        tracker.clone(),
-        Duration::from_millis(50),
-        Duration::from_millis(300),
-    ));
+    let tracker = kube_tracker(dir, names, Duration::from_millis(300));
     let url = serve(&tracker).await;
     let mut c = client::connect(&url).await.expect("connect");
     let request = pb::SubscribeRequest {
@@ -110,7 +69,7 @@ fn pod(name: &str, ip: &str) -> serde_json::Value {
 }
 
 fn has_pod(r: &Replica, cluster: &str, name: &str) -> bool {
-    r.engine().pod_by_name(cluster, "demo", name).is_some()
+    tracking::has_pod(r, cluster, "demo", name)
 }
 
 #[tokio::test]
@@ -172,13 +131,7 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
     })
     .await;
     let e = r.engine();
-    let at = |ip: &str| e.address_endpoint(ip.parse().expect("ip"));
-    let conn = weft::policy::Connection {
-        src: at("10.1.0.9"),
-        dst: at("10.1.0.1"),
-        port: 80,
-        protocol: weft::model::Protocol::Tcp,
-    };
+    let conn = connection(e, "10.1.0.9", "10.1.0.1");
     let explained = e.explain(&conn, &e.decide(&conn));
     assert_eq!(explained.ingress.policies, ["cluster-a/demo/odd"]);
     assert_eq!(explained.verdict, weft::policy::Verdict::Deny);
@@ -217,13 +170,7 @@ async fn kubeconfig_clusters_stream_to_a_replica() {
     );
     let b_to_srv = |r: &Replica| {
         let e = r.engine();
-        let at = |ip: &str| e.address_endpoint(ip.parse().expect("ip"));
-        let conn = weft::policy::Connection {
-            src: at("10.2.0.1"),
-            dst: at("10.1.0.5"),
-            port: 80,
-            protocol: weft::model::Protocol::Tcp,
-        };
+        let conn = connection(e, "10.2.0.1", "10.1.0.5");
         e.explain(&conn, &e.decide(&conn))
     };
     until(&mut stream, &mut r, "the allow from b", |r| {
@@ -327,6 +274,9 @@ async fn cluster_ids_come_from_the_cluster_property_then_the_mapping_then_the_co
             .iter()
             .all(|c| synced(r, c))
             && status(r, "ctx-d").is_some_and(|s| !s.error.is_empty())
+            // Every context resolved: a context still resolving is there under its
+            // fallback id, unsynced.
+            && ["mapped-a", "ctx-twin"].iter().all(|c| status(r, c).is_none())
     })
     .await;
     assert!(has_pod(&r, "mapped-b", "web-b") && has_pod(&r, "ctx-c", "web-c"));
@@ -503,4 +453,29 @@ async fn exec_authentication() {
     })
     .await;
     assert!(has_pod(&r, "ctx-exec", "web"));
+}
+
+#[tokio::test]
+async fn a_cluster_whose_id_is_still_being_resolved_keeps_the_view_unready() {
+    let fast = cluster("a").await;
+    fast.apply(Kind::Pod, pod("web-a", "10.1.0.1"));
+    // Its API server takes the connection and never answers: its id is not resolved (for
+    // kube's read timeout of minutes).
+    let slow = cluster("b").await;
+    slow.set_fault(Fault::Hang);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("both.yaml"),
+        kubeconfig(&[("cluster-a", &fast), ("cluster-b", &slow)]),
+    )
+    .expect("write");
+    let (mut stream, mut r) = follow(tmp.path(), &[]).await;
+    until(&mut stream, &mut r, "cluster-a synced", |r| {
+        synced(r, "cluster-a")
+    })
+    .await;
+    let b = status(&r, "cluster-b").expect("cluster-b is there before it answers");
+    assert!(!b.synced && !r.ready(), "{b:?}");
+    assert!(b.error.is_empty(), "not an error, only not yet: {b:?}");
+    assert!(has_pod(&r, "cluster-a", "web-a"));
 }

@@ -1,9 +1,10 @@
 //! A test Kubernetes API server for kube-rs's real client: JSON lists with resourceVersion and
 //! paging (`limit`/`continue`), GET of one object by name, watch streams with ADDED / MODIFIED /
 //! DELETED / BOOKMARK, 410 Gone both as a watch ERROR event and as an HTTP status, knobs to
-//! inject faults (down, 500, hang, slow events, a kind not installed), and authentication: a
-//! required bearer token, and HTTPS with a required client certificate. Reusable by every test
-//! that needs a cluster: include it with `mod apiserver;`.
+//! inject faults (down, 500, hang, slow events, events held back then delivered out of order, a
+//! kind not installed), and authentication: a required bearer token, and HTTPS with a required
+//! client certificate; and kubeconfig files naming servers. Reusable by every test that needs a
+//! cluster: include it with `mod apiserver;`.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -176,6 +177,9 @@ struct State {
     /// Answer an expired watch with an HTTP 410 instead of a 200 with an ERROR event.
     gone_as_status: bool,
     event_delay: Duration,
+    /// While events are held: the resourceVersion they were held from. Held events are in the
+    /// history but not yet sent on open watches.
+    holding_since: Option<u64>,
     requests: Vec<String>,
     /// Lists taken, by (kind, namespace, resourceVersion), for their continue tokens.
     lists: BTreeMap<(Kind, Option<String>, u64), Arc<Vec<Value>>>,
@@ -287,6 +291,33 @@ impl Pki {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         TlsAcceptor::from(Arc::new(config))
     }
+}
+
+/// A kubeconfig with one context per (name, server, user), each context's cluster and user
+/// under its name, the user a YAML flow mapping of `users[].user`.
+pub fn kubeconfig_with(contexts: &[(&str, &ApiServer, &str)]) -> String {
+    let (mut clusters, mut users, mut ctxs) = (String::new(), String::new(), String::new());
+    for (name, server, user) in contexts {
+        clusters.push_str(&format!(
+            "- name: {name}\n  cluster: {}\n",
+            server.cluster_entry()
+        ));
+        users.push_str(&format!("- name: {name}\n  user: {user}\n"));
+        ctxs.push_str(&format!(
+            "- name: {name}\n  context: {{cluster: {name}, user: {name}}}\n"
+        ));
+    }
+    format!("apiVersion: v1\nkind: Config\nclusters:\n{clusters}contexts:\n{ctxs}users:\n{users}")
+}
+
+/// A kubeconfig with one context per (name, server), all with a token the servers ignore
+/// unless told otherwise ([`ApiServer::set_token`]).
+pub fn kubeconfig(contexts: &[(&str, &ApiServer)]) -> String {
+    let with_user: Vec<_> = contexts
+        .iter()
+        .map(|(n, s)| (*n, *s, "{token: t}"))
+        .collect();
+    kubeconfig_with(&with_user)
 }
 
 impl Drop for ApiServer {
@@ -452,6 +483,9 @@ impl ApiServer {
             kind_of_change,
             object: object.clone(),
         });
+        if st.holding_since.is_some() {
+            return;
+        }
         // No open watch is fine: the event is in the history.
         let _ = self.signals.send(Signal::Event {
             rv,
@@ -515,6 +549,36 @@ impl ApiServer {
     /// Delays every event sent on a watch.
     pub fn set_event_delay(&self, delay: Duration) {
         lock(&self.state).event_delay = delay;
+    }
+
+    /// Holds back the events of every change from now on: open watches (and watches started
+    /// meanwhile) do not see them until [`ApiServer::release_events_reversed`]. Lists and
+    /// GETs see the changes at once. Bookmarks (naming the current version, past the held
+    /// events), expiry and closed watches still go out at once; [`ApiServer::compact`]
+    /// meanwhile forgets the events held so far (the watches relist).
+    pub fn hold_events(&self) {
+        let mut st = lock(&self.state);
+        let rv = st.rv;
+        st.holding_since.get_or_insert(rv);
+    }
+
+    /// Sends the events held since [`ApiServer::hold_events`] on every open watch, newest
+    /// first: the order a watch would never deliver, for clients that must not trust it (a
+    /// delete arriving after the create of an object that reuses the deleted one's address).
+    pub fn release_events_reversed(&self) {
+        let mut st = lock(&self.state);
+        let Some(since) = st.holding_since.take() else {
+            return;
+        };
+        for h in st.history.iter().rev().take_while(|h| h.rv > since) {
+            let _ = self.signals.send(Signal::Event {
+                rv: h.rv,
+                kind: h.kind,
+                namespace: h.namespace.clone(),
+                kind_of_change: h.kind_of_change,
+                object: h.object.clone(),
+            });
+        }
     }
 
     /// The current resourceVersion.
@@ -824,6 +888,8 @@ fn watch(
             .history
             .iter()
             .filter(|h| h.rv > from && in_scope(h.kind, &h.namespace))
+            // Held events go out on release, to this watch too.
+            .filter(|h| st.holding_since.is_none_or(|since| h.rv <= since))
             .map(|h| watch_line(h.kind_of_change, &h.object))
             .collect();
         (backlog, signals.subscribe(), st.event_delay)

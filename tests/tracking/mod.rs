@@ -1,28 +1,116 @@
-//! Helpers for the tracker's integration tests: a tracker served on loopback, and a replica
-//! fed from a stream until a condition holds.
+//! Helpers for the tracker's integration tests: a tracker served on loopback (for good, or
+//! until stopped), a tracker of a kubeconfig directory, a replica fed from a stream until a
+//! condition holds or following a tracker in the background, and questions to a replica.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use weft::tracker::client::Target;
+use weft::model::ClusterId;
+use weft::policy::{Connection, Endpoint, Engine, PodId};
+use weft::tracker::client::{self, Target};
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
+use weft::tracker::source::kubernetes::watch_kubeconfigs;
+use weft::tracker::view::View;
 use weft::tracker::wire::pb;
 
-/// Serves `tracker` in plaintext on an ephemeral loopback port; returns where.
-pub async fn serve(tracker: &Tracker) -> Target {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
+/// Serves `tracker` in plaintext on `addr` until `shutdown` resolves; returns where, and the
+/// serving task.
+async fn spawn_serving(
+    tracker: &Tracker,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Target, SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let tracker = tracker.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         tracker
-            .serve(listener, None, std::future::pending())
+            .serve(listener, None, shutdown)
             .await
             .expect("serve");
     });
-    Target::plaintext(&format!("http://{addr}")).expect("a plaintext target")
+    let target = Target::plaintext(&format!("http://{addr}")).expect("a plaintext target");
+    (target, addr, task)
+}
+
+/// Serves `tracker` in plaintext on an ephemeral loopback port; returns where.
+pub async fn serve(tracker: &Tracker) -> Target {
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    spawn_serving(tracker, loopback, std::future::pending())
+        .await
+        .0
+}
+
+/// A tracker served until [`Served::stop`] (or until dropped).
+pub struct Served {
+    /// Where it is served.
+    pub target: Target,
+    /// Its address, for a successor on the same port.
+    pub addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Served {
+    /// Stops serving and waits until the tracker has: its streams ended, its port free.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("serve task");
+    }
+}
+
+/// Serves `tracker` in plaintext on `addr` (port 0: an ephemeral port of it) until stopped.
+pub async fn serve_on(tracker: &Tracker, addr: SocketAddr) -> Served {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let (target, addr, task) = spawn_serving(tracker, addr, shutdown).await;
+    Served {
+        target,
+        addr,
+        stop,
+        task,
+    }
+}
+
+/// A tracker (a fresh epoch) of the kubeconfig files of `dir`, `names` mapping contexts to
+/// cluster ids, with a 50 ms debounce of file events and `max_staleness`.
+pub fn kube_tracker(dir: &Path, names: &[(&str, &str)], max_staleness: Duration) -> Tracker {
+    let names: BTreeMap<String, ClusterId> = names
+        .iter()
+        .map(|(ctx, id)| ((*ctx).to_owned(), ClusterId::new(id).expect("id")))
+        .collect();
+    let tracker = Tracker::new(View::new(uuid::Uuid::new_v4().to_string(), 10_000), 1 << 20);
+    tokio::spawn(watch_kubeconfigs(
+        dir.to_path_buf(),
+        names,
+        tracker.clone(),
+        Duration::from_millis(50),
+        max_staleness,
+    ));
+    tracker
+}
+
+/// A replica of every cluster (all clusters' policies) following the tracker at `target` in
+/// the background, reconnecting after 50 ms.
+pub fn subscriber(target: Target) -> Arc<RwLock<Replica>> {
+    let replica = Arc::new(RwLock::new(Replica::new()));
+    tokio::spawn(client::follow(
+        target,
+        pb::SubscribeRequest {
+            policy_scope: pb::PolicyScope::AllClusters.into(),
+            ..Default::default()
+        },
+        replica.clone(),
+        Duration::from_millis(50),
+    ));
+    replica
 }
 
 /// A request for the whole view, every cluster's policies included.
@@ -72,18 +160,50 @@ pub fn status<'a>(replica: &'a Replica, cluster: &str) -> Option<&'a pb::Cluster
     replica.clusters().find(|s| s.cluster == cluster)
 }
 
+/// Whether `replica` holds the pod `cluster/namespace/name`.
+pub fn has_pod(replica: &Replica, cluster: &str, namespace: &str, name: &str) -> bool {
+    replica
+        .engine()
+        .pod_by_name(cluster, namespace, name)
+        .is_some()
+}
+
+/// The pod the address `ip` resolves to, as `cluster/namespace/name`: none for an address
+/// no live pod owns or several do.
+pub fn pod_at(replica: &Replica, ip: &str) -> Option<String> {
+    let e = replica.engine();
+    match e.address_endpoint(ip.parse().expect("ip")) {
+        Endpoint::Pod { pod, .. } => Some(e.pod_name(pod)),
+        _ => None,
+    }
+}
+
+/// A TCP connection to port 80 between two addresses, each resolved as `e` resolves it.
+pub fn connection(e: &Engine, from: &str, to: &str) -> Connection {
+    let at = |ip: &str| e.address_endpoint(ip.parse().expect("ip"));
+    Connection {
+        src: at(from),
+        dst: at(to),
+        port: 80,
+        protocol: weft::model::Protocol::Tcp,
+    }
+}
+
+/// The pod named `cluster/namespace/name` in `replica`.
+pub fn pod_named(replica: &Replica, name: &str) -> Option<PodId> {
+    let mut parts = name.splitn(3, '/');
+    let (cluster, namespace, name) = (parts.next()?, parts.next()?, parts.next()?);
+    replica.engine().pod_by_name(cluster, namespace, name)
+}
+
 /// The verdict for port 80 between two pods named `cluster/namespace/name`.
 pub fn verdict(replica: &Replica, from: &str, to: &str) -> weft::policy::Verdict {
     let e = replica.engine();
     let pod = |name: &str| {
-        let mut parts = name.split('/');
-        let (c, ns, n) = (parts.next(), parts.next(), parts.next());
-        let id = e
-            .pod_by_name(c.unwrap_or(""), ns.unwrap_or(""), n.unwrap_or(""))
-            .expect("pod");
+        let id = pod_named(replica, name).expect("pod");
         e.pod_endpoint(id, false).expect("endpoint")
     };
-    let conn = weft::policy::Connection {
+    let conn = Connection {
         src: pod(from),
         dst: pod(to),
         port: 80,

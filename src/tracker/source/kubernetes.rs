@@ -675,8 +675,9 @@ impl Contexts {
         let run = self.next_run;
         self.next_run += 1;
         let task = spawn_resolve(found.clone(), run, self.reports.clone());
+        let source = found.source();
         self.by_source.insert(
-            found.source(),
+            source.clone(),
             Context {
                 found,
                 run,
@@ -684,6 +685,9 @@ impl Contexts {
                 placeholder,
             },
         );
+        // Until its API server answers, the cluster is there, unsynced: a view with one
+        // cluster synced and another still resolving is not complete.
+        self.hold_place(&source, String::new());
     }
 
     /// Restarts the contexts refused for one of `ids`, now free.
@@ -722,9 +726,7 @@ impl Contexts {
         }
     }
 
-    /// A context has no id for now. Unless its previous run's watchers still say how the
-    /// cluster is, that is said under its fallback id, unsynced, so nothing reads the view as
-    /// complete meanwhile.
+    /// A context has no id for now: said as its status (see [`Contexts::hold_place`]).
     fn unresolved(&mut self, source: &Source, e: &SourceError) {
         let (file, context) = (source.0.display(), &source.1);
         let error = with_causes(e);
@@ -734,6 +736,13 @@ impl Contexts {
             }
             _ => tracing::error!(%file, %context, %error, "cluster id unresolved"),
         }
+        self.hold_place(source, error);
+    }
+
+    /// Unless its previous run's watchers still say how the cluster is, a context that has no
+    /// id yet has its cluster said under its fallback id, unsynced (with `error`, if any), so
+    /// nothing reads the view as complete meanwhile.
+    fn hold_place(&mut self, source: &Source, error: String) {
         let Some(c) = self.by_source.get(source) else {
             return;
         };
@@ -838,8 +847,10 @@ impl Contexts {
 /// Watches the kubeconfig files of `dir` and the clusters they name, applying everything to
 /// `tracker`, until the directory watch fails. Each context's cluster id is resolved once its
 /// client exists and before it is watched: the cluster's own `ClusterProperty`
-/// `cluster.clusterset.k8s.io`, else its mapping in `names`, else the context name. Two
-/// contexts resolving to one id: the second is refused.
+/// `cluster.clusterset.k8s.io`, else its mapping in `names`, else the context name; until
+/// then it is in the view unsynced under the mapping or the context name (if that is a valid
+/// id), so the view is not complete while a context is still being resolved. Two contexts
+/// resolving to one id: the second is refused.
 pub async fn watch_kubeconfigs(
     dir: PathBuf,
     names: BTreeMap<String, ClusterId>,
