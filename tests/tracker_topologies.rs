@@ -9,7 +9,8 @@
 mod apiserver;
 mod tracking;
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use apiserver::{ApiServer, Fault, Kind, kubeconfig};
@@ -300,8 +301,21 @@ async fn hub_and_two_spokes() {
     .await;
 
     // Meanwhile cluster-b changes; a hub restarted on the same port brings the spokes the
-    // change, fresh statuses, and the allows back.
+    // change, fresh statuses, and the allows back. The restarted hub is cold: until it has
+    // synced cluster-b, spoke A's subscriber keeps cluster-b as it was, never empty.
     b.delete(Kind::Pod, "back", "late");
+    let lost = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let (replica, lost) = (ra.clone(), lost.clone());
+        tokio::spawn(async move {
+            loop {
+                if !has_pod(&read(&replica), "cluster-b", "back", "srv") {
+                    lost.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
     let _hub = serve_on(&kube_tracker(hub_dir.path(), &[], MAX_STALENESS), hub_addr).await;
     wait_for(ra, "cluster-b fresh again", |r| {
         fresh(r, "cluster-b")
@@ -310,6 +324,11 @@ async fn hub_and_two_spokes() {
             && verdict(r, peer, web) == Allow
     })
     .await;
+    watch.abort();
+    assert!(
+        !lost.load(Ordering::SeqCst),
+        "cluster-b was never emptied by the cold hub"
+    );
     wait_for(rb, "cluster-a fresh again in spoke B", |r| {
         fresh(r, "cluster-a") && verdicts(r, &PODS).is_some() && verdict(r, web, srv) == Allow
     })

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 pub use super::sequence::ReplicaError;
-use super::sequence::{Received, Sequence};
+use super::sequence::{Carry, Received, Sequence};
 use super::wire::{Key, Object, pb};
 use crate::model::ClusterId;
 use crate::policy::Engine;
@@ -18,6 +18,8 @@ pub struct Replica {
     clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
     engine: Engine,
     sequence: Sequence,
+    /// Clusters a cold tracker shows unsynced, kept as they were until synced again.
+    carry: Carry,
     /// Since when the tracker has been out of reach (fail static meanwhile).
     disconnected_since: Option<tokio::time::Instant>,
 }
@@ -99,8 +101,22 @@ impl Replica {
     pub fn apply(&mut self, update: pb::Update) -> Result<(), ReplicaError> {
         match self.sequence.receive(update)? {
             None => {}
-            Some(Received::Snapshot { objects, clusters }) => self.replace(objects, clusters),
-            Some(Received::Delta(change)) => {
+            Some(Received::Snapshot {
+                mut objects,
+                mut clusters,
+            }) => {
+                let previous = &self.clusters;
+                let kept = self.carry.snapshot(
+                    |id| previous.get(id).is_some_and(|s| s.synced),
+                    self.objects.keys(),
+                    &objects,
+                    &mut clusters,
+                );
+                objects.extend(kept.iter().filter_map(|k| self.objects.get(k).cloned()));
+                self.replace(objects, clusters);
+            }
+            Some(Received::Delta(mut change)) => {
+                self.carry.delta(&mut change);
                 for cluster in change.removed_clusters {
                     let gone: Vec<Key> = self
                         .objects
@@ -502,5 +518,79 @@ mod tests {
             replica.apply(with_position(p, "e2", 1)).expect("new epoch");
         }
         assert_eq!(verdict(&replica, "10.0.0.1", "10.0.0.2"), Verdict::Allow);
+    }
+
+    #[test]
+    fn a_cold_trackers_unsynced_cluster_is_kept_as_it_was_until_synced_again() {
+        let (_, mut replica) = fed();
+        let has = |r: &Replica, ip: &str| {
+            matches!(
+                r.engine().address_endpoint(ip.parse().expect("ip")),
+                crate::policy::Endpoint::Pod { .. }
+            )
+        };
+        // A restarted tracker: c1 listed in part (pod a only), not synced yet; c2 never was.
+        let mut cold = View::new("e2", 100);
+        let mut stale = synced("c1", false);
+        stale.connected = false;
+        stale.stale_for_ms = 1200;
+        cold.apply(Change {
+            upserts: vec![
+                pod("c1", "a", "10.0.0.1", "a"),
+                pod("c2", "x", "10.0.9.1", "x"),
+            ],
+            clusters: vec![stale, synced("c2", false)],
+            ..Change::default()
+        });
+        for part in cold.snapshot(&scope(), 1 << 20) {
+            replica.apply(part).expect("snapshot part");
+        }
+        assert!(has(&replica, "10.0.0.2"), "pod b kept");
+        let c1 = replica
+            .clusters()
+            .find(|s| s.cluster == "c1")
+            .cloned()
+            .expect("c1");
+        assert!(
+            c1.synced && !c1.connected && c1.stale_for_ms == 1200,
+            "{c1:?}"
+        );
+        assert!(c1.error.contains("kept from the previous view"), "{c1:?}");
+        assert_eq!(replica.unsynced(), vec![c("c2")], "c2 was never complete");
+
+        // Still resyncing: the status stays synced, ages, and may expire as the tracker says.
+        let mut expired = synced("c1", false);
+        expired.expired = true;
+        let d = cold
+            .apply(Change {
+                upserts: vec![pod("c1", "c", "10.0.0.3", "c")],
+                clusters: vec![expired],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        let c1 = replica
+            .clusters()
+            .find(|s| s.cluster == "c1")
+            .cloned()
+            .expect("c1");
+        assert!(c1.synced && c1.expired, "{c1:?}");
+        assert!(has(&replica, "10.0.0.2") && has(&replica, "10.0.0.3"));
+
+        // Synced again: what was kept and not sent again (pod b) goes.
+        let d = cold
+            .apply(Change {
+                clusters: vec![synced("c1", true), synced("c2", true)],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        assert!(!has(&replica, "10.0.0.2"), "pod b deleted once c1 synced");
+        assert!(has(&replica, "10.0.0.1") && has(&replica, "10.0.0.3"));
+        assert!(replica.ready());
+        assert!(
+            replica.clusters().all(|s| s.error.is_empty()),
+            "fresh statuses"
+        );
     }
 }

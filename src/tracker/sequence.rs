@@ -2,6 +2,8 @@
 //! assembled and used only once the last one arrives, deltas in strict revision order. What
 //! passes is handed on whole; what fails changes nothing.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use super::view::Change;
 use super::wire::{Key, Object, WireError, pb};
 use crate::model::{ClusterId, cluster::InvalidClusterId};
@@ -224,5 +226,98 @@ impl Sequence {
             clusters,
             removed_clusters,
         }))
+    }
+}
+
+/// The error a kept cluster's status carries while its tracker resyncs it.
+const KEPT: &str = "kept from the previous view until the tracker has synced this cluster again";
+
+/// The data of clusters a fresh snapshot shows unsynced (a restarted or cold tracker still
+/// listing them) that the subscriber held complete: kept, as it was, until the cluster is
+/// synced again, so that a cold tracker's empty view is never taken as the truth. The kept
+/// clusters' statuses stay synced (their data is complete, if old) and age as the tracker
+/// says, so they still expire past the maximum staleness; once synced again, what was kept
+/// and not sent again is deleted.
+#[derive(Debug, Default)]
+pub struct Carry {
+    kept: BTreeMap<ClusterId, BTreeSet<Key>>,
+}
+
+impl Carry {
+    /// At a complete snapshot: decides which clusters to keep and returns the keys of the
+    /// held objects to keep with them. A cluster is kept when the snapshot shows it unsynced
+    /// and it was synced (`was_synced`) or already kept; `held` is every key held now, and
+    /// the snapshot's statuses (`clusters`) are marked for the kept clusters.
+    pub fn snapshot<'a>(
+        &mut self,
+        was_synced: impl Fn(&ClusterId) -> bool,
+        held: impl Iterator<Item = &'a Key>,
+        objects: &[Object],
+        clusters: &mut [(ClusterId, pb::ClusterStatus)],
+    ) -> BTreeSet<Key> {
+        let mut kept: BTreeMap<ClusterId, BTreeSet<Key>> = BTreeMap::new();
+        for (id, status) in clusters.iter_mut() {
+            if !status.synced && (was_synced(id) || self.kept.contains_key(id)) {
+                keep_status(status);
+                kept.insert(id.clone(), BTreeSet::new());
+            }
+        }
+        let sent: BTreeSet<Key> = objects.iter().map(Object::key).collect();
+        let mut keys = BTreeSet::new();
+        for key in held {
+            if let Some(cluster) = kept.get_mut(&key.cluster)
+                && !sent.contains(key)
+            {
+                cluster.insert(key.clone());
+                keys.insert(key.clone());
+            }
+        }
+        self.kept = kept;
+        keys
+    }
+
+    /// Before a delta is applied: what it sends again is no longer only kept; a kept
+    /// cluster's status stays synced until the tracker says it is, and then the delta also
+    /// deletes what was kept and not sent again.
+    pub fn delta(&mut self, change: &mut Change) {
+        if self.kept.is_empty() {
+            return;
+        }
+        for o in &change.upserts {
+            let key = o.key();
+            if let Some(kept) = self.kept.get_mut(&key.cluster) {
+                kept.remove(&key);
+            }
+        }
+        for k in &change.deletes {
+            if let Some(kept) = self.kept.get_mut(&k.cluster) {
+                kept.remove(k);
+            }
+        }
+        for id in &change.removed_clusters {
+            self.kept.remove(id);
+        }
+        for status in &mut change.clusters {
+            let Ok(id) = ClusterId::new(&status.cluster) else {
+                continue;
+            };
+            if !self.kept.contains_key(&id) {
+                continue;
+            }
+            if status.synced {
+                change
+                    .deletes
+                    .extend(self.kept.remove(&id).into_iter().flatten());
+            } else {
+                keep_status(status);
+            }
+        }
+    }
+}
+
+fn keep_status(status: &mut pb::ClusterStatus) {
+    status.synced = true;
+    if status.error.is_empty() {
+        status.error = KEPT.to_owned();
     }
 }

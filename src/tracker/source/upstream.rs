@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use super::super::client::{self, ClientError, Follower, Target};
-use super::super::sequence::{Received, ReplicaError, Sequence};
+use super::super::sequence::{Carry, Received, ReplicaError, Sequence};
 use super::super::server::{Feed, Tracker};
 use super::super::view::Change;
 use super::super::wire::{Key, Object, pb};
@@ -20,6 +20,8 @@ pub struct Upstream {
     own: ClusterId,
     feed: Feed,
     sequence: Sequence,
+    /// Clusters a cold hub shows unsynced, kept as they were until synced again.
+    carry: Carry,
     /// The keys applied per cluster, so that a fresh snapshot also deletes what it lacks.
     applied: BTreeMap<ClusterId, BTreeSet<Key>>,
     /// The hub's last word on each of its clusters.
@@ -36,6 +38,7 @@ impl Upstream {
             own,
             feed: tracker.feed(format!("upstream {url}")),
             sequence: Sequence::default(),
+            carry: Carry::default(),
             applied: BTreeMap::new(),
             statuses: BTreeMap::new(),
             disconnected_since: None,
@@ -59,10 +62,23 @@ impl Upstream {
                 change.upserts.push(o);
             }
         }
-        let statuses: BTreeMap<ClusterId, pb::ClusterStatus> = clusters
+        let mut clusters: Vec<(ClusterId, pb::ClusterStatus)> = clusters
             .into_iter()
             .filter(|(id, _)| *id != self.own)
             .collect();
+        let previous = &self.statuses;
+        let kept = self.carry.snapshot(
+            |id| previous.get(id).is_some_and(|s| s.synced),
+            self.applied.values().flatten(),
+            &change.upserts,
+            &mut clusters,
+        );
+        for key in &kept {
+            keys.entry(key.cluster.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        let statuses: BTreeMap<ClusterId, pb::ClusterStatus> = clusters.into_iter().collect();
         let known: BTreeSet<&ClusterId> = self.applied.keys().chain(self.statuses.keys()).collect();
         for id in known {
             let new = keys.get(id);
@@ -88,6 +104,7 @@ impl Upstream {
         change.deletes.retain(|k| k.cluster != own);
         change.clusters.retain(|s| s.cluster != own.as_str());
         change.removed_clusters.retain(|id| *id != own);
+        self.carry.delta(&mut change);
         for o in &change.upserts {
             let key = o.key();
             self.applied
