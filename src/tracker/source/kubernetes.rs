@@ -342,6 +342,12 @@ enum SourceError {
         context: String,
         source: ::kube::Error,
     },
+    /// The API server did not answer the `ClusterProperty` lookup in time: retried.
+    #[error("resolving cluster id of context {context}: no answer within {after:?}")]
+    LookupTimeout {
+        context: String,
+        after: Duration,
+    },
     /// The cluster's `ClusterProperty` names no valid cluster id.
     #[error(
         "resolving cluster id of context {context}: ClusterProperty {CLUSTER_ID_PROPERTY} says {value:?}: {source}"
@@ -493,11 +499,21 @@ async fn client(found: &Found) -> Result<::kube::Client, SourceError> {
 
 /// The id of the cluster behind `client`, in order: its own `ClusterProperty`, the context's
 /// mapping, the context's name.
+/// How long the `ClusterProperty` lookup waits for an answer before it is retried.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn resolve(client: &::kube::Client, found: &Found) -> Result<ClusterId, SourceError> {
     let gvk = GroupVersionKind::gvk("about.k8s.io", "v1alpha1", "ClusterProperty");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "clusterproperties");
     let properties: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    match properties.get(CLUSTER_ID_PROPERTY).await {
+    // A hung API server would hold the lookup for kube's read timeout (minutes).
+    let answer = tokio::time::timeout(LOOKUP_TIMEOUT, properties.get(CLUSTER_ID_PROPERTY))
+        .await
+        .map_err(|_| SourceError::LookupTimeout {
+            context: found.context.clone(),
+            after: LOOKUP_TIMEOUT,
+        })?;
+    match answer {
         Ok(property) => {
             let value = property
                 .data
@@ -731,7 +747,7 @@ impl Contexts {
         let (file, context) = (source.0.display(), &source.1);
         let error = with_causes(e);
         match e {
-            SourceError::Lookup { .. } => {
+            SourceError::Lookup { .. } | SourceError::LookupTimeout { .. } => {
                 tracing::warn!(%file, %context, %error, "cluster id unresolved; retrying")
             }
             _ => tracing::error!(%file, %context, %error, "cluster id unresolved"),
