@@ -340,6 +340,7 @@ async fn an_unreachable_cluster_is_unsynced_under_its_fallback_id_until_it_names
 #[tokio::test]
 async fn a_token_rotated_in_the_kubeconfig_file_is_picked_up() {
     let s = cluster("t").await;
+    s.apply(Kind::Pod, pod("web-0", "10.8.0.9"));
     s.apply(Kind::Pod, pod("web-1", "10.8.0.1"));
     s.set_token(Some("one"));
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -375,7 +376,9 @@ async fn a_token_rotated_in_the_kubeconfig_file_is_picked_up() {
     );
     assert!(has_pod(&r, "ctx-t", "web-1"));
     // The file is rewritten with the new token: no restart of the tracker.
+    // Meanwhile a pod is deleted: the restarted watchers' first list must remove it.
     std::fs::write(&file, with_token("two")).expect("write");
+    s.delete(Kind::Pod, "demo", "web-0");
     s.apply(Kind::Pod, pod("web-2", "10.8.0.2"));
     until(&mut stream, &mut r, "the new token used", |r| {
         synced(r, "ctx-t") && has_pod(r, "ctx-t", "web-2")
@@ -385,6 +388,10 @@ async fn a_token_rotated_in_the_kubeconfig_file_is_picked_up() {
         has_pod(&r, "ctx-t", "web-1"),
         "the state was kept across the restart"
     );
+    until(&mut stream, &mut r, "the pod deleted meanwhile gone", |r| {
+        !has_pod(r, "ctx-t", "web-0")
+    })
+    .await;
 }
 
 #[tokio::test]

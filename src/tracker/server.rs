@@ -57,6 +57,12 @@ impl Feed {
     pub fn apply(&self, change: Change) {
         self.tracker.apply_from(&self.source, change);
     }
+
+    /// The keys of the objects of `kind` the view holds for `cluster`: what a restarted
+    /// watch must reconcile its first list with.
+    pub fn known(&self, kind: pb::Kind, cluster: &ClusterId) -> BTreeSet<super::wire::Key> {
+        self.tracker.read(|view| view.keys(kind, cluster))
+    }
 }
 
 /// What the service has done, for metrics.

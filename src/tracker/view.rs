@@ -141,6 +141,22 @@ impl View {
         self.objects.is_empty()
     }
 
+    /// The keys of the objects of `kind` that `cluster` has.
+    pub fn keys(&self, kind: pb::Kind, cluster: &ClusterId) -> std::collections::BTreeSet<Key> {
+        let from = Key {
+            kind,
+            cluster: cluster.clone(),
+            namespace: String::new(),
+            name: String::new(),
+        };
+        self.objects
+            .range(from..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.kind == kind && k.cluster == *cluster)
+            .cloned()
+            .collect()
+    }
+
     /// How many objects of each kind each cluster has (kinds with none left out).
     pub fn counts(&self) -> impl Iterator<Item = (&ClusterId, pb::Kind, usize)> {
         self.counts.iter().map(|((c, k), n)| (c, *k, *n))

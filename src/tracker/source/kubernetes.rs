@@ -132,7 +132,9 @@ async fn watch_kind<K>(
     let api: Api<K> = Api::all(client);
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
-    let mut known: BTreeSet<Key> = BTreeSet::new();
+    // What the view already holds of this kind (from watchers this one replaces): the first
+    // list deletes what is gone, or a pod deleted while the watchers restarted would stay.
+    let mut known: BTreeSet<Key> = tracker.known(kind, &id);
     let mut relist: Option<(Vec<Object>, BTreeSet<Key>)> = None;
     let object = |o: &K| match convert(&id, o) {
         Ok(Object::Namespace(ns)) if ns.name == "kube-system" => {
