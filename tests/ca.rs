@@ -438,6 +438,16 @@ async fn every_call_is_decided_again_on_the_same_channel() {
     assert_eq!(refused(&channel, TA, WEB).await, Code::Unauthenticated);
 }
 
+/// A call that must be refused: what it is, its authorization, its request, the status code
+/// and what the message says.
+type BadCall<'a> = (
+    &'a str,
+    Option<&'a [u8]>,
+    pb::CreateCertificateRequest,
+    Code,
+    &'a str,
+);
+
 #[tokio::test]
 async fn bad_input_gets_a_clear_status_and_the_ca_carries_on() {
     let f = fixture(TtlLimits::default(), None).await;
@@ -450,13 +460,7 @@ async fn bad_input_gets_a_clear_status_and_the_ca_carries_on() {
     let mut forged = der.to_vec();
     let at = forged.len() - 3;
     forged[at] ^= 0x55;
-    let cases: Vec<(
-        &str,
-        Option<&[u8]>,
-        pb::CreateCertificateRequest,
-        Code,
-        &str,
-    )> = vec![
+    let cases: Vec<BadCall<'_>> = vec![
         (
             "no credentials",
             None,
@@ -775,4 +779,228 @@ async fn a_ca_authenticating_with_token_review_refuses_a_revoked_token_on_the_sa
     );
     server.set_fault(apiserver::Fault::InternalError);
     assert_eq!(refused(&channel, "agent-a", WEB).await, Code::Unavailable);
+}
+
+const EXAMPLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/two-cluster/1-no-policy"
+);
+
+/// A `weft` process, killed when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn weft(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weft"));
+    command.args(args).env("RUST_LOG", "warn");
+    command
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Runs `weft` to completion: (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = weft(args).output().expect("run weft");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn weft_ca_with_the_development_pki_follows_a_tracker_over_mutual_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("certs");
+    let out_s = out.to_str().expect("utf-8");
+    let (ok, stdout, stderr) = run(&[
+        "certs",
+        "init",
+        "--out",
+        out_s,
+        "--trust-domain",
+        "cluster-1",
+        "--trust-domain",
+        "cluster-2",
+        "--nodes",
+        "1",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("cluster-2") && stdout.contains("bootstrap-tokens"),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = run(&[
+        "certs",
+        "init",
+        "--out",
+        out_s,
+        "--trust-domain",
+        "cluster-1",
+    ]);
+    assert!(!ok && stderr.contains("--force"), "{stderr}");
+    let (ok, _, stderr) = run(&[
+        "certs",
+        "init",
+        "--out",
+        out_s,
+        "--trust-domain",
+        "Cluster-1",
+    ]);
+    assert!(
+        !ok && stderr.contains("--trust-domain Cluster-1"),
+        "{stderr}"
+    );
+
+    let pki = out.join("cluster-1");
+    let file = |name: &str| pki.join(name).to_str().expect("utf-8").to_owned();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TA} c1-node-1\n")).expect("write");
+    let (tracker_port, admin_port, ca_port) = (free_port(), free_port(), free_port());
+    let _tracker = Running(
+        weft(&[
+            "tracker",
+            "--clusters",
+            EXAMPLE,
+            "--listen",
+            &format!("127.0.0.1:{tracker_port}"),
+            "--admin",
+            &format!("127.0.0.1:{admin_port}"),
+            "--tls-cert",
+            &file("tracker.pem"),
+            "--tls-key",
+            &file("tracker-key.pem"),
+            "--tls-ca",
+            &file("root.pem"),
+        ])
+        .spawn()
+        .expect("tracker"),
+    );
+    let _ca = Running(
+        weft(&[
+            "ca",
+            "--cluster",
+            "cluster-1",
+            "--ca-cert",
+            &file("root.pem"),
+            "--ca-key",
+            &file("root-key.pem"),
+            "--listen",
+            &format!("127.0.0.1:{ca_port}"),
+            "--serving-cert",
+            &file("ca.pem"),
+            "--serving-key",
+            &file("ca-key.pem"),
+            "--bootstrap-tokens",
+            tokens.to_str().expect("utf-8"),
+            "--tracker",
+            &format!("https://127.0.0.1:{tracker_port}"),
+            "--tls-cert",
+            &file("tracker.pem"),
+            "--tls-key",
+            &file("tracker-key.pem"),
+            "--tls-ca",
+            &file("root.pem"),
+            "--max-ttl",
+            "1h",
+        ])
+        .spawn()
+        .expect("ca"),
+    );
+    let root = std::fs::read_to_string(pki.join("root.pem")).expect("root");
+    let url = format!("https://127.0.0.1:{ca_port}");
+    let id = "spiffe://cluster-1/ns/demo-c1/sa/default";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let svid = loop {
+        let outcome = match ca_client::connect(&url, Certificate::from_pem(&root)).await {
+            Ok(channel) => {
+                let (csr, _) = csr(&[id]);
+                ca_client::create_certificate(channel, TA, csr.as_bytes(), id, Duration::ZERO).await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(svid) => break svid,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the CA never issued: {e}"),
+        }
+    };
+    assert_eq!(svid.ttl, Duration::from_secs(3600));
+    let channel = ca_client::connect(&url, Certificate::from_pem(&root))
+        .await
+        .expect("connect");
+    // A pod of cluster-2's node, asked for by cluster-1's node: refused.
+    assert_eq!(
+        refused(&channel, TA, "spiffe://cluster-1/ns/demo-c2/sa/default").await,
+        Code::PermissionDenied
+    );
+}
+
+#[test]
+fn weft_ca_names_the_flag_or_file_at_fault() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.to_str().expect("utf-8");
+    let base = |extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "--cluster",
+            "cluster-1",
+            "--ca-cert",
+            missing,
+            "--ca-key",
+            missing,
+            "--serving-cert",
+            missing,
+            "--serving-key",
+            missing,
+            "--tracker",
+            "http://127.0.0.1:1",
+            "--insecure",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    for (extra, says) in [
+        (&[][..], "--bootstrap-tokens"),
+        (
+            &["--bootstrap-tokens", "t", "--max-ttl", "soon"][..],
+            "--max-ttl",
+        ),
+        (
+            &[
+                "--bootstrap-tokens",
+                "t",
+                "--min-ttl",
+                "2h",
+                "--max-ttl",
+                "1h",
+            ][..],
+            "exceeds the maximum",
+        ),
+        (&["--bootstrap-tokens", "t"][..], "--ca-cert"),
+        (&["--kubeconfig", "k"][..], "--token-audience"),
+        (
+            &["--bootstrap-tokens", "t", "--trust-domain", "Bad"][..],
+            "--trust-domain",
+        ),
+    ] {
+        let (ok, _, stderr) = base(extra);
+        assert!(!ok, "{extra:?}");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
 }

@@ -87,12 +87,8 @@ impl Authorizer {
                 format!("clusters {} not synced", unsynced.join(", "))
             }));
         }
-        view.pods_on_node(&self.cluster, node)
-            .find(|p| {
-                p.phase == PodPhase::Running
-                    && p.namespace == id.namespace()
-                    && p.service_account == id.service_account()
-            })
+        view.pods_with_account(&self.cluster, node, id.namespace(), id.service_account())
+            .find(|p| p.phase == PodPhase::Running)
             .map(|p| Entitled {
                 pod: p.name.clone(),
                 uid: p.uid.clone(),

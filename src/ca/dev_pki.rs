@@ -291,7 +291,7 @@ mod tests {
         let e = generate(out.path(), &td, 1, false).expect_err("exists");
         assert!(e.to_string().contains("--force"), "{e}");
         generate(out.path(), &td, 1, true).expect("forced");
-        let long = TrustDomain::new(&"a".repeat(70)).expect("td");
+        let long = TrustDomain::new("a".repeat(70)).expect("td");
         let e = generate(out.path(), &long, 1, false).expect_err("not a cluster id");
         assert!(e.to_string().starts_with("--trust-domain "), "{e}");
     }

@@ -17,9 +17,10 @@ pub struct Replica {
     objects: BTreeMap<Key, Object>,
     clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
     engine: Engine,
-    /// The uids of each node's pods, by cluster and node name: what the CA asks of every
-    /// call, kept as the objects change rather than found by a scan.
-    pods_by_node: HashMap<ClusterId, HashMap<String, BTreeSet<String>>>,
+    /// The uids of each node's pods by cluster, node name, namespace and service account:
+    /// what the CA asks on every call, kept as the objects change rather than found by a
+    /// scan.
+    pods_by_node: PodsByNode,
     sequence: Sequence,
     /// Since when the tracker has been out of reach (fail static meanwhile).
     disconnected_since: Option<tokio::time::Instant>,
@@ -46,42 +47,48 @@ fn remove(engine: &mut Engine, k: &Key) {
     }
 }
 
+/// Pod uids by cluster, node, and (namespace, service account).
+type PodsByNode = HashMap<ClusterId, HashMap<String, BTreeMap<(String, String), BTreeSet<String>>>>;
+
 /// Adds `o`, if it is a pod on a node, to the index of pods by node.
-fn index(by_node: &mut HashMap<ClusterId, HashMap<String, BTreeSet<String>>>, o: &Object) {
-    if let Object::Pod(Pod {
-        cluster,
-        uid,
-        node_name: Some(node),
-        ..
-    }) = o
+fn index(by_node: &mut PodsByNode, o: &Object) {
+    if let Object::Pod(p) = o
+        && let Some(node) = &p.node_name
     {
         by_node
-            .entry(cluster.clone())
+            .entry(p.cluster.clone())
             .or_default()
             .entry(node.clone())
             .or_default()
-            .insert(uid.clone());
+            .entry((p.namespace.clone(), p.service_account.clone()))
+            .or_default()
+            .insert(p.uid.clone());
     }
 }
 
-/// Removes `o`, if it is a pod on a node, from the index of pods by node.
-fn unindex(by_node: &mut HashMap<ClusterId, HashMap<String, BTreeSet<String>>>, o: &Object) {
-    if let Object::Pod(Pod {
-        cluster,
-        uid,
-        node_name: Some(node),
-        ..
-    }) = o
-        && let Some(nodes) = by_node.get_mut(cluster)
-        && let Some(uids) = nodes.get_mut(node)
-    {
-        uids.remove(uid);
+/// Removes `o`, if it is a pod on a node, from the index of pods by node, leaving no empty
+/// entry behind.
+fn unindex(by_node: &mut PodsByNode, o: &Object) {
+    let Object::Pod(p) = o else { return };
+    let Some(node) = &p.node_name else { return };
+    let Some(nodes) = by_node.get_mut(&p.cluster) else {
+        return;
+    };
+    let Some(accounts) = nodes.get_mut(node) else {
+        return;
+    };
+    let account = (p.namespace.clone(), p.service_account.clone());
+    if let Some(uids) = accounts.get_mut(&account) {
+        uids.remove(&p.uid);
         if uids.is_empty() {
-            nodes.remove(node);
-            if nodes.is_empty() {
-                by_node.remove(cluster);
-            }
+            accounts.remove(&account);
         }
+    }
+    if accounts.is_empty() {
+        nodes.remove(node);
+    }
+    if nodes.is_empty() {
+        by_node.remove(&p.cluster);
     }
 }
 
@@ -102,23 +109,52 @@ impl Replica {
         cluster: &'a ClusterId,
         node: &str,
     ) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods_by_node
+        let uids = self
+            .pods_by_node
             .get(cluster)
             .and_then(|nodes| nodes.get(node))
             .into_iter()
-            .flatten()
-            .filter_map(move |uid| {
-                let key = Key {
-                    kind: pb::Kind::Pod,
-                    cluster: cluster.clone(),
-                    namespace: String::new(),
-                    name: uid.clone(),
-                };
-                match self.objects.get(&key) {
-                    Some(Object::Pod(p)) => Some(p),
-                    _ => None,
-                }
-            })
+            .flat_map(|accounts| accounts.values().flatten());
+        self.pods(cluster, uids)
+    }
+
+    /// The pods of `cluster` scheduled on `node` with service account `account` of
+    /// `namespace`, whatever their phase.
+    pub fn pods_with_account<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+        node: &str,
+        namespace: &str,
+        account: &str,
+    ) -> impl Iterator<Item = &'a Pod> + 'a {
+        let uids = self
+            .pods_by_node
+            .get(cluster)
+            .and_then(|nodes| nodes.get(node))
+            .and_then(|accounts| accounts.get(&(namespace.to_owned(), account.to_owned())))
+            .into_iter()
+            .flatten();
+        self.pods(cluster, uids)
+    }
+
+    /// The pods of `cluster` with these uids.
+    fn pods<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+        uids: impl Iterator<Item = &'a String> + 'a,
+    ) -> impl Iterator<Item = &'a Pod> + 'a {
+        uids.filter_map(move |uid| {
+            let key = Key {
+                kind: pb::Kind::Pod,
+                cluster: cluster.clone(),
+                namespace: String::new(),
+                name: uid.clone(),
+            };
+            match self.objects.get(&key) {
+                Some(Object::Pod(p)) => Some(p),
+                _ => None,
+            }
+        })
     }
 
     /// Removes the object at `k`, from the engine and the index too.
@@ -391,6 +427,11 @@ mod tests {
         );
         assert!(on_node(&replica, "c1", "n1").is_empty());
         assert_eq!(on_node(&replica, "c1", "n2"), ["a", "c"]);
+        let with =
+            |r: &Replica, ns: &str, sa: &str| r.pods_with_account(&c("c1"), "n2", ns, sa).count();
+        assert_eq!(with(&replica, "a", "default"), 2);
+        assert_eq!(with(&replica, "a", "other"), 0);
+        assert_eq!(with(&replica, "b", "default"), 0);
         let mut pending = pod_on("c1", "c", Some("n2"));
         if let Object::Pod(p) = &mut pending {
             p.phase = crate::model::PodPhase::Pending;
