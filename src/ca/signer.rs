@@ -185,7 +185,7 @@ impl std::fmt::Debug for Signer {
 }
 
 /// PEM of a DER certificate.
-pub fn pem(der: &[u8]) -> String {
+fn pem(der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 60);
@@ -355,11 +355,6 @@ impl Signer {
             limits,
             random: rustls::crypto::ring::default_provider().secure_random,
         })
-    }
-
-    /// The lifetimes this CA grants.
-    pub fn limits(&self) -> TtlLimits {
-        self.limits
     }
 
     /// A random serial number: 16 bytes, positive, its first byte not zero (so exactly 16
