@@ -1,6 +1,7 @@
 //! Mutual TLS for the tracker's stream: a certificate, its key and the CA that both sides
 //! verify each other against, read from PEM files and checked when read, so that a wrong
-//! file is named at start rather than at the first handshake.
+//! file is named at start rather than at the first handshake. The CA's serving certificate
+//! is read the same way (`identity`).
 
 use std::path::{Path, PathBuf};
 
