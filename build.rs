@@ -7,9 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
     println!("cargo:rerun-if-changed=proto/tracker.proto");
+    println!("cargo:rerun-if-changed=proto/ca.proto");
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/tracker.proto"], &["proto"])?;
+        .compile_protos(&["proto/tracker.proto", "proto/ca.proto"], &["proto"])?;
     Ok(())
 }

@@ -5,15 +5,19 @@ use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::ca;
+use crate::identity::{id, trust_domain_for};
 use crate::model::{ClusterId, loader};
 use crate::policy::Engine;
 use crate::probe;
-use crate::tracker::tls::TlsFiles;
+use crate::tracker::replica::Replica;
+use crate::tracker::tls::{self, TlsFiles};
 use crate::tracker::{client, server, source, view, wire::pb};
 
 /// weft: identity-aware per-node proxy for multi-cluster Kubernetes.
@@ -33,6 +37,100 @@ enum Command {
     },
     /// Serves one view of every cluster to node agents over gRPC.
     Tracker(TrackerArgs),
+    /// Signs SPIFFE certificates for the pods of the calling node (one CA per cluster).
+    Ca(CaArgs),
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CaArgs {
+    /// This CA's cluster: it signs only for Running pods of this cluster.
+    #[arg(long, value_name = "ID", value_parser = parse_cluster_id)]
+    cluster: ClusterId,
+    /// The cluster's SPIFFE trust domain (default: derived from the cluster id).
+    #[arg(long, value_name = "TD")]
+    trust_domain: Option<String>,
+    /// The CA certificate (PEM): a root, or an intermediate (possibly followed by its chain).
+    #[arg(long, value_name = "FILE")]
+    ca_cert: PathBuf,
+    /// The CA's private key (PKCS#8 PEM).
+    #[arg(long, value_name = "FILE")]
+    ca_key: PathBuf,
+    /// The chain above an intermediate CA certificate (PEM), sent with every certificate.
+    #[arg(long, value_name = "FILE")]
+    ca_chain: Option<PathBuf>,
+    /// Address of the gRPC service.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19443")]
+    listen: SocketAddr,
+    /// The certificate chain the CA serves TLS with (PEM); node agents verify it against their
+    /// configured root.
+    #[arg(long, value_name = "FILE")]
+    serving_cert: PathBuf,
+    /// The key of --serving-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    serving_key: PathBuf,
+    /// Nodes authenticate with tokens from this file: `TOKEN NODE` lines, or a YAML list of
+    /// {token, node} for a .yaml/.yml file. Read again when it changes.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Nodes authenticate with the node agent's projected ServiceAccount token, reviewed by
+    /// the API server of this kubeconfig's current context (TokenReview).
+    #[arg(long, value_name = "FILE", requires = "token_audience")]
+    kubeconfig: Option<PathBuf>,
+    /// The audience node agents' tokens must be for.
+    #[arg(long, value_name = "AUD", requires = "kubeconfig")]
+    token_audience: Option<String>,
+    /// The node agent's ServiceAccount: only its tokens authenticate nodes.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        default_value = "weft-system/weft-node"
+    )]
+    agent_service_account: String,
+    /// The tracker whose view authorises every call: `https://HOST:PORT` with the TLS flags,
+    /// or `http://HOST:PORT` with --insecure.
+    #[arg(long, value_name = "URL")]
+    tracker: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// The longest lifetime granted (seconds, or with a unit: 90s, 30m, 24h, 7d).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    max_ttl: Duration,
+    /// The shortest lifetime granted: shorter asks are raised to it.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    min_ttl: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Writes a development PKI per trust domain: a root, the CA's and the tracker's serving
+    /// certificates, tracker client certificates (admin, nodes) and bootstrap tokens.
+    Init(CertsInitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CertsInitArgs {
+    /// Where to write: one subdirectory per trust domain.
+    #[arg(long, value_name = "DIR", default_value = "certs")]
+    out: PathBuf,
+    /// A trust domain (also the cluster id in the tracker's SPIFFE ids); repeat for several.
+    #[arg(long = "trust-domain", value_name = "TD", required = true)]
+    trust_domains: Vec<String>,
+    /// Nodes to write bootstrap tokens and tracker client certificates for.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    nodes: usize,
+    /// Replace a trust domain's existing files.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -174,6 +272,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
             command: PolicyCommand::Check(args),
         } => policy_check(args),
         Command::Tracker(args) => tracker(args),
+        Command::Ca(args) => ca(args),
+        Command::Certs {
+            command: CertsCommand::Init(args),
+        } => certs_init(args),
     }
 }
 
@@ -183,6 +285,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
     ClusterId::new(s).map_err(|e| e.to_string())
+}
+
+/// Seconds, or a number with a unit: `s`, `m`, `h` or `d`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "{s:?}: expected seconds, or a number with s, m, h or d"
+            ));
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: expected seconds, or a number with s, m, h or d"))
 }
 
 fn parse_cluster_name(s: &str) -> Result<(String, ClusterId), String> {
@@ -295,6 +422,103 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
             .context("serving")?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
+    let trust_domain =
+        trust_domain_for(&args.cluster, args.trust_domain.as_deref()).context("--trust-domain")?;
+    let limits = ca::TtlLimits::new(args.min_ttl, args.max_ttl)?;
+    let signer = ca::Signer::load(
+        &args.ca_cert,
+        &args.ca_key,
+        args.ca_chain.as_deref(),
+        &trust_domain,
+        limits,
+    )?;
+    let serving = tls::identity(
+        "--serving-cert",
+        &args.serving_cert,
+        "--serving-key",
+        &args.serving_key,
+    )?;
+    let (agent_namespace, agent_account) = args
+        .agent_service_account
+        .split_once('/')
+        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'))
+        .with_context(|| {
+            format!(
+                "--agent-service-account {:?}: expected NAMESPACE/NAME",
+                args.agent_service_account
+            )
+        })?;
+    let target = client::Target::new(&args.tracker, args.tls.load("weft ca --tracker")?)?;
+    runtime()?.block_on(async {
+        let authn: Arc<dyn ca::Authenticator> = match (&args.bootstrap_tokens, &args.kubeconfig) {
+            (Some(file), _) => Arc::new(ca::BootstrapTokens::load(file)?),
+            (None, Some(file)) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(file)
+                    .with_context(|| format!("--kubeconfig {}", file.display()))?;
+                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .with_context(|| format!("--kubeconfig {}", file.display()))?;
+                let client = kube::Client::try_from(config)
+                    .with_context(|| format!("--kubeconfig {}", file.display()))?;
+                let audience = args.token_audience.as_deref().unwrap_or_default();
+                Arc::new(ca::TokenReviewer::new(
+                    client,
+                    audience,
+                    agent_namespace,
+                    agent_account,
+                ))
+            }
+            (None, None) => bail!("--bootstrap-tokens or --kubeconfig is required"),
+        };
+        let view = Arc::new(RwLock::new(Replica::new()));
+        let request = pb::SubscribeRequest {
+            cluster: args.cluster.to_string(),
+            policy_scope: pb::PolicyScope::OwnCluster.into(),
+            ..Default::default()
+        };
+        tracing::info!(tracker = %target.url(), "following the tracker's view");
+        tokio::spawn(client::follow(
+            target,
+            request,
+            view.clone(),
+            Duration::from_secs(1),
+        ));
+        let authz = ca::Authorizer::new(args.cluster.clone(), trust_domain.clone(), view);
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("--listen {}", args.listen))?;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            cluster = %args.cluster,
+            %trust_domain,
+            max_ttl_seconds = limits.max().as_secs(),
+            min_ttl_seconds = limits.min().as_secs(),
+            "CA serving"
+        );
+        ca::Ca::new(signer, authn, authz)
+            .serve(listener, serving, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("serving")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn certs_init(args: CertsInitArgs) -> anyhow::Result<ExitCode> {
+    let domains = args
+        .trust_domains
+        .iter()
+        .map(|td| id::trust_domain(td).with_context(|| format!("--trust-domain {td}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for td in &domains {
+        let written = ca::dev_pki::generate(&args.out, td, args.nodes, args.force)?;
+        println!("{}: {}", written.dir.display(), written.files.join(" "));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn log_warnings(warnings: &[loader::LoadWarning]) {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca;
 pub mod cli;
 pub mod identity;
 pub mod model;

@@ -3,12 +3,12 @@
 //! another, not even a snapshot going back within an epoch), then applied to the policy engine incrementally. An update that fails is not
 //! applied at all: the last good state stays.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 pub use super::sequence::ReplicaError;
 use super::sequence::{Carry, Received, Sequence};
 use super::wire::{Key, Object, pb};
-use crate::model::ClusterId;
+use crate::model::{ClusterId, Pod};
 use crate::policy::Engine;
 
 /// The replica, with its engine.
@@ -17,6 +17,10 @@ pub struct Replica {
     objects: BTreeMap<Key, Object>,
     clusters: BTreeMap<ClusterId, pb::ClusterStatus>,
     engine: Engine,
+    /// The uids of each node's pods by cluster, node name, namespace and service account:
+    /// what the CA asks on every call, kept as the objects change rather than found by a
+    /// scan.
+    pods_by_node: PodsByNode,
     sequence: Sequence,
     /// Clusters a cold tracker shows unsynced, kept as they were until synced again.
     carry: Carry,
@@ -45,6 +49,51 @@ fn remove(engine: &mut Engine, k: &Key) {
     }
 }
 
+/// Pod uids by cluster, node, and (namespace, service account).
+type PodsByNode = HashMap<ClusterId, HashMap<String, BTreeMap<(String, String), BTreeSet<String>>>>;
+
+/// Adds `o`, if it is a pod on a node, to the index of pods by node.
+fn index(by_node: &mut PodsByNode, o: &Object) {
+    if let Object::Pod(p) = o
+        && let Some(node) = &p.node_name
+    {
+        by_node
+            .entry(p.cluster.clone())
+            .or_default()
+            .entry(node.clone())
+            .or_default()
+            .entry((p.namespace.clone(), p.service_account.clone()))
+            .or_default()
+            .insert(p.uid.clone());
+    }
+}
+
+/// Removes `o`, if it is a pod on a node, from the index of pods by node, leaving no empty
+/// entry behind.
+fn unindex(by_node: &mut PodsByNode, o: &Object) {
+    let Object::Pod(p) = o else { return };
+    let Some(node) = &p.node_name else { return };
+    let Some(nodes) = by_node.get_mut(&p.cluster) else {
+        return;
+    };
+    let Some(accounts) = nodes.get_mut(node) else {
+        return;
+    };
+    let account = (p.namespace.clone(), p.service_account.clone());
+    if let Some(uids) = accounts.get_mut(&account) {
+        uids.remove(&p.uid);
+        if uids.is_empty() {
+            accounts.remove(&account);
+        }
+    }
+    if accounts.is_empty() {
+        nodes.remove(node);
+    }
+    if nodes.is_empty() {
+        by_node.remove(&p.cluster);
+    }
+}
+
 impl Replica {
     /// An empty replica, not ready.
     pub fn new() -> Self {
@@ -54,6 +103,68 @@ impl Replica {
     /// The engine over the replica's objects.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The pods of `cluster` scheduled on `node`, whatever their phase.
+    pub fn pods_on_node<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+        node: &str,
+    ) -> impl Iterator<Item = &'a Pod> + 'a {
+        let uids = self
+            .pods_by_node
+            .get(cluster)
+            .and_then(|nodes| nodes.get(node))
+            .into_iter()
+            .flat_map(|accounts| accounts.values().flatten());
+        self.pods(cluster, uids)
+    }
+
+    /// The pods of `cluster` scheduled on `node` with service account `account` of
+    /// `namespace`, whatever their phase.
+    pub fn pods_with_account<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+        node: &str,
+        namespace: &str,
+        account: &str,
+    ) -> impl Iterator<Item = &'a Pod> + 'a {
+        let uids = self
+            .pods_by_node
+            .get(cluster)
+            .and_then(|nodes| nodes.get(node))
+            .and_then(|accounts| accounts.get(&(namespace.to_owned(), account.to_owned())))
+            .into_iter()
+            .flatten();
+        self.pods(cluster, uids)
+    }
+
+    /// The pods of `cluster` with these uids.
+    fn pods<'a>(
+        &'a self,
+        cluster: &'a ClusterId,
+        uids: impl Iterator<Item = &'a String> + 'a,
+    ) -> impl Iterator<Item = &'a Pod> + 'a {
+        uids.filter_map(move |uid| {
+            let key = Key {
+                kind: pb::Kind::Pod,
+                cluster: cluster.clone(),
+                namespace: String::new(),
+                name: uid.clone(),
+            };
+            match self.objects.get(&key) {
+                Some(Object::Pod(p)) => Some(p),
+                _ => None,
+            }
+        })
+    }
+
+    /// Removes the object at `k`, from the engine and the index too.
+    fn remove_object(&mut self, k: &Key) {
+        remove(&mut self.engine, k);
+        if let Some(old) = self.objects.remove(k) {
+            unindex(&mut self.pods_by_node, &old);
+        }
     }
 
     /// The position of the last update applied (`None` before a complete snapshot).
@@ -125,18 +236,21 @@ impl Replica {
                         .cloned()
                         .collect();
                     for k in gone {
-                        remove(&mut self.engine, &k);
-                        self.objects.remove(&k);
+                        self.remove_object(&k);
                     }
                     self.clusters.remove(&cluster);
                 }
                 for o in change.upserts {
                     upsert(&mut self.engine, &o);
-                    self.objects.insert(o.key(), o);
+                    let key = o.key();
+                    if let Some(old) = self.objects.get(&key) {
+                        unindex(&mut self.pods_by_node, old);
+                    }
+                    index(&mut self.pods_by_node, &o);
+                    self.objects.insert(key, o);
                 }
                 for k in change.deletes {
-                    remove(&mut self.engine, &k);
-                    self.objects.remove(&k);
+                    self.remove_object(&k);
                 }
                 for status in change.clusters {
                     // The sequence checked every status's cluster id.
@@ -168,6 +282,10 @@ impl Replica {
             engine.set_cluster_expired(id, status.expired);
         }
         self.engine = engine;
+        self.pods_by_node.clear();
+        for o in &objects {
+            index(&mut self.pods_by_node, o);
+        }
         self.objects = objects.into_iter().map(|o| (o.key(), o)).collect();
         self.clusters = clusters.into_iter().collect();
     }
@@ -262,6 +380,116 @@ mod tests {
             replica.apply(part).expect("snapshot part");
         }
         (view, replica)
+    }
+
+    /// Pod `name` of c-cluster `cluster` (uid `cluster-name`), on `node` if any.
+    fn pod_on(cluster: &str, name: &str, node: Option<&str>) -> Object {
+        Object::Pod(
+            Pod::from_api(
+                &c(cluster),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "a", "uid": format!("{cluster}-{name}")},
+                    "spec": {"nodeName": node, "containers": []},
+                    "status": {"phase": "Running"}}))
+                .expect("pod"),
+            )
+            .expect("valid"),
+        )
+    }
+
+    fn on_node(r: &Replica, cluster: &str, node: &str) -> Vec<String> {
+        let mut names: Vec<String> = r
+            .pods_on_node(&c(cluster), node)
+            .map(|p| p.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn pods_are_indexed_by_cluster_and_node_as_they_change() {
+        let mut view = View::new("e1", 100);
+        view.apply(Change {
+            upserts: vec![
+                pod_on("c1", "a", Some("n1")),
+                pod_on("c1", "b", Some("n1")),
+                pod_on("c1", "c", None),
+                pod_on("c2", "a", Some("n1")),
+            ],
+            clusters: vec![synced("c1", true), synced("c2", true)],
+            ..Change::default()
+        });
+        let mut replica = Replica::new();
+        for p in view.snapshot(&scope(), 1000) {
+            replica.apply(p).expect("part");
+        }
+        assert_eq!(on_node(&replica, "c1", "n1"), ["a", "b"]);
+        assert_eq!(on_node(&replica, "c2", "n1"), ["a"]);
+        assert!(on_node(&replica, "c1", "n2").is_empty());
+        assert!(on_node(&replica, "c3", "n1").is_empty());
+        let step = |view: &mut View, replica: &mut Replica, change: Change| {
+            let d = view.apply(change).expect("a change");
+            replica.apply((*d).clone()).expect("delta");
+        };
+        // Scheduled, moved (a pod re-created under the same uid, as a tracker may relay), gone.
+        step(
+            &mut view,
+            &mut replica,
+            Change {
+                upserts: vec![pod_on("c1", "c", Some("n2")), pod_on("c1", "a", Some("n2"))],
+                deletes: vec![pod_on("c1", "b", None).key()],
+                ..Change::default()
+            },
+        );
+        assert!(on_node(&replica, "c1", "n1").is_empty());
+        assert_eq!(on_node(&replica, "c1", "n2"), ["a", "c"]);
+        let with =
+            |r: &Replica, ns: &str, sa: &str| r.pods_with_account(&c("c1"), "n2", ns, sa).count();
+        assert_eq!(with(&replica, "a", "default"), 2);
+        assert_eq!(with(&replica, "a", "other"), 0);
+        assert_eq!(with(&replica, "b", "default"), 0);
+        let mut pending = pod_on("c1", "c", Some("n2"));
+        if let Object::Pod(p) = &mut pending {
+            p.phase = crate::model::PodPhase::Pending;
+        }
+        step(
+            &mut view,
+            &mut replica,
+            Change {
+                upserts: vec![pending],
+                ..Change::default()
+            },
+        );
+        assert_eq!(
+            on_node(&replica, "c1", "n2"),
+            ["a", "c"],
+            "an update in place"
+        );
+        step(
+            &mut view,
+            &mut replica,
+            Change {
+                removed_clusters: vec![c("c2")],
+                ..Change::default()
+            },
+        );
+        assert!(on_node(&replica, "c2", "n1").is_empty());
+        assert!(
+            !replica.pods_by_node.contains_key(&c("c2")),
+            "no empty entries left"
+        );
+        // A fresh snapshot replaces the index with the view's.
+        let mut fresh = View::new("e2", 100);
+        fresh.apply(Change {
+            upserts: vec![pod_on("c1", "z", Some("n1"))],
+            clusters: vec![synced("c1", true)],
+            ..Change::default()
+        });
+        for p in fresh.snapshot(&scope(), 1000) {
+            replica.apply(p).expect("part");
+        }
+        assert_eq!(on_node(&replica, "c1", "n1"), ["z"]);
+        assert!(on_node(&replica, "c1", "n2").is_empty());
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl std::fmt::Display for Subscriber {
 }
 
 /// A node name: a DNS subdomain, as Kubernetes requires.
-fn node_name(name: &str) -> Result<(), String> {
+pub(crate) fn node_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {

@@ -1,6 +1,7 @@
 //! Mutual TLS for the tracker's stream: a certificate, its key and the CA that both sides
 //! verify each other against, read from PEM files and checked when read, so that a wrong
-//! file is named at start rather than at the first handshake.
+//! file is named at start rather than at the first handshake. The CA's serving certificate
+//! is read the same way (`identity`).
 
 use std::path::{Path, PathBuf};
 
@@ -66,20 +67,35 @@ fn certificates(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(pem)
 }
 
+/// A certificate chain and its key, read from the PEM files named by `cert_flag` and
+/// `key_flag`.
+pub fn identity(
+    cert_flag: &'static str,
+    cert: &Path,
+    key_flag: &'static str,
+    key: &Path,
+) -> Result<Identity, TlsError> {
+    let chain = certificates(cert_flag, cert)?;
+    let key_pem = read(key_flag, key)?;
+    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+        flag: key_flag,
+        path: key.to_owned(),
+        error: format!("no PEM private key: {e}"),
+    })?;
+    Ok(Identity::from_pem(chain, key_pem))
+}
+
+/// The CA certificates (PEM) of the file named by `flag`, to verify peers against.
+pub fn ca_certificate(flag: &'static str, path: &Path) -> Result<Certificate, TlsError> {
+    Ok(Certificate::from_pem(certificates(flag, path)?))
+}
+
 impl TlsFiles {
     /// Reads and checks the PEM files of `--tls-cert`, `--tls-key` and `--tls-ca`.
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
-        let chain = certificates("--tls-cert", cert)?;
-        let key_pem = read("--tls-key", key)?;
-        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-            flag: "--tls-key",
-            path: key.to_owned(),
-            error: format!("no PEM private key: {e}"),
-        })?;
-        let ca = certificates("--tls-ca", ca)?;
         Ok(Self {
-            identity: Identity::from_pem(chain, key_pem),
-            ca: Certificate::from_pem(ca),
+            identity: identity("--tls-cert", cert, "--tls-key", key)?,
+            ca: ca_certificate("--tls-ca", ca)?,
         })
     }
 

@@ -3,8 +3,9 @@
 //! DELETED / BOOKMARK, 410 Gone both as a watch ERROR event and as an HTTP status, knobs to
 //! inject faults (down, 500, hang, slow events, events held back then delivered out of order, a
 //! kind not installed), and authentication: a required bearer token, and HTTPS with a required
-//! client certificate; and kubeconfig files naming servers. Reusable by every test that needs a
-//! cluster: include it with `mod apiserver;`.
+//! client certificate; and kubeconfig files naming servers. It also reviews tokens (POST
+//! TokenReview) that a test registers with who they are ([`ApiServer::add_reviewed_token`]).
+//! Reusable by every test that needs a cluster: include it with `mod apiserver;`.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -187,6 +188,64 @@ struct State {
     token: Option<String>,
     /// Kinds served as a real server serves a group it does not have (a CRD not installed).
     uninstalled: BTreeSet<Kind>,
+    /// Tokens the TokenReview endpoint authenticates, and who they are.
+    reviewed: BTreeMap<String, TokenUser>,
+}
+
+/// Who a token is, as TokenReview answers: its user and the audiences it was issued for.
+#[derive(Debug, Clone, Default)]
+pub struct TokenUser {
+    /// `status.user.username`.
+    pub username: String,
+    /// `status.user.uid`.
+    pub uid: String,
+    /// `status.user.groups`.
+    pub groups: Vec<String>,
+    /// `status.user.extra` (a bound token's pod and node).
+    pub extra: BTreeMap<String, Vec<String>>,
+    /// The audiences the token is for.
+    pub audiences: Vec<String>,
+}
+
+impl TokenUser {
+    /// A projected token of ServiceAccount `namespace/account` for `audience`, bound to pod
+    /// `pod` (uid `pod_uid`) and, when given, naming its node as Kubernetes 1.30+ does.
+    pub fn bound(
+        namespace: &str,
+        account: &str,
+        audience: &str,
+        pod: &str,
+        pod_uid: &str,
+        node: Option<&str>,
+    ) -> Self {
+        let mut extra = BTreeMap::from([
+            (
+                "authentication.kubernetes.io/pod-name".to_owned(),
+                vec![pod.to_owned()],
+            ),
+            (
+                "authentication.kubernetes.io/pod-uid".to_owned(),
+                vec![pod_uid.to_owned()],
+            ),
+        ]);
+        if let Some(node) = node {
+            extra.insert(
+                "authentication.kubernetes.io/node-name".to_owned(),
+                vec![node.to_owned()],
+            );
+        }
+        Self {
+            username: format!("system:serviceaccount:{namespace}:{account}"),
+            uid: format!("uid-sa-{namespace}-{account}"),
+            groups: vec![
+                "system:serviceaccounts".to_owned(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".to_owned(),
+            ],
+            extra,
+            audiences: vec![audience.to_owned()],
+        }
+    }
 }
 
 /// A running test API server on 127.0.0.1.
@@ -530,6 +589,16 @@ impl ApiServer {
         lock(&self.state).token = token.map(str::to_owned);
     }
 
+    /// Makes TokenReview authenticate `token` as `user` (for the audiences it is for).
+    pub fn add_reviewed_token(&self, token: &str, user: TokenUser) {
+        lock(&self.state).reviewed.insert(token.to_owned(), user);
+    }
+
+    /// Makes TokenReview refuse `token` from now on, as for a revoked or expired token.
+    pub fn revoke_reviewed_token(&self, token: &str) {
+        lock(&self.state).reviewed.remove(token);
+    }
+
     /// Serves `kind` (true) or answers it as a real server answers a group it does not have
     /// (false): a plain-text 404, as for a CRD not installed.
     pub fn set_installed(&self, kind: Kind, on: bool) {
@@ -715,6 +784,11 @@ async fn handle(
             );
         }
     }
+    if req.method() == http::Method::POST
+        && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
+    {
+        return token_review(req, &state).await;
+    }
     let Some(target) = Kind::target(req.uri().path()) else {
         return full(
             StatusCode::NOT_FOUND,
@@ -747,6 +821,58 @@ async fn handle(
     } else {
         list(kind, namespace.as_deref(), &q, &state)
     }
+}
+
+/// A TokenReview: a registered token for one of the audiences asked for is authenticated,
+/// with those audiences; any other is not, with the error a real server gives.
+async fn token_review(req: Request<Incoming>, state: &Mutex<State>) -> Response<Body> {
+    let review: Value = match req.into_body().collect().await {
+        Ok(body) => serde_json::from_slice(&body.to_bytes()).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let Some(token) = review["spec"]["token"].as_str() else {
+        return full(
+            StatusCode::BAD_REQUEST,
+            status(400, "BadRequest", "spec.token is required"),
+        );
+    };
+    let asked: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let user = lock(state).reviewed.get(token).cloned();
+    let answer = match user {
+        None => {
+            json!({"user": {}, "error": "[invalid bearer token, service account token has been invalidated]"})
+        }
+        Some(user) => {
+            let audiences: Vec<&String> = if asked.is_empty() {
+                user.audiences.iter().collect()
+            } else {
+                user.audiences
+                    .iter()
+                    .filter(|a| asked.contains(a))
+                    .collect()
+            };
+            if audiences.is_empty() {
+                json!({"user": {}, "error": "[invalid bearer token, token audiences is invalid for the target audiences]"})
+            } else {
+                json!({"authenticated": true, "audiences": audiences,
+                       "user": {"username": user.username, "uid": user.uid,
+                                "groups": user.groups, "extra": user.extra}})
+            }
+        }
+    };
+    full(
+        StatusCode::CREATED,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "metadata": {"creationTimestamp": null},
+               "spec": review["spec"], "status": answer}),
+    )
 }
 
 /// One object by name, or a 404 Status as the real server words it.

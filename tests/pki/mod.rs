@@ -50,6 +50,13 @@ impl Pki {
         self.ca_file.clone()
     }
 
+    /// The CA's private key, written beside its certificate (for a CA that signs with it).
+    pub fn ca_key_file(&self) -> PathBuf {
+        let file = self.ca_file.with_extension("key");
+        std::fs::write(&file, self.ca.key().serialize_pem()).expect("write ca key");
+        file
+    }
+
     /// Issues a certificate for `spiffe_id` (a client), also valid as a server for
     /// `localhost` and 127.0.0.1; files are named after `file`.
     pub fn issue(&self, file: &str, spiffe_id: &str) -> Issued {

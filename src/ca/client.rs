@@ -1,0 +1,119 @@
+//! The node agent's side of the CA: a TLS channel to it (the CA verified against the
+//! configured root), and one call that turns a CSR into a certificate chain.
+
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use super::pb;
+
+/// Why no certificate came from the CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    /// The URL is not an `https://` URL a channel can be made from.
+    #[error("CA {url}: {error}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        error: String,
+    },
+    /// The CA cannot be reached, or its certificate does not verify.
+    #[error("CA {url}: cannot connect: {error}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        error: tonic::transport::Error,
+    },
+    /// The token cannot be sent as metadata.
+    #[error("the token is not a valid metadata value (visible ASCII only)")]
+    Token,
+    /// The CA refused.
+    #[error("CA refused: {0}")]
+    Refused(tonic::Status),
+    /// The CA answered with something that is not a certificate for the identity asked for.
+    #[error("CA answer: {0}")]
+    Answer(String),
+}
+
+/// A certificate chain from the CA.
+#[derive(Debug, Clone)]
+pub struct Svid {
+    /// The chain, PEM, leaf first.
+    pub chain: Vec<String>,
+    /// The lifetime granted, from the time of signing.
+    pub ttl: Duration,
+}
+
+/// A channel to the CA at `url` (`https://HOST:PORT`), whose certificate must verify against
+/// `root` for that host.
+pub async fn connect(url: &str, root: Certificate) -> Result<Channel, CaClientError> {
+    let bad = |error: String| CaClientError::Url {
+        url: url.to_owned(),
+        error,
+    };
+    if !url.starts_with("https://") {
+        return Err(bad("the CA is reached over TLS: use https://".into()));
+    }
+    Endpoint::from_shared(url.to_owned())
+        .map_err(|e| bad(e.to_string()))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(root))
+        .map_err(|error| CaClientError::Connect {
+            url: url.to_owned(),
+            error,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|error| CaClientError::Connect {
+            url: url.to_owned(),
+            error,
+        })
+}
+
+/// Asks the CA on `channel`, as the node whose token is `token`, to sign `csr` (PEM or DER)
+/// for `identity` with a lifetime of `ttl` (zero: the CA's maximum). The leaf is checked to
+/// name exactly `identity`; the chain is verified by whoever uses it.
+pub async fn create_certificate(
+    channel: Channel,
+    token: &str,
+    csr: &[u8],
+    identity: &str,
+    ttl: Duration,
+) -> Result<Svid, CaClientError> {
+    let mut request = tonic::Request::new(pb::CreateCertificateRequest {
+        csr: csr.to_vec(),
+        identity: identity.to_owned(),
+        ttl_seconds: ttl.as_secs(),
+    });
+    let bearer: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| CaClientError::Token)?;
+    request.metadata_mut().insert("authorization", bearer);
+    let answer = pb::ca_client::CaClient::new(channel)
+        .create_certificate(request)
+        .await
+        .map_err(CaClientError::Refused)?
+        .into_inner();
+    let leaf = answer
+        .cert_chain
+        .first()
+        .ok_or_else(|| CaClientError::Answer("an empty chain".into()))?;
+    let der = CertificateDer::from_pem_slice(leaf.as_bytes())
+        .map_err(|e| CaClientError::Answer(format!("the leaf is not PEM: {e}")))?;
+    let named = spiffe::cert::spiffe_id_from_der(&der)
+        .map_err(|e| CaClientError::Answer(format!("the leaf: {e}")))?;
+    if named.to_string() != identity {
+        return Err(CaClientError::Answer(format!(
+            "the leaf is for {named}, not {identity}"
+        )));
+    }
+    Ok(Svid {
+        chain: answer.cert_chain,
+        ttl: Duration::from_secs(answer.ttl_seconds),
+    })
+}
