@@ -117,3 +117,72 @@ pub async fn create_certificate(
         ttl: Duration::from_secs(answer.ttl_seconds),
     })
 }
+
+/// The node's credential for the CA: a fixed bootstrap token, or a token file re-read on
+/// every call (a projected ServiceAccount token is rotated in place by the kubelet).
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// A bootstrap token.
+    Fixed(String),
+    /// A file holding the token.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    fn read(&self) -> Result<String, String> {
+        match self {
+            Token::Fixed(token) => Ok(token.clone()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| format!("token file {}: {e}", path.display())),
+        }
+    }
+}
+
+/// The CA as the node's identity manager sees it: a channel and the node's credential.
+#[derive(Debug, Clone)]
+pub struct RemoteCa {
+    channel: Channel,
+    token: Token,
+}
+
+impl RemoteCa {
+    /// The CA on `channel`, called with `token`.
+    pub fn new(channel: Channel, token: Token) -> Self {
+        Self { channel, token }
+    }
+}
+
+impl crate::identity::manager::Authority for RemoteCa {
+    fn sign<'a>(
+        &'a self,
+        csr: Vec<u8>,
+        identity: &'a crate::identity::WorkloadId,
+        ttl: Duration,
+    ) -> crate::identity::manager::AuthorityFuture<'a> {
+        Box::pin(async move {
+            let token = self.token.read()?;
+            let svid = create_certificate(
+                self.channel.clone(),
+                &token,
+                &csr,
+                &identity.to_string(),
+                ttl,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let chain = svid
+                .chain
+                .iter()
+                .map(|pem| {
+                    CertificateDer::from_pem_slice(pem.as_bytes())
+                        .map_err(|e| format!("CA answer: a certificate is not PEM: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(crate::identity::manager::Issued {
+                chain,
+                ttl: svid.ttl,
+            })
+        })
+    }
+}

@@ -33,10 +33,10 @@ pub enum IdentityError {
     },
     /// The CA refused or could not be reached.
     #[error("{identity}: the CA: {error}")]
-    Signer {
+    Authority {
         /// The identity.
         identity: WorkloadId,
-        /// What the signer said.
+        /// What the CA said.
         error: String,
     },
     /// What the CA returned is not a certificate for this key and identity.
@@ -58,13 +58,18 @@ pub struct Issued {
     pub ttl: Duration,
 }
 
-/// The answer of a signer.
-pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, String>> + Send + 'a>>;
+/// The answer of an authority.
+pub type AuthorityFuture<'a> = Pin<Box<dyn Future<Output = Result<Issued, String>> + Send + 'a>>;
 
 /// What signs a CSR for an identity: the CA's client, or a local CA in tests.
-pub trait Signer: Send + Sync + 'static {
+pub trait Authority: Send + Sync + 'static {
     /// Asks for a certificate for `identity` from `csr` (DER), valid for about `ttl`.
-    fn sign<'a>(&'a self, csr: Vec<u8>, identity: &'a WorkloadId, ttl: Duration) -> SignFuture<'a>;
+    fn sign<'a>(
+        &'a self,
+        csr: Vec<u8>,
+        identity: &'a WorkloadId,
+        ttl: Duration,
+    ) -> AuthorityFuture<'a>;
 }
 
 /// How certificates are asked for and renewed.
@@ -138,7 +143,7 @@ pub struct IdentityStatus {
 
 /// The certificates of a node's workloads.
 pub struct IdentityManager {
-    signer: Arc<dyn Signer>,
+    authority: Arc<dyn Authority>,
     renewal: Renewal,
     certificates: Arc<Certificates>,
     tasks: Mutex<HashMap<WorkloadId, JoinHandle<()>>>,
@@ -222,10 +227,10 @@ fn renew_after(ttl: Duration) -> Duration {
 }
 
 impl IdentityManager {
-    /// A manager asking `signer` for certificates as `renewal` says.
-    pub fn new(signer: Arc<dyn Signer>, renewal: Renewal) -> Self {
+    /// A manager asking `authority` for certificates as `renewal` says.
+    pub fn new(authority: Arc<dyn Authority>, renewal: Renewal) -> Self {
         Self {
-            signer,
+            authority,
             renewal,
             certificates: Arc::default(),
             tasks: Mutex::new(HashMap::new()),
@@ -269,7 +274,7 @@ impl IdentityManager {
                 );
             let task = tokio::spawn(keep_certified(
                 id.clone(),
-                self.signer.clone(),
+                self.authority.clone(),
                 self.renewal.clone(),
                 self.certificates.clone(),
             ));
@@ -356,13 +361,13 @@ impl IdentityManager {
 /// Obtains and renews one identity's certificate until aborted.
 async fn keep_certified(
     identity: WorkloadId,
-    signer: Arc<dyn Signer>,
+    authority: Arc<dyn Authority>,
     renewal: Renewal,
     certificates: Arc<Certificates>,
 ) {
     let mut retry = renewal.retry;
     loop {
-        match obtain(&identity, signer.as_ref(), renewal.ttl).await {
+        match obtain(&identity, authority.as_ref(), renewal.ttl).await {
             Ok((key, ttl)) => {
                 let expires = SystemTime::now() + ttl;
                 certificates.update(&identity, |e| {
@@ -394,17 +399,18 @@ async fn keep_certified(
 /// One certificate: a fresh key, a CSR, the CA's answer checked.
 async fn obtain(
     identity: &WorkloadId,
-    signer: &dyn Signer,
+    authority: &dyn Authority,
     ttl: Duration,
 ) -> Result<(CertifiedKey, Duration), IdentityError> {
     let (key, csr) = key_and_csr(identity)?;
-    let issued = signer
-        .sign(csr, identity, ttl)
-        .await
-        .map_err(|error| IdentityError::Signer {
-            identity: identity.clone(),
-            error,
-        })?;
+    let issued =
+        authority
+            .sign(csr, identity, ttl)
+            .await
+            .map_err(|error| IdentityError::Authority {
+                identity: identity.clone(),
+                error,
+            })?;
     let granted = issued.ttl;
     Ok((certified(identity, &key, issued)?, granted))
 }
@@ -467,13 +473,13 @@ mod tests {
         }
     }
 
-    impl Signer for LocalCa {
+    impl Authority for LocalCa {
         fn sign<'a>(
             &'a self,
             csr: Vec<u8>,
             identity: &'a WorkloadId,
             ttl: Duration,
-        ) -> SignFuture<'a> {
+        ) -> AuthorityFuture<'a> {
             Box::pin(async move {
                 if self
                     .fail

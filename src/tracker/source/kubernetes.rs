@@ -346,10 +346,7 @@ enum SourceError {
     },
     /// The API server did not answer the `ClusterProperty` lookup in time: retried.
     #[error("resolving cluster id of context {context}: no answer within {after:?}")]
-    LookupTimeout {
-        context: String,
-        after: Duration,
-    },
+    LookupTimeout { context: String, after: Duration },
     /// The cluster's `ClusterProperty` names no valid cluster id.
     #[error(
         "resolving cluster id of context {context}: ClusterProperty {CLUSTER_ID_PROPERTY} says {value:?}: {source}"
