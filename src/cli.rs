@@ -66,6 +66,9 @@ struct CaArgs {
     /// Address of the gRPC service.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19443")]
     listen: SocketAddr,
+    /// Address of the admin endpoint: /healthz, /readyz (the view is complete), /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:19444")]
+    admin: SocketAddr,
     /// The certificate chain the CA serves TLS with (PEM); node agents verify it against their
     /// configured root.
     #[arg(long, value_name = "FILE")]
@@ -498,12 +501,21 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
             min_ttl_seconds = limits.min().as_secs(),
             "CA serving"
         );
-        ca::Ca::new(signer, authn, authz)
-            .serve(listener, serving, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
+        let ca = ca::Ca::new(signer, authn, authz);
+        let admin = tokio::net::TcpListener::bind(args.admin)
             .await
-            .context("serving")?;
+            .with_context(|| format!("--admin {}", args.admin))?;
+        tracing::info!(addr = %admin.local_addr()?, "admin endpoint");
+        tokio::spawn(crate::admin::serve(
+            admin,
+            ca.clone(),
+            std::future::pending(),
+        ));
+        ca.serve(listener, serving, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving")?;
         Ok(ExitCode::SUCCESS)
     })
 }

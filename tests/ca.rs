@@ -867,7 +867,8 @@ async fn weft_ca_with_the_development_pki_follows_a_tracker_over_mutual_tls() {
     let file = |name: &str| pki.join(name).to_str().expect("utf-8").to_owned();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("{TA} c1-node-1\n")).expect("write");
-    let (tracker_port, admin_port, ca_port) = (free_port(), free_port(), free_port());
+    let (tracker_port, admin_port, ca_port, ca_admin) =
+        (free_port(), free_port(), free_port(), free_port());
     let _tracker = Running(
         weft(&[
             "tracker",
@@ -898,6 +899,8 @@ async fn weft_ca_with_the_development_pki_follows_a_tracker_over_mutual_tls() {
             &file("root-key.pem"),
             "--listen",
             &format!("127.0.0.1:{ca_port}"),
+            "--admin",
+            &format!("127.0.0.1:{ca_admin}"),
             "--serving-cert",
             &file("ca.pem"),
             "--serving-key",
@@ -948,6 +951,17 @@ async fn weft_ca_with_the_development_pki_follows_a_tracker_over_mutual_tls() {
         refused(&channel, TA, "spiffe://cluster-1/ns/demo-c2/sa/default").await,
         Code::PermissionDenied
     );
+    // Its admin endpoint: ready, and the calls counted by outcome.
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{ca_admin}").parse().expect("addr");
+    assert_eq!(tracking::http(admin, "GET", "/readyz").await.0, 200);
+    let (code, metrics) = tracking::http(admin, "GET", "/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        "weft_ca_certificate_requests_total{outcome=\"ok\"} 1",
+        "weft_ca_certificate_requests_total{outcome=\"permission_denied\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 #[test]

@@ -70,6 +70,20 @@ impl Authorizer {
         &self.cluster
     }
 
+    /// `Err` with the reason while the view is not complete enough to decide on.
+    pub fn ready(&self) -> Result<(), String> {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        if view.ready() {
+            return Ok(());
+        }
+        let unsynced: Vec<String> = view.unsynced().iter().map(|c| c.to_string()).collect();
+        Err(if unsynced.is_empty() {
+            "no complete snapshot from the tracker".into()
+        } else {
+            format!("clusters {} not synced", unsynced.join(", "))
+        })
+    }
+
     /// A Running pod of this cluster on `node` whose service account is `id`, if any.
     pub fn authorize(&self, node: &str, id: &WorkloadId) -> Result<Entitled, AuthzError> {
         if id.trust_domain() != self.trust_domain.as_str() {
@@ -78,15 +92,8 @@ impl Authorizer {
                 trust_domain: self.trust_domain.to_string(),
             });
         }
+        self.ready().map_err(AuthzError::NotReady)?;
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-        if !view.ready() {
-            let unsynced: Vec<String> = view.unsynced().iter().map(|c| c.to_string()).collect();
-            return Err(AuthzError::NotReady(if unsynced.is_empty() {
-                "no complete snapshot from the tracker".into()
-            } else {
-                format!("clusters {} not synced", unsynced.join(", "))
-            }));
-        }
         view.pods_with_account(&self.cluster, node, id.namespace(), id.service_account())
             .find(|p| p.phase == PodPhase::Running)
             .map(|p| Entitled {

@@ -27,6 +27,63 @@ pub struct Ca {
     signer: Arc<Signer>,
     authn: Arc<dyn Authenticator>,
     authz: Authorizer,
+    outcomes: Arc<Outcomes>,
+}
+
+/// How calls ended, by gRPC status code (`ok` for a certificate issued).
+#[derive(Debug, Default)]
+struct Outcomes(std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>);
+
+impl Outcomes {
+    fn count<T>(&self, outcome: &Result<T, Status>) {
+        let code = match outcome {
+            Ok(_) => "ok",
+            Err(s) => match s.code() {
+                tonic::Code::Unauthenticated => "unauthenticated",
+                tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::InvalidArgument => "invalid_argument",
+                tonic::Code::Unavailable => "unavailable",
+                _ => "other",
+            },
+        };
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+    }
+}
+
+impl crate::admin::Report for Ca {
+    fn ready(&self) -> Result<(), String> {
+        self.authz.ready()
+    }
+
+    fn metrics(&self) -> String {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("weft_ca");
+        let calls = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        for (code, n) in self
+            .outcomes
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            calls.get_or_create(&vec![("outcome", *code)]).inc_by(*n);
+        }
+        registry.register(
+            "certificate_requests",
+            "Certificate requests, by outcome: ok (issued) or the refusal's status.",
+            calls,
+        );
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
 }
 
 /// The token of an `authorization: Bearer TOKEN` entry, the only one of the request.
@@ -83,6 +140,7 @@ impl Ca {
             signer: Arc::new(signer),
             authn,
             authz,
+            outcomes: Arc::default(),
         }
     }
 
@@ -115,6 +173,18 @@ impl Ca {
 #[tonic::async_trait]
 impl pb::ca_server::Ca for Ca {
     async fn create_certificate(
+        &self,
+        request: Request<pb::CreateCertificateRequest>,
+    ) -> Result<Response<pb::CreateCertificateResponse>, Status> {
+        let outcome = self.issue(request).await;
+        self.outcomes.count(&outcome);
+        outcome
+    }
+}
+
+impl Ca {
+    /// One call: who asks, for what, and the certificate or the refusal.
+    async fn issue(
         &self,
         request: Request<pb::CreateCertificateRequest>,
     ) -> Result<Response<pb::CreateCertificateResponse>, Status> {

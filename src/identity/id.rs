@@ -240,4 +240,24 @@ mod tests {
             assert!(e.to_string().contains(says), "{bad:?}: {e}");
         }
     }
+
+    #[test]
+    fn names_match_exactly_never_as_patterns() {
+        // THREATS 8: a dot is a dot, a star is not a wildcard, a prefix is not a match.
+        let allowed = WorkloadId::parse("spiffe://td/ns/demo/sa/a.b").expect("a.b");
+        for other in ["axb", "a-b", "a.bc", "a", "a.b.c"] {
+            let peer =
+                WorkloadId::parse(&format!("spiffe://td/ns/demo/sa/{other}")).expect("valid name");
+            assert_ne!(peer, allowed, "{other}");
+        }
+        for pattern in ["*", "a*", "a.*"] {
+            let e =
+                WorkloadId::parse(&format!("spiffe://td/ns/demo/sa/{pattern}")).expect_err(pattern);
+            assert!(e.to_string().contains("not a SPIFFE id"), "{e}");
+        }
+        assert_ne!(
+            WorkloadId::parse("spiffe://td/ns/demo/sa/web").expect("td"),
+            WorkloadId::parse("spiffe://td.evil/ns/demo/sa/web").expect("td.evil")
+        );
+    }
 }
