@@ -15,6 +15,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use weft::ca::client::{self as ca_client, RemoteCa, Token};
 use weft::ca::{Authorizer, BootstrapTokens, Ca, Signer, TtlLimits};
 use weft::identity::manager::{Authority, AuthorityFuture, IdentityManager, Renewal};
+use weft::identity::verify::PeerSide;
 use weft::identity::{BundleSet, Expected, TrustBundle, TrustStore, WorkloadId};
 use weft::model::{ClusterId, Pod};
 use weft::tracker::client;
@@ -147,7 +148,7 @@ impl Authority for Switchable {
     }
 }
 
-fn manager(authority: Arc<dyn Authority>, identity: &WorkloadId) -> IdentityManager {
+fn manager(authority: Arc<dyn Authority>, identity: &WorkloadId) -> Arc<IdentityManager> {
     let manager = IdentityManager::new(
         authority,
         Renewal {
@@ -157,7 +158,7 @@ fn manager(authority: Arc<dyn Authority>, identity: &WorkloadId) -> IdentityMana
         },
     );
     manager.set_identities(&[identity.clone()].into());
-    manager
+    Arc::new(manager)
 }
 
 fn bundles(roots: &[(&str, &[&pki::Pki])]) -> BundleSet {
@@ -172,9 +173,15 @@ fn bundles(roots: &[(&str, &[&pki::Pki])]) -> BundleSet {
     .expect("bundle set")
 }
 
-/// A TLS echo server presenting `server`'s certificates and verifying clients by `trust`;
-/// returns its address.
-async fn echo_server(trust: &TrustStore, server: &IdentityManager, id: &WorkloadId) -> String {
+/// A TLS echo server presenting `id`'s certificates from `server` and verifying clients by
+/// `trust`; returns its address. `guarded`, a connection closes once its client is no longer
+/// trusted or `id` is dropped from `server`.
+async fn echo_server(
+    trust: &TrustStore,
+    server: &Arc<IdentityManager>,
+    id: &WorkloadId,
+    guarded: bool,
+) -> String {
     let config = trust
         .server_config(server.resolver(id))
         .expect("server config");
@@ -183,18 +190,37 @@ async fn echo_server(trust: &TrustStore, server: &IdentityManager, id: &Workload
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
+    let (trust, server, id) = (trust.clone(), server.clone(), id.clone());
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, trust, server, id) =
+                (acceptor.clone(), trust.clone(), server.clone(), id.clone());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let mut buf = [0u8; 64];
-                while let Ok(n) = tls.read(&mut buf).await {
-                    if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
-                        return;
+                let chain = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .unwrap_or_default()
+                    .to_vec();
+                let echo = async {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = tls.read(&mut buf).await {
+                        if n == 0 || tls.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
                     }
+                };
+                if guarded {
+                    tokio::select! {
+                        () = echo => {}
+                        _ = trust.until_distrusted(chain, PeerSide::Client) => {}
+                        () = server.until_dropped(&id) => {}
+                    }
+                } else {
+                    echo.await;
                 }
             });
         }
@@ -278,7 +304,7 @@ async fn certificates_of_seconds_renew_under_load_with_no_failed_connection() {
     certified(&node, &web).await;
     let trust = TrustStore::new(bundles(&[("cluster-1", &[&root])])).expect("trust");
     // One workload talking to itself: client and server certificates both rotate.
-    let addr = echo_server(&trust, &node, &web).await;
+    let addr = echo_server(&trust, &node, &web, false).await;
     let connector = TlsConnector::from(Arc::new(
         trust
             .client_config(Expected::Workload(web.clone()), node.resolver(&web))
@@ -327,7 +353,7 @@ async fn a_root_rotated_across_two_clusters_drops_no_connection() {
         TrustStore::new(bundles(&[("cluster-1", &[&a]), ("cluster-2", &[&c])])).expect("trust");
     let trust2 =
         TrustStore::new(bundles(&[("cluster-1", &[&a]), ("cluster-2", &[&c])])).expect("trust");
-    let addr = echo_server(&trust2, &node2, &api).await;
+    let addr = echo_server(&trust2, &node2, &api, false).await;
     let connector = TlsConnector::from(Arc::new(
         trust1
             .client_config(Expected::Workload(api.clone()), node1.resolver(&web))
@@ -399,4 +425,73 @@ impl rustls::client::ResolvesClientCert for Fixed {
     fn has_certs(&self) -> bool {
         true
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_close_when_their_peer_is_revoked_or_their_identity_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = (
+        pki::Pki::new(dir.path(), "a"),
+        pki::Pki::new(dir.path(), "b"),
+        pki::Pki::new(dir.path(), "c"),
+    );
+    let view = tracker().await;
+    let (web, api) = (id("cluster-1", "web"), id("cluster-2", "api"));
+    let node1 = manager(
+        Arc::new(ca(dir.path(), "ca1", &a, "cluster-1", "node-1", &view).await),
+        &web,
+    );
+    let node2 = manager(
+        Arc::new(ca(dir.path(), "ca2", &c, "cluster-2", "node-2", &view).await),
+        &api,
+    );
+    certified(&node1, &web).await;
+    certified(&node2, &api).await;
+    let both = || bundles(&[("cluster-1", &[&a]), ("cluster-2", &[&c])]);
+    let (trust1, trust2) = (
+        TrustStore::new(both()).expect("trust"),
+        TrustStore::new(both()).expect("trust"),
+    );
+    let addr = echo_server(&trust2, &node2, &api, true).await;
+    let connector = TlsConnector::from(Arc::new(
+        trust1
+            .client_config(Expected::Workload(api.clone()), node1.resolver(&web))
+            .expect("client config"),
+    ));
+
+    // Cluster-1's root is revoked at cluster-2: the open connection from cluster-1 closes,
+    // and no new one opens.
+    let mut held = connect(&connector, &addr).await.expect("connect");
+    assert!(ping(&mut held).await);
+    trust2
+        .replace(bundles(&[("cluster-1", &[&b]), ("cluster-2", &[&c])]))
+        .expect("replace");
+    let took = closed_within(held).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let refused = match connect(&connector, &addr).await {
+        Some(mut s) => !ping(&mut s).await,
+        None => true,
+    };
+    assert!(refused, "a new connection from a revoked root");
+
+    // Trusted again; then the server's own identity is dropped (its pod left): its open
+    // connections close.
+    trust2.replace(both()).expect("replace");
+    let mut held = connect(&connector, &addr).await.expect("connect");
+    assert!(ping(&mut held).await);
+    node2.set_identities(&Default::default());
+    let took = closed_within(held).await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+/// Pings `held` until it fails; how long that took (at most 2 s).
+async fn closed_within(
+    mut held: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> Duration {
+    let start = tokio::time::Instant::now();
+    while ping(&mut held).await {
+        assert!(start.elapsed() < Duration::from_secs(2), "still open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
 }

@@ -163,6 +163,15 @@ impl WorkloadId {
         }
     }
 
+    /// Whether this is the identity of `pod`, whose cluster's trust domain is
+    /// `trust_domain`: what a tunnel that names its source pod must prove (the proven identity
+    /// is authorised, never the claimed pod's labels on another identity's word).
+    pub fn is_identity_of(&self, pod: &crate::model::Pod, trust_domain: &str) -> bool {
+        self.trust_domain == trust_domain
+            && self.namespace == pod.namespace
+            && self.service_account == pod.service_account
+    }
+
     /// Its trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
@@ -258,6 +267,30 @@ mod tests {
         assert_ne!(
             WorkloadId::parse("spiffe://td/ns/demo/sa/web").expect("td"),
             WorkloadId::parse("spiffe://td.evil/ns/demo/sa/web").expect("td.evil")
+        );
+    }
+
+    #[test]
+    fn an_identity_is_only_its_own_pods() {
+        // THREATS 2: a certificate for service account b does not speak for a pod of a.
+        let pod = |cluster: &str, ns: &str, sa: &str| {
+            crate::model::Pod::from_api(
+                &ClusterId::new(cluster).expect("id"),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": "p", "namespace": ns, "uid": "u"},
+                    "spec": {"serviceAccountName": sa, "containers": []},
+                    "status": {"phase": "Running"}}))
+                .expect("pod"),
+            )
+            .expect("valid")
+        };
+        let b = WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/b").expect("id");
+        assert!(b.is_identity_of(&pod("cluster-1", "demo", "b"), "cluster-1"));
+        assert!(!b.is_identity_of(&pod("cluster-1", "demo", "a"), "cluster-1"));
+        assert!(!b.is_identity_of(&pod("cluster-1", "other", "b"), "cluster-1"));
+        assert!(
+            !b.is_identity_of(&pod("cluster-2", "demo", "b"), "cluster-2"),
+            "the same namespace and account in another cluster's trust domain"
         );
     }
 }

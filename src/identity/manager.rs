@@ -107,6 +107,8 @@ struct Entry {
 #[derive(Debug, Default)]
 struct Certificates {
     entries: RwLock<HashMap<WorkloadId, Entry>>,
+    /// Counts identities dropped: connections of a dropped identity close.
+    dropped: tokio::sync::watch::Sender<u64>,
 }
 
 impl Certificates {
@@ -250,6 +252,7 @@ impl IdentityManager {
                     .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(id);
+                self.certificates.dropped.send_modify(|n| *n += 1);
                 tracing::info!(identity = %id, "identity dropped: no pod on this node uses it");
             }
             keep
@@ -285,6 +288,23 @@ impl IdentityManager {
     /// The current certificate of `identity`, if it has one.
     pub fn certificate(&self, identity: &WorkloadId) -> Option<Arc<CertifiedKey>> {
         self.certificates.current(identity)
+    }
+
+    /// Resolves once `identity` is dropped (no pod on the node uses it any more): its
+    /// connections select on this and close.
+    pub async fn until_dropped(&self, identity: &WorkloadId) {
+        let mut changes = self.certificates.dropped.subscribe();
+        loop {
+            let held = self
+                .certificates
+                .entries
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(identity);
+            if !held || changes.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// A resolver presenting `identity`'s current certificate at each handshake, as a server

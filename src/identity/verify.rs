@@ -186,6 +186,17 @@ pub struct TrustStore {
     current: Arc<RwLock<Arc<Trust>>>,
     provider: Arc<CryptoProvider>,
     clock: Arc<dyn TimeProvider>,
+    /// Counts replacements: long-lived connections check their peer again at each.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// Which side of a connection a peer is, for checking it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSide {
+    /// The peer is the client (this side serves).
+    Client,
+    /// The peer is the server.
+    Server,
 }
 
 impl fmt::Debug for TrustStore {
@@ -206,6 +217,7 @@ impl TrustStore {
             current: Arc::new(RwLock::new(Arc::new(trust))),
             provider,
             clock: Arc::new(DefaultTimeProvider),
+            generation: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -221,7 +233,45 @@ impl TrustStore {
         let trust_domains: Vec<&String> = trust.domains.keys().collect();
         tracing::info!(?trust_domains, "trust bundles replaced");
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = trust.clone();
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Resolves, with the reason, once the peer that showed `chain` (leaf first) on a
+    /// connection is no longer trusted by the bundles in force — its root dropped, its trust
+    /// domain no longer federated: a long-lived connection selects on this and closes rather
+    /// than outlive the trust it was admitted on. Never resolves while the peer stays trusted.
+    pub async fn until_distrusted(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        side: PeerSide,
+    ) -> VerifyError {
+        let mut changes = self.generation.subscribe();
+        loop {
+            if changes.changed().await.is_err() {
+                // The store is gone with everything built on it.
+                return std::future::pending().await;
+            }
+            let Some((leaf, intermediates)) = chain.split_first() else {
+                return VerifyError::NoCertificate;
+            };
+            let Some(now) = self.clock.current_time() else {
+                continue;
+            };
+            let checked = match side {
+                PeerSide::Client => self.client_verifier().check(leaf, intermediates, now),
+                PeerSide::Server => self
+                    .server_verifier(Expected::Matching {
+                        what: "any workload".into(),
+                        accepts: Arc::new(|_| true),
+                    })
+                    .check(leaf, intermediates, now),
+            };
+            if let Err(e) = checked {
+                tracing::info!(error = %e, "a connection's peer is no longer trusted");
+                return e;
+            }
+        }
     }
 
     /// The bundles in force.
