@@ -427,17 +427,55 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The trust domain of `cluster` once the view is complete: its settings' (`cluster.yaml`,
+/// relayed by the tracker), else derived from its id.
+async fn settled_trust_domain(
+    view: &RwLock<Replica>,
+    cluster: &ClusterId,
+) -> anyhow::Result<spiffe::TrustDomain> {
+    let mut waited = Duration::ZERO;
+    loop {
+        {
+            let view = view.read().unwrap_or_else(|e| e.into_inner());
+            if view.ready() {
+                let status = view
+                    .clusters()
+                    .find(|s| s.cluster == cluster.as_str())
+                    .with_context(|| {
+                        format!("--cluster {cluster}: the tracker has no such cluster")
+                    })?;
+                let configured = Some(status.trust_domain.as_str()).filter(|td| !td.is_empty());
+                return trust_domain_for(cluster, configured)
+                    .with_context(|| format!("the trust domain of cluster {cluster}"));
+            }
+        }
+        if waited.as_secs().is_multiple_of(10) && waited.subsec_millis() == 0 {
+            tracing::info!(%cluster, waited_s = waited.as_secs(), "waiting for the tracker's view to learn the trust domain");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+}
+
 fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
-    let trust_domain =
-        trust_domain_for(&args.cluster, args.trust_domain.as_deref()).context("--trust-domain")?;
+    // The trust domain is the flag's, else the cluster's settings' as the tracker relays
+    // them (`cluster.yaml`), else derived from the cluster id: the last two are known only
+    // once the view is, so the CA's files are checked now and its trust domain then.
+    let flagged = args
+        .trust_domain
+        .as_deref()
+        .map(|td| trust_domain_for(&args.cluster, Some(td)).context("--trust-domain"))
+        .transpose()?;
     let limits = ca::TtlLimits::new(args.min_ttl, args.max_ttl)?;
-    let signer = ca::Signer::load(
+    let signer = ca::Signer::load_any(
         &args.ca_cert,
         &args.ca_key,
         args.ca_chain.as_deref(),
-        &trust_domain,
         limits,
     )?;
+    if let Some(td) = &flagged {
+        signer.check_trust_domain(td)?;
+    }
     let serving = tls::identity(
         "--serving-cert",
         &args.serving_cert,
@@ -489,6 +527,14 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
             view.clone(),
             Duration::from_secs(1),
         ));
+        let trust_domain = match flagged {
+            Some(td) => td,
+            None => {
+                let td = settled_trust_domain(&view, &args.cluster).await?;
+                signer.check_trust_domain(&td)?;
+                td
+            }
+        };
         let authz = ca::Authorizer::new(args.cluster.clone(), trust_domain.clone(), view);
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

@@ -964,6 +964,109 @@ async fn weft_ca_with_the_development_pki_follows_a_tracker_over_mutual_tls() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_ca_takes_its_trust_domain_from_the_clusters_settings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clusters = dir.path().join("clusters");
+    for cluster in ["cluster-1", "cluster-2"] {
+        let from = std::path::Path::new(EXAMPLE).join(cluster);
+        let to = clusters.join(cluster);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for entry in std::fs::read_dir(&from).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(&path, to.join(path.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::write(
+        clusters.join("cluster-1/cluster.yaml"),
+        "trustDomain: prod.example\n",
+    )
+    .expect("write");
+    let root = pki::Pki::new(dir.path(), "root");
+    let serving = root.issue("serving", "spiffe://prod.example/weft/ca");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TA} c1-node-1\n")).expect("write");
+    let (tracker_port, tracker_admin, ca_port, ca_admin) =
+        (free_port(), free_port(), free_port(), free_port());
+    let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
+    let _tracker = Running(
+        weft(&[
+            "tracker",
+            "--insecure",
+            "--clusters",
+            &path(&clusters),
+            "--listen",
+            &format!("127.0.0.1:{tracker_port}"),
+            "--admin",
+            &format!("127.0.0.1:{tracker_admin}"),
+        ])
+        .spawn()
+        .expect("tracker"),
+    );
+    let _ca = Running(
+        weft(&[
+            "ca",
+            "--cluster",
+            "cluster-1",
+            "--ca-cert",
+            &path(&root.ca_file()),
+            "--ca-key",
+            &path(&root.ca_key_file()),
+            "--listen",
+            &format!("127.0.0.1:{ca_port}"),
+            "--admin",
+            &format!("127.0.0.1:{ca_admin}"),
+            "--serving-cert",
+            &path(&serving.cert),
+            "--serving-key",
+            &path(&serving.key),
+            "--bootstrap-tokens",
+            &path(&tokens),
+            "--tracker",
+            &format!("http://127.0.0.1:{tracker_port}"),
+            "--insecure",
+        ])
+        .spawn()
+        .expect("ca"),
+    );
+    let url = format!("https://127.0.0.1:{ca_port}");
+    let ca_root = std::fs::read_to_string(root.ca_file()).expect("root");
+    let id = "spiffe://prod.example/ns/demo-c1/sa/default";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        let attempt = match ca_client::connect(&url, Certificate::from_pem(&ca_root)).await {
+            Ok(channel) => {
+                let (csr, _) = csr(&[id]);
+                ca_client::create_certificate(
+                    channel.clone(),
+                    TA,
+                    csr.as_bytes(),
+                    id,
+                    Duration::ZERO,
+                )
+                .await
+                .map(|_| channel)
+            }
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(channel) => break channel,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no certificate in the settings' trust domain: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // The id derived from the cluster's name is not this CA's trust domain.
+    assert_eq!(
+        refused(&channel, TA, "spiffe://cluster-1/ns/demo-c1/sa/default").await,
+        Code::PermissionDenied
+    );
+}
+
 #[test]
 fn weft_ca_names_the_flag_or_file_at_fault() {
     let dir = tempfile::tempdir().expect("tempdir");

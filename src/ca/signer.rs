@@ -170,6 +170,10 @@ pub struct Signer {
     chain: Vec<String>,
     /// No leaf outlives the CA certificate.
     not_after: OffsetDateTime,
+    /// The SPIFFE ids the CA certificate names (a trust domain's, if any).
+    spiffe_ids: Vec<String>,
+    /// The file it came from, for errors.
+    cert_path: PathBuf,
     limits: TtlLimits,
     random: &'static dyn rustls::crypto::SecureRandom,
 }
@@ -272,6 +276,35 @@ impl Signer {
         trust_domain: &TrustDomain,
         limits: TtlLimits,
     ) -> Result<Self, SignerError> {
+        let signer = Self::load_any(cert, key, chain, limits)?;
+        signer.check_trust_domain(trust_domain)?;
+        Ok(signer)
+    }
+
+    /// Checks that a SPIFFE id the CA certificate carries names `trust_domain` (for a trust
+    /// domain known only once the tracker has said it).
+    pub fn check_trust_domain(&self, trust_domain: &TrustDomain) -> Result<(), SignerError> {
+        let expected = format!("spiffe://{trust_domain}");
+        match self.spiffe_ids.iter().find(|uri| **uri != expected) {
+            Some(uri) => Err(File {
+                flag: "--ca-cert",
+                path: &self.cert_path,
+            }
+            .invalid(format!(
+                "the CA names {uri}, not this CA's trust domain {expected}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Signer::load`] but for the trust domain, to be checked with
+    /// [`Signer::check_trust_domain`].
+    pub fn load_any(
+        cert: &Path,
+        key: &Path,
+        chain: Option<&Path>,
+        limits: TtlLimits,
+    ) -> Result<Self, SignerError> {
         let cert_file = File {
             flag: "--ca-cert",
             path: cert,
@@ -318,16 +351,13 @@ impl Signer {
         if not_after <= OffsetDateTime::now_utc() {
             return Err(cert_file.invalid(format!("{}: expired at {not_after}", ca.subject())));
         }
-        let expected = format!("spiffe://{trust_domain}");
+        let mut spiffe_ids = Vec::new();
         if let Ok(Some(san)) = ca.subject_alternative_name() {
             for name in &san.value.general_names {
                 if let GeneralName::URI(uri) = name
                     && uri.starts_with("spiffe://")
-                    && *uri != expected
                 {
-                    return Err(cert_file.invalid(format!(
-                        "the CA names {uri}, not this CA's trust domain {expected}"
-                    )));
+                    spiffe_ids.push((*uri).to_owned());
                 }
             }
         }
@@ -352,6 +382,8 @@ impl Signer {
             issuer,
             chain: certs.iter().map(|c| pem(c)).collect(),
             not_after,
+            spiffe_ids,
+            cert_path: cert.to_owned(),
             limits,
             random: rustls::crypto::ring::default_provider().secure_random,
         })
