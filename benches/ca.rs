@@ -163,11 +163,7 @@ fn hundred_new_pods() -> Duration {
             Arc::new(weft::ca::BootstrapTokens::load(&tokens).expect("tokens")),
             Authorizer::new(cluster(0), td, view),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("https://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { ca.serve(listener, identity, std::future::pending()).await });
+        let url = tracking::serve_ca(ca, identity).await;
         let channel = weft::ca::client::connect(
             &url,
             tonic::transport::Certificate::from_pem(std::fs::read(root.ca_file()).expect("root")),

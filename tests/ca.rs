@@ -128,18 +128,7 @@ async fn fixture(limits: TtlLimits, authn: Option<Arc<dyn Authenticator>>) -> Fi
     .expect("serving identity");
     let authn = authn.unwrap_or_else(|| Arc::new(BootstrapTokens::load(&tokens).expect("tokens")));
     let ca = Ca::new(signer, authn, Authorizer::new(cid(C1), td, view.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().expect("addr").port()
-    );
-    tokio::spawn(async move {
-        ca.serve(listener, identity, std::future::pending())
-            .await
-            .expect("serve");
-    });
+    let url = tracking::serve_ca(ca, identity).await;
     let root = std::fs::read_to_string(pki.ca_file()).expect("root");
     Fixture {
         dir,

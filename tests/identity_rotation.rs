@@ -112,18 +112,7 @@ async fn ca(
         Arc::new(BootstrapTokens::load(&tokens).expect("tokens")),
         Authorizer::new(cid(cluster), td, view),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().expect("addr").port()
-    );
-    tokio::spawn(async move {
-        ca.serve(listener, identity, std::future::pending())
-            .await
-            .expect("serve");
-    });
+    let url = tracking::serve_ca(ca, identity).await;
     let channel = ca_client::connect(
         &url,
         tonic::transport::Certificate::from_pem(std::fs::read(root.ca_file()).expect("root")),

@@ -7,6 +7,7 @@ use std::fmt;
 use spiffe::{SpiffeId, TrustDomain};
 
 use crate::model::ClusterId;
+use crate::model::labels::{validate_dns_label, validate_dns_subdomain};
 
 /// Why a SPIFFE id or a trust domain is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,22 +86,6 @@ pub fn trust_domain_for(
     }
 }
 
-/// An RFC 1123 label (a namespace) or subdomain (a service account).
-fn kubernetes_name(name: &str, max: usize, dots: bool) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && (dots || !name.contains('.'))
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
-}
-
 /// A workload's identity: its trust domain, namespace and service account.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct WorkloadId {
@@ -126,10 +111,10 @@ impl WorkloadId {
             what,
             name: name.to_owned(),
         };
-        if !kubernetes_name(namespace, 63, false) {
+        if validate_dns_label(namespace).is_err() {
             return Err(bad("namespace", namespace));
         }
-        if !kubernetes_name(service_account, 253, true) {
+        if validate_dns_subdomain(service_account).is_err() {
             return Err(bad("service account", service_account));
         }
         Ok(id)

@@ -99,22 +99,8 @@ impl std::fmt::Display for Subscriber {
 
 /// A node name: a DNS subdomain, as Kubernetes requires.
 pub(crate) fn node_name(name: &str) -> Result<(), String> {
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if valid {
-        Ok(())
-    } else {
-        Err(format!("{name:?} is not a valid node name"))
-    }
+    crate::model::labels::validate_dns_subdomain(name)
+        .map_err(|_| format!("{name:?} is not a valid node name (a lowercase DNS subdomain)"))
 }
 
 impl Subscriber {

@@ -257,3 +257,20 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16,
         .unwrap_or_default();
     (status, body)
 }
+
+/// Serves `ca` over TLS with `identity` on an ephemeral loopback port; returns its URL.
+pub async fn serve_ca(ca: weft::ca::Ca, identity: tonic::transport::Identity) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "https://127.0.0.1:{}",
+        listener.local_addr().expect("addr").port()
+    );
+    tokio::spawn(async move {
+        ca.serve(listener, identity, std::future::pending())
+            .await
+            .expect("serve");
+    });
+    url
+}
