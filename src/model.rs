@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod clusterset;
+pub mod identity_policy;
 pub mod labels;
 pub mod loader;
 pub mod netpol;
@@ -13,6 +14,7 @@ pub mod service;
 
 pub use cluster::{ClusterId, ClusterSettings};
 pub use clusterset::{Cluster, ClusterSet};
+pub use identity_policy::{IdentityPeer, IdentityPolicy, IdentityPort, IdentityRule, Mode};
 pub use labels::Labels;
 pub use loader::{LoadError, LoadWarning, Loaded, Origin, load_cluster, load_clusterset};
 pub use netpol::{IpBlock, NetworkPolicy, Peer, PortRule, PortSpec, Rule};

@@ -4,11 +4,12 @@
 //! Semantics are upstream `networking.k8s.io/v1`, with weft's multi-cluster rule: a policy
 //! applies only to pods of its own cluster, while namespace selectors match namespaces of
 //! every cluster. A peer with only a pod selector means pods of the policy's own namespace in
-//! the policy's own cluster.
+//! the policy's own cluster. IdentityPolicies are the third layer (`identity`).
 
 mod compile;
 mod decision;
 mod engine;
+pub mod identity;
 mod intern;
 mod store;
 

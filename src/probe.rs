@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::WorkloadId;
 use crate::model::{Protocol, loader};
+use crate::policy::identity::{IdentityDecision, IdentityVerdict};
 use crate::policy::{Connection, DirectionExplanation, Endpoint, Engine, Explanation, Verdict};
 
 /// A probe as written in the file.
@@ -19,6 +21,8 @@ struct RawProbe {
     port: serde_json::Value,
     protocol: Option<String>,
     family: Option<String>,
+    /// The identity the source proves: a SPIFFE id, or `none`; by default a source pod's own.
+    identity: Option<String>,
 }
 
 /// A probe file that cannot be used.
@@ -60,6 +64,10 @@ pub struct Probe {
     port: serde_json::Value,
     protocol: String,
     connection: Connection,
+    /// The destination pod, for the identity layer.
+    dst_pod: Option<crate::policy::PodId>,
+    /// The identity the source proves.
+    peer: Option<WorkloadId>,
 }
 
 /// A decided probe: the probe as given, with the decision's explanation.
@@ -79,6 +87,9 @@ pub struct Outcome {
     pub egress: DirectionExplanation,
     /// Ingress of the destination.
     pub ingress: DirectionExplanation,
+    /// The identity layer, when an IdentityPolicy selects the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityDecision>,
 }
 
 /// Reads and resolves every probe of `file`; the first bad one is the error.
@@ -144,6 +155,14 @@ fn resolve(item: serde_json::Value, engine: &Engine) -> Result<Probe, String> {
         .endpoint(v6, engine)
         .map_err(|e| format!("from: {e}"))?;
     let dst = to.endpoint(v6, engine).map_err(|e| format!("to: {e}"))?;
+    let peer = match raw.identity.as_deref() {
+        Some("none") => None,
+        Some(id) => Some(WorkloadId::parse(id).map_err(|e| format!("identity: {e}"))?),
+        None => match from {
+            End::Pod(pod) => engine.pod_identity(pod),
+            End::Ip(_) => None,
+        },
+    };
     Ok(Probe {
         from: raw.from,
         to: raw.to,
@@ -155,6 +174,11 @@ fn resolve(item: serde_json::Value, engine: &Engine) -> Result<Probe, String> {
             port,
             protocol,
         },
+        dst_pod: match to {
+            End::Pod(pod) => Some(pod),
+            End::Ip(_) => None,
+        },
+        peer,
     })
 }
 
@@ -199,10 +223,23 @@ pub fn decide(probes: &[Probe], engine: &Engine) -> Vec<Outcome> {
         .iter()
         .map(|p| {
             let Explanation {
-                verdict,
+                mut verdict,
                 egress,
                 ingress,
             } = engine.explain(&p.connection, &engine.decide(&p.connection));
+            let identity = p
+                .dst_pod
+                .map(|dst| {
+                    let c = &p.connection;
+                    engine.decide_identity(dst, c.port, c.protocol, p.peer.as_ref())
+                })
+                .filter(|d| {
+                    d.enforced != IdentityVerdict::NotSelected
+                        || d.audited != IdentityVerdict::NotSelected
+                });
+            if identity.as_ref().is_some_and(|d| !d.enforced.passes()) {
+                verdict = Verdict::Deny;
+            }
             Outcome {
                 from: p.from.clone(),
                 to: p.to.clone(),
@@ -211,9 +248,31 @@ pub fn decide(probes: &[Probe], engine: &Engine) -> Vec<Outcome> {
                 verdict,
                 egress,
                 ingress,
+                identity,
             }
         })
         .collect()
+}
+
+/// The identity layer in words: the enforced verdict, then what audit policies would do.
+fn describe_identity(d: &IdentityDecision) -> String {
+    let peer = d.peer.as_deref().unwrap_or("a peer with no identity");
+    let verdict = |v: &IdentityVerdict| match v {
+        IdentityVerdict::NotSelected => "not selected".to_owned(),
+        IdentityVerdict::Allowed { policy, rule } => {
+            format!("{peer} allowed by {policy} rule {rule}")
+        }
+        IdentityVerdict::Denied { policies } => {
+            format!(
+                "denied: {} selects the pod and none admits {peer}",
+                policies.join(", ")
+            )
+        }
+    };
+    match &d.audited {
+        IdentityVerdict::NotSelected => verdict(&d.enforced),
+        audited => format!("{}; audit: {}", verdict(&d.enforced), verdict(audited)),
+    }
 }
 
 /// JSON Lines: one object per probe, in probe order.
@@ -230,7 +289,9 @@ pub fn render_json(outcomes: &[Outcome]) -> String {
 /// A readable, aligned table with the reasons of both directions, then the notes of each
 /// probe (rules that admit pods of another cluster).
 pub fn render_text(outcomes: &[Outcome]) -> String {
-    let header = [
+    // The identity column only when an IdentityPolicy selects a destination.
+    let identities = outcomes.iter().any(|o| o.identity.is_some());
+    let mut header = vec![
         "FROM",
         "TO",
         "PORT",
@@ -238,20 +299,31 @@ pub fn render_text(outcomes: &[Outcome]) -> String {
         "EGRESS (source)",
         "INGRESS (destination)",
     ];
-    let rows: Vec<[String; 6]> = outcomes
+    if identities {
+        header.push("IDENTITY (destination)");
+    }
+    let rows: Vec<Vec<String>> = outcomes
         .iter()
         .map(|o| {
-            [
+            let mut row = vec![
                 o.from.clone(),
                 o.to.clone(),
                 format!("{}/{}", o.port, o.protocol),
                 o.verdict.to_string(),
                 o.egress.to_string(),
                 o.ingress.to_string(),
-            ]
+            ];
+            if identities {
+                row.push(
+                    o.identity
+                        .as_ref()
+                        .map_or_else(|| "not selected".to_owned(), describe_identity),
+                );
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.chars().count());
@@ -260,7 +332,7 @@ pub fn render_text(outcomes: &[Outcome]) -> String {
     let mut out = String::new();
     let mut line = |cells: &[&str]| {
         let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
                 l.push_str(cell);
             } else {
@@ -272,7 +344,7 @@ pub fn render_text(outcomes: &[Outcome]) -> String {
     };
     line(&header);
     for r in &rows {
-        line(&r.each_ref().map(String::as_str));
+        line(&r.iter().map(String::as_str).collect::<Vec<_>>());
     }
     for (i, o) in outcomes.iter().enumerate() {
         for note in o.egress.notes.iter().chain(&o.ingress.notes) {

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ClusterId, ClusterSettings, EndpointSlice, Namespace, NetworkPolicy, Node, Pod, Service,
+    ClusterId, ClusterSettings, EndpointSlice, IdentityPolicy, Namespace, NetworkPolicy, Node, Pod,
+    Service,
 };
 
 /// One cluster's objects.
@@ -25,6 +26,8 @@ pub struct Cluster {
     pub services: BTreeMap<(String, String), Service>,
     /// EndpointSlices by (namespace, name).
     pub endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    /// IdentityPolicies by (namespace, name).
+    pub identity_policies: BTreeMap<(String, String), IdentityPolicy>,
 }
 
 impl Cluster {
@@ -39,6 +42,7 @@ impl Cluster {
             policies: BTreeMap::new(),
             services: BTreeMap::new(),
             endpoint_slices: BTreeMap::new(),
+            identity_policies: BTreeMap::new(),
         }
     }
 
@@ -71,6 +75,13 @@ impl ClusterSet {
     /// All NetworkPolicies of all clusters.
     pub fn policies(&self) -> impl Iterator<Item = &NetworkPolicy> {
         self.clusters.values().flat_map(|c| c.policies.values())
+    }
+
+    /// All IdentityPolicies of all clusters.
+    pub fn identity_policies(&self) -> impl Iterator<Item = &IdentityPolicy> {
+        self.clusters
+            .values()
+            .flat_map(|c| c.identity_policies.values())
     }
 
     /// All nodes of all clusters.

@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::cluster::InvalidClusterId;
 use super::{
-    Cluster, ClusterId, ClusterSet, ClusterSettings, EndpointSlice, FieldError, Namespace,
-    NetworkPolicy, Node, ObjectError, Pod, Service, labels, schema,
+    Cluster, ClusterId, ClusterSet, ClusterSettings, EndpointSlice, FieldError, IdentityPolicy,
+    Namespace, NetworkPolicy, Node, ObjectError, Pod, Service, labels, schema,
 };
 
 /// The per-cluster settings file at the top of a cluster directory (not a manifest).
@@ -779,6 +779,15 @@ impl ClusterLoader {
                 self.cluster
                     .policies
                     .insert((np.namespace.clone(), np.name.clone()), np);
+            }
+            (super::identity_policy::API_VERSION, "IdentityPolicy") => {
+                let policy = IdentityPolicy::from_value(&id, value).map_err(invalid)?;
+                let name = format!("{}/{}", policy.namespace, policy.name);
+                self.define("IdentityPolicy", &name, at)?;
+                self.reference("IdentityPolicy", &policy.namespace, &policy.name, at)?;
+                self.cluster
+                    .identity_policies
+                    .insert((policy.namespace.clone(), policy.name.clone()), policy);
             }
             _ => {
                 let name = raw_name(&value, value["metadata"]["namespace"].is_string());

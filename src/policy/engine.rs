@@ -153,6 +153,14 @@ struct PodAbout {
     host_network: bool,
     phase: model::PodPhase,
     node: Option<Box<str>>,
+    service_account: Box<str>,
+}
+
+/// An IdentityPolicy with its selector compiled.
+#[derive(Debug)]
+struct IdentityEntry {
+    selector: Selector,
+    policy: model::IdentityPolicy,
 }
 
 /// A compiled policy: its program inline, the rest boxed, so that the policies stay in cache;
@@ -211,6 +219,10 @@ pub struct Engine {
     any_expired: bool,
     /// InternalIP addresses of nodes, by (cluster, node name).
     nodes: HashMap<(ClusterIdx, Box<str>), SmallVec<[IpAddr; 2]>>,
+    /// IdentityPolicies by namespace, then name.
+    identity_policies: HashMap<NsIdx, std::collections::BTreeMap<Box<str>, IdentityEntry>>,
+    /// Trust domains configured for clusters (the others' are derived from their ids).
+    trust_domains: HashMap<ClusterId, String>,
 }
 
 impl Engine {
@@ -234,7 +246,94 @@ impl Engine {
         for p in set.policies() {
             e.upsert_policy(p);
         }
+        for p in set.identity_policies() {
+            e.upsert_identity_policy(p);
+        }
+        for c in set.clusters.values() {
+            e.set_trust_domain(&c.id, c.settings.trust_domain.as_deref());
+        }
         e
+    }
+
+    /// Records the trust domain `cluster`'s settings name (`None`: derived from its id).
+    pub fn set_trust_domain(&mut self, cluster: &ClusterId, trust_domain: Option<&str>) {
+        match trust_domain.filter(|td| !td.is_empty()) {
+            Some(td) => self.trust_domains.insert(cluster.clone(), td.to_owned()),
+            None => self.trust_domains.remove(cluster),
+        };
+    }
+
+    /// The trust domain of `cluster`: its settings', else derived from its id.
+    pub fn trust_domain(&self, cluster: &ClusterId) -> Option<String> {
+        let configured = self.trust_domains.get(cluster).map(String::as_str);
+        crate::identity::trust_domain_for(cluster, configured)
+            .ok()
+            .map(|td| td.to_string())
+    }
+
+    /// Adds or replaces an IdentityPolicy.
+    pub fn upsert_identity_policy(&mut self, p: &model::IdentityPolicy) {
+        let ns = self.ns_idx(&p.cluster, &p.namespace);
+        let selector = Selector::new(&p.pod_selector, &mut self.interner);
+        self.identity_policies.entry(ns).or_default().insert(
+            p.name.as_str().into(),
+            IdentityEntry {
+                selector,
+                policy: p.clone(),
+            },
+        );
+    }
+
+    /// Removes an IdentityPolicy.
+    pub fn remove_identity_policy(&mut self, cluster: &ClusterId, namespace: &str, name: &str) {
+        let Some(&c) = self.cluster_index.get(cluster) else {
+            return;
+        };
+        if let Some(&ns) = self.ns_index.get(&(c, namespace.into()))
+            && let Some(policies) = self.identity_policies.get_mut(&ns)
+        {
+            policies.remove(name);
+            self.release_ns(ns);
+        }
+    }
+
+    /// The identity `pod` runs as: its service account in its cluster's trust domain.
+    pub fn pod_identity(&self, pod: PodId) -> Option<crate::identity::WorkloadId> {
+        let p = self.pods.get(pod.0)?;
+        let ns = self.namespaces.get(p.ns)?;
+        let cluster = self.clusters.get(p.about.cluster as usize)?;
+        let td = crate::identity::id::trust_domain(&self.trust_domain(cluster)?).ok()?;
+        crate::identity::WorkloadId::new(&td, &ns.name, &p.about.service_account).ok()
+    }
+
+    /// The identity layer for a connection to `dst` on `port` of `protocol` from a peer that
+    /// proved `peer` (or nothing).
+    pub fn decide_identity(
+        &self,
+        dst: PodId,
+        port: u16,
+        protocol: model::Protocol,
+        peer: Option<&crate::identity::WorkloadId>,
+    ) -> super::identity::IdentityDecision {
+        let selecting: Vec<&model::IdentityPolicy> = self
+            .pods
+            .get(dst.0)
+            .filter(|p| !p.about.host_network)
+            .and_then(|p| {
+                let labels = self.label_sets.get(p.labels)?;
+                Some(
+                    self.identity_policies
+                        .get(&p.ns)?
+                        .values()
+                        .filter(|e| e.selector.matches(labels))
+                        .map(|e| &e.policy)
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        super::identity::decide(selecting.iter().copied(), peer, port, protocol, |c| {
+            self.trust_domain(c)
+        })
     }
 
     /// Number of (pods, namespaces, policies) held.
@@ -291,8 +390,10 @@ impl Engine {
         let unused = self
             .namespaces
             .get(i)
-            .is_some_and(|ns| !ns.declared && ns.pods.is_empty() && ns.policies.is_empty());
+            .is_some_and(|ns| !ns.declared && ns.pods.is_empty() && ns.policies.is_empty())
+            && self.identity_policies.get(&i).is_none_or(|p| p.is_empty());
         if unused && let Some(ns) = self.namespaces.remove(i) {
+            self.identity_policies.remove(&i);
             self.ns_index.remove(&(ns.cluster, ns.name));
         }
     }
@@ -402,6 +503,7 @@ impl Engine {
                 host_network: pod.host_network,
                 phase: pod.phase,
                 node: pod.node_name.as_deref().map(Into::into),
+                service_account: pod.service_account.as_str().into(),
             }),
         };
         let owned: SmallVec<[IpAddr; 2]> = if entry.about.owns_ips {

@@ -256,6 +256,8 @@ impl Replica {
                     // The sequence checked every status's cluster id.
                     if let Ok(id) = ClusterId::new(&status.cluster) {
                         self.engine.set_cluster_expired(&id, status.expired);
+                        self.engine
+                            .set_trust_domain(&id, Some(status.trust_domain.as_str()));
                         self.clusters.insert(id, status);
                     }
                 }
@@ -280,6 +282,7 @@ impl Replica {
         }
         for (id, status) in &clusters {
             engine.set_cluster_expired(id, status.expired);
+            engine.set_trust_domain(id, Some(status.trust_domain.as_str()));
         }
         self.engine = engine;
         self.pods_by_node.clear();
