@@ -251,7 +251,8 @@ impl<A: Admission> Server<A> {
             let server = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = server.serve(tcp, from).await {
-                    tracing::debug!(%from, error = %e, "hbone connection ended");
+                    // Debug shows the h2 cause (GOAWAY reason) that hyper's Display hides.
+                    tracing::debug!(%from, error = ?e, "hbone connection ended");
                 }
             });
         }
