@@ -315,6 +315,23 @@ async fn malformed_requests_get_4xx_before_admission_and_without_a_dial() {
     for (case, req, want) in cases {
         assert_eq!(status_of(&mut h2, req).await.as_u16(), want, "{case}");
     }
+    // A header list over the 64 KiB limit is answered by h2 itself (the limit reached it).
+    let big = connect(f.echo.to_string(), Some("for=10.0.0.7"));
+    let (mut parts, ()) = big.into_parts();
+    parts
+        .headers
+        .insert("cookie", "a".repeat(100 * 1024).parse().expect("value"));
+    let big = Request::from_parts(parts, ());
+    let mut ready = h2.clone().ready().await.expect("ready");
+    let answered = match ready.send_request(big, false) {
+        Ok((response, _stream)) => tokio::time::timeout(WAIT, response).await.expect("in time"),
+        Err(e) => Err(e),
+    };
+    let status = answered.map(|r| r.status());
+    assert_eq!(
+        status.ok(),
+        Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    );
     // Extended CONNECT (RFC 8441): allowed by SETTINGS, so that it is answered, not reset.
     let mut req = connect(f.echo.to_string(), Some("for=10.0.0.7"));
     *req.uri_mut() = format!("https://{}/", f.echo).parse().expect("uri");

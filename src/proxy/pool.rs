@@ -220,7 +220,7 @@ impl Pool {
                 (sender, slot, false)
             }
         };
-        let sent = match sender.send_request(request()?).await {
+        let (sent, slot) = match sender.send_request(request()?).await {
             // A reused connection may have closed (idle, GOAWAY) since it was picked: once
             // more on a fresh one.
             Err(_) if reused && sender.is_closed() => {
@@ -230,11 +230,7 @@ impl Pool {
             }
             sent => (sent, slot),
         };
-        let (response, slot) = (
-            sent.0
-                .map_err(|source| ClientError::Http { node, source })?,
-            sent.1,
-        );
+        let response = sent.map_err(|source| ClientError::Http { node, source })?;
         if response.status() != StatusCode::OK {
             return Err(ClientError::Refused {
                 node,
