@@ -1,0 +1,480 @@
+//! The HBONE server (inbound, port 15008): terminates mTLS with the destination workload's
+//! certificate, accepts HTTP/2 CONNECT streams, canonicalises what each names, asks the
+//! caller's [`Admission`] and only then dials the destination and pipes bytes both ways.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header::FORWARDED};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::authority::{canonical_authority, forwarded_for};
+use crate::identity::{VerifyError, WorkloadId, peer_identity};
+
+/// The client connection preface every HTTP/2 connection starts with (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Default for [`ServerSettings::handshake_timeout`] (THREATS 18).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default for [`ServerSettings::max_concurrent_streams`] (as ztunnel).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Default for [`ServerSettings::max_header_list_size`] (as ztunnel; THREATS 21).
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+/// Default for [`ServerSettings::max_pending_accept_reset_streams`] (THREATS 19).
+pub const DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Default for [`ServerSettings::max_local_error_reset_streams`] (THREATS 20).
+pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+/// Default for [`ServerSettings::dial_timeout`].
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for [`ServerSettings::keepalive_interval`].
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default for [`ServerSettings::keepalive_timeout`].
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Limits of the HBONE server; each reaches h2 as the setting of the same name.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerSettings {
+    /// Time from TCP accept until TLS is done and the HTTP/2 preface has arrived; past it the
+    /// connection is closed.
+    pub handshake_timeout: Duration,
+    /// Concurrent CONNECT streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Largest decoded header list of one request, in bytes.
+    pub max_header_list_size: u32,
+    /// Streams the client may reset before they are accepted, before GOAWAY.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams this side may reset for protocol errors, before GOAWAY.
+    pub max_local_error_reset_streams: usize,
+    /// Per-stream flow-control window.
+    pub stream_window: u32,
+    /// Per-connection flow-control window.
+    pub connection_window: u32,
+    /// Largest frame accepted.
+    pub max_frame_size: u32,
+    /// Time allowed to connect to the destination.
+    pub dial_timeout: Duration,
+    /// Interval of keepalive pings to the client.
+    pub keepalive_interval: Duration,
+    /// Time a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
+            max_pending_accept_reset_streams: DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS,
+            max_local_error_reset_streams: DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS,
+            stream_window: super::DEFAULT_STREAM_WINDOW,
+            connection_window: super::DEFAULT_CONNECTION_WINDOW,
+            max_frame_size: super::DEFAULT_MAX_FRAME_SIZE,
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+        }
+    }
+}
+
+/// The client side of an HBONE connection, as its certificate proved it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The proven SPIFFE identity (the source workload's).
+    pub identity: WorkloadId,
+    /// The certificate chain it presented, leaf first (for re-checking it later).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its TCP address (the source node's).
+    pub address: SocketAddr,
+}
+
+/// One tunnel asked for, canonicalised, for the caller to admit or refuse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// The proven identity of the client.
+    pub peer: WorkloadId,
+    /// The source pod's address, from `forwarded: for=`.
+    pub source: IpAddr,
+    /// Where the tunnel goes: the CONNECT authority.
+    pub destination: SocketAddr,
+}
+
+/// Why a tunnel is refused, and the HTTP status the client gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct Refusal {
+    /// Status of the response (4xx).
+    pub status: StatusCode,
+    /// Why, for the log (not sent to the client).
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A 403: the tunnel is well formed but not allowed.
+    pub fn forbidden(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            reason: reason.into(),
+        }
+    }
+
+    /// A 400: the tunnel names something this node does not serve (THREATS 14).
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The caller's checks on each tunnel (local pod, service account of the source, policy).
+pub trait Admission: Send + Sync + 'static {
+    /// Admits or refuses one tunnel; nothing is dialled before it answers.
+    fn admit(&self, inbound: &Inbound) -> impl Future<Output = Result<(), Refusal>> + Send;
+
+    /// Resolves once `peer` may no longer be served (e.g. `TrustStore::until_distrusted`);
+    /// its connection and every tunnel on it then close. Never, by default.
+    fn revoked(&self, peer: &Peer) -> impl Future<Output = ()> + Send {
+        let _ = peer;
+        std::future::pending()
+    }
+}
+
+/// Why an HBONE connection ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// TLS and the preface did not complete in time.
+    #[error("connection from {peer}: TLS and HTTP/2 preface not done within {after:?}")]
+    HandshakeTimeout {
+        /// The client's address.
+        peer: SocketAddr,
+        /// The limit.
+        after: Duration,
+    },
+    /// The TLS handshake failed (a refused certificate, among others).
+    #[error("connection from {peer}: TLS handshake failed: {source}")]
+    Tls {
+        /// The client's address.
+        peer: SocketAddr,
+        /// What rustls or the socket said.
+        source: io::Error,
+    },
+    /// The first bytes inside TLS were not the HTTP/2 preface.
+    #[error("connection from {peer}: no HTTP/2 preface")]
+    Preface {
+        /// The client's address.
+        peer: SocketAddr,
+    },
+    /// The client's certificate names no workload identity.
+    #[error("connection from {peer}: {source}")]
+    Identity {
+        /// The client's address.
+        peer: SocketAddr,
+        /// Why.
+        source: VerifyError,
+    },
+    /// HTTP/2 failed (a protocol error, a GOAWAY we sent, the socket).
+    #[error("connection from {peer} ({identity}): HTTP/2: {source}")]
+    Http {
+        /// The client's address.
+        peer: SocketAddr,
+        /// Its proven identity.
+        identity: WorkloadId,
+        /// What hyper said.
+        source: hyper::Error,
+    },
+}
+
+/// The HBONE server: one per node, sharing the caller's TLS configuration and admission.
+pub struct Server<A> {
+    acceptor: TlsAcceptor,
+    http: http2::Builder<TokioExecutor>,
+    settings: ServerSettings,
+    admission: Arc<A>,
+}
+
+impl<A: Admission> Server<A> {
+    /// A server presenting what `tls` resolves (built with `TrustStore::server_config`).
+    pub fn new(tls: Arc<ServerConfig>, settings: ServerSettings, admission: Arc<A>) -> Self {
+        let mut tls = Arc::unwrap_or_clone(tls);
+        tls.alpn_protocols = vec![super::ALPN_H2.to_vec()];
+        let mut http = http2::Builder::new(TokioExecutor::new());
+        http.timer(TokioTimer::new())
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .max_header_list_size(settings.max_header_list_size)
+            .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(settings.max_local_error_reset_streams)
+            .initial_stream_window_size(settings.stream_window)
+            .initial_connection_window_size(settings.connection_window)
+            .max_frame_size(settings.max_frame_size)
+            .keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout)
+            // Lets `:protocol` requests reach us so that they get a 400, not a bare reset.
+            .enable_connect_protocol();
+        Self {
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            http,
+            settings,
+            admission,
+        }
+    }
+
+    /// Accepts connections on `listener` for ever, serving each in its own task.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, from) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                // Out of descriptors, an aborted connection: back off rather than spin.
+                Err(e) => {
+                    tracing::warn!(error = %e, "hbone accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve(tcp, from).await {
+                    // Debug shows the h2 cause (GOAWAY reason) that hyper's Display hides.
+                    tracing::debug!(%from, error = ?e, "hbone connection ended");
+                }
+            });
+        }
+    }
+
+    /// Serves one accepted connection from `from` until it closes.
+    pub async fn serve(&self, tcp: TcpStream, from: SocketAddr) -> Result<(), ServerError> {
+        let after = self.settings.handshake_timeout;
+        let handshake = async {
+            let tls_error = |source| ServerError::Tls { peer: from, source };
+            let mut tls = self.acceptor.accept(tcp).await.map_err(tls_error)?;
+            let mut preface = [0u8; PREFACE.len()];
+            tls.read_exact(&mut preface).await.map_err(tls_error)?;
+            if &preface != PREFACE {
+                return Err(ServerError::Preface { peer: from });
+            }
+            Ok(tls)
+        };
+        let tls = tokio::time::timeout(after, handshake)
+            .await
+            .map_err(|_| ServerError::HandshakeTimeout { peer: from, after })??;
+        let state = tls.get_ref().1;
+        let identity =
+            peer_identity(state).map_err(|source| ServerError::Identity { peer: from, source })?;
+        let peer = Arc::new(Peer {
+            identity: identity.clone(),
+            chain: state.peer_certificates().unwrap_or_default().to_vec(),
+            address: from,
+        });
+        tracing::debug!(%from, %identity, "hbone connection accepted");
+
+        // Tells this connection's tunnels to close: they outlive the HTTP/2 connection object.
+        let (revoke, revoked) = watch::channel(false);
+        let service = {
+            let (admission, peer) = (self.admission.clone(), peer.clone());
+            let dial_timeout = self.settings.dial_timeout;
+            service_fn(move |req| {
+                tunnel(
+                    admission.clone(),
+                    peer.clone(),
+                    dial_timeout,
+                    revoked.clone(),
+                    req,
+                )
+            })
+        };
+        let connection = self
+            .http
+            .serve_connection(TokioIo::new(Replayed::new(tls)), service);
+        tokio::select! {
+            ended = connection => ended.map_err(|source| ServerError::Http { peer: from, identity, source }),
+            () = self.admission.revoked(&peer) => {
+                tracing::info!(%from, %identity, "hbone connection closed: peer revoked");
+                revoke.send_replace(true);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Handles one stream: checks it, asks the admission, dials, then answers 200 and pipes.
+async fn tunnel<A: Admission>(
+    admission: Arc<A>,
+    peer: Arc<Peer>,
+    dial_timeout: Duration,
+    mut revoked: watch::Receiver<bool>,
+    req: Request<Incoming>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    let inbound = match inbound(&peer, &req) {
+        Ok(inbound) => inbound,
+        Err(refusal) => return Ok(refuse(&peer, None, refusal)),
+    };
+    if let Err(refusal) = admission.admit(&inbound).await {
+        return Ok(refuse(&peer, Some(&inbound), refusal));
+    }
+    let destination = inbound.destination;
+    let upstream = match tokio::time::timeout(dial_timeout, TcpStream::connect(destination)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer.identity, %destination, error = %e, "hbone dial failed");
+            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer.identity, %destination, "hbone dial timed out");
+            return Ok(status(StatusCode::GATEWAY_TIMEOUT));
+        }
+    };
+    tracing::debug!(peer = %peer.identity, source = %inbound.source, %destination, "hbone tunnel open");
+    tokio::spawn(async move {
+        let mut upstream = upstream;
+        let mut downstream = match hyper::upgrade::on(req).await {
+            Ok(upgraded) => TokioIo::new(upgraded),
+            Err(e) => {
+                tracing::debug!(%destination, error = %e, "hbone stream ended before the tunnel");
+                return;
+            }
+        };
+        tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match copied {
+                Ok((sent, received)) => tracing::debug!(%destination, sent, received, "hbone tunnel closed"),
+                Err(e) => tracing::debug!(%destination, error = %e, "hbone tunnel failed"),
+            },
+            // Also when the connection is gone: its streams cannot carry anything more.
+            _ = revoked.wait_for(|revoked| *revoked) => {
+                tracing::info!(%destination, "hbone tunnel closed: peer revoked");
+            }
+        }
+    });
+    Ok(Response::new(Empty::new()))
+}
+
+/// The tunnel `req` asks for, or why it is malformed.
+fn inbound(peer: &Peer, req: &Request<Incoming>) -> Result<Inbound, Refusal> {
+    if req.method() != Method::CONNECT {
+        return Err(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: format!("method {} is not CONNECT", req.method()),
+        });
+    }
+    if let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>() {
+        return Err(Refusal::bad_request(format!(
+            "extended CONNECT (:protocol {:?}) is not HBONE",
+            protocol.as_str()
+        )));
+    }
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or_else(|| Refusal::bad_request("CONNECT without an authority"))?;
+    let destination =
+        canonical_authority(authority.as_str()).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    let mut forwarded = req.headers().get_all(FORWARDED).iter();
+    let (Some(value), None) = (forwarded.next(), forwarded.next()) else {
+        return Err(Refusal::bad_request(
+            "not exactly one forwarded header naming the source",
+        ));
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Refusal::bad_request("forwarded header is not visible ASCII"))?;
+    let source = forwarded_for(value).map_err(|e| Refusal::bad_request(e.to_string()))?;
+    Ok(Inbound {
+        peer: peer.identity.clone(),
+        source,
+        destination,
+    })
+}
+
+fn refuse(peer: &Peer, inbound: Option<&Inbound>, refusal: Refusal) -> Response<Empty<Bytes>> {
+    tracing::info!(
+        peer = %peer.identity,
+        from = %peer.address,
+        source = ?inbound.map(|i| i.source),
+        destination = ?inbound.map(|i| i.destination),
+        status = refusal.status.as_u16(),
+        reason = %refusal.reason,
+        "hbone tunnel refused"
+    );
+    status(refusal.status)
+}
+
+fn status(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = status;
+    response
+}
+
+/// A stream whose preface was read (to time it) and is handed to h2 again from the start.
+struct Replayed<S> {
+    io: S,
+    replayed: usize,
+}
+
+impl<S> Replayed<S> {
+    fn new(io: S) -> Self {
+        Self { io, replayed: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let rest = &PREFACE[self.replayed..];
+        if rest.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = rest.len().min(buf.remaining());
+        buf.put_slice(&rest[..n]);
+        self.replayed += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
