@@ -11,4 +11,5 @@ pub mod identity;
 pub mod model;
 pub mod policy;
 pub mod probe;
+pub mod redirect;
 pub mod tracker;
