@@ -340,3 +340,70 @@ impl Redirect {
         self.restores.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_must_be_distinct_and_non_zero() {
+        for ports in [
+            Ports {
+                outbound: 0,
+                ..Ports::default()
+            },
+            Ports {
+                inbound: DEFAULT_OUTBOUND_PORT,
+                ..Ports::default()
+            },
+            Ports {
+                hbone: DEFAULT_INBOUND_PORT,
+                ..Ports::default()
+            },
+            Ports {
+                hbone: DEFAULT_OUTBOUND_PORT,
+                ..Ports::default()
+            },
+        ] {
+            let error = Capture::new(ports, WEFT_MARK).expect_err("a bad port set");
+            assert!(matches!(error, RedirectError::Ports { .. }), "{ports:?}");
+        }
+        assert!(Capture::new(Ports::default(), WEFT_MARK).is_ok());
+    }
+
+    #[test]
+    fn mark_zero_is_refused() {
+        assert!(matches!(
+            Capture::new(Ports::default(), 0),
+            Err(RedirectError::ZeroMark)
+        ));
+    }
+
+    #[test]
+    fn pod_addresses_are_unicast_and_not_the_node_own() {
+        for bad in [
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "::ffff:10.1.0.5",
+        ] {
+            let error = bad.parse::<PodAddr>().expect_err(bad);
+            assert!(
+                matches!(error, RedirectError::NotAPodAddress { .. }),
+                "{bad}: {error}"
+            );
+        }
+        let error = "10.1.0.256".parse::<PodAddr>().expect_err("not an address");
+        assert_eq!(
+            error.to_string(),
+            r#"pod address "10.1.0.256" is not an IP address"#
+        );
+        for good in ["10.1.0.5", "fd00::5", "2001:db8::1"] {
+            assert_eq!(good.parse::<PodAddr>().expect(good).to_string(), good);
+        }
+    }
+}

@@ -174,7 +174,14 @@ fn outbound_connections_of_local_pods_reach_the_outbound_listener_with_their_des
     let (accepted, from) = pending(&listener).expect("the pod's connection on 15001");
     assert_eq!(from.ip(), POD.parse::<IpAddr>().expect("an address"));
     assert_eq!(original_dst_v4(&accepted), destination);
-    drop(listener);
+}
+
+#[test]
+fn outbound_ipv6_connections_of_local_pods_reach_the_outbound_listener() {
+    // A topology of its own: a dual-stack listener on [::]:15001 would clash with the IPv4 one.
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD, POD6]);
+    t.node.block_on(redirect.apply()).expect("apply");
 
     let listener = bind(&t.node, "[::]:15001");
     let destination: SocketAddr = "[2001:db8::7]:8080".parse().expect("an address");

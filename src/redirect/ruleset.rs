@@ -450,3 +450,131 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
         TableState::Drifted(drifts)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nftables::schema::NfCmd;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::redirect::{Ports, WEFT_MARK};
+
+    fn capture() -> Capture {
+        let mut capture = Capture::new(Ports::default(), WEFT_MARK).expect("default capture");
+        for pod in ["10.1.0.5", "fd00::5"] {
+            capture.insert(pod.parse().expect("a pod address"));
+        }
+        capture
+    }
+
+    /// What nft would list after `install`: its added objects, as a listing.
+    fn listing_of(capture: &Capture) -> Nftables<'static> {
+        let objects: Vec<_> = install(capture)
+            .objects
+            .iter()
+            .skip(3) // add, delete, add table
+            .map(|object| match object {
+                NfObject::CmdObject(NfCmd::Add(object)) => NfObject::ListObject(object.clone()),
+                other => panic!("install adds only: {other:?}"),
+            })
+            .collect();
+        Nftables {
+            objects: objects.into(),
+        }
+    }
+
+    fn compare_listing(capture: &Capture, listing: &Nftables<'_>) -> TableState {
+        compare(capture, &serde_json::to_string(listing).expect("json"))
+    }
+
+    #[test]
+    fn install_replaces_the_table_in_one_batch() {
+        let json = serde_json::to_value(install(&capture())).expect("json");
+        let objects = json["nftables"].as_array().expect("objects");
+        let table = json!({"family": "inet", "name": "weft"});
+        assert_eq!(objects[0], json!({"add": {"table": table}}));
+        assert_eq!(objects[1], json!({"delete": {"table": table}}));
+        assert_eq!(objects[2], json!({"add": {"table": table}}));
+        let sets: Vec<&Value> = objects.iter().filter_map(|o| o["add"].get("set")).collect();
+        assert_eq!(sets[0]["elem"], json!(["10.1.0.5"]));
+        assert_eq!(sets[1]["elem"], json!(["fd00::5"]));
+    }
+
+    #[test]
+    fn rules_use_set_lookup_and_not_equal_as_nft_spells_them() {
+        let json = serde_json::to_string(&install(&capture())).expect("json");
+        // Set membership is `==` with "@set" (Operator::IN would be the bitmask operator), and
+        // the HBONE exception is `!=` (the crate swaps `<` and `>`, so no ordering is used).
+        assert!(json.contains(r#"{"match":{"left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"@pods_v4","op":"=="}}"#), "{json}");
+        assert!(json.contains(r#""right":15008,"op":"!=""#), "{json}");
+        assert!(json.contains(r#"{"redirect":{"port":15001}}"#), "{json}");
+        assert!(json.contains(r#"{"redirect":{"port":15006}}"#), "{json}");
+        assert!(
+            json.contains(&format!(r#""right":{WEFT_MARK},"op":"==""#)),
+            "{json}"
+        );
+        assert!(!json.contains(r#""op":"<""#) && !json.contains(r#""op":">""#));
+    }
+
+    #[test]
+    fn compare_accepts_what_install_installs() {
+        let capture = capture();
+        assert_eq!(
+            compare_listing(&capture, &listing_of(&capture)),
+            TableState::Intact
+        );
+    }
+
+    #[test]
+    fn compare_names_what_changed() {
+        let capture = capture();
+        let listing = listing_of(&capture);
+
+        let no_rules = Nftables {
+            objects: listing
+                .objects
+                .iter()
+                .filter(|o| !matches!(o, NfObject::ListObject(NfListObject::Rule(_))))
+                .cloned()
+                .collect(),
+        };
+        let TableState::Drifted(drifts) = compare_listing(&capture, &no_rules) else {
+            panic!("a flushed table is not intact");
+        };
+        assert!(
+            matches!(
+                drifts[0],
+                Drift::Rules {
+                    chain: "prerouting",
+                    ..
+                }
+            ),
+            "{drifts:?}"
+        );
+        assert!(
+            drifts[0]
+                .to_string()
+                .contains("chain prerouting has rules []")
+        );
+
+        let mut other = capture.clone();
+        other.remove("10.1.0.5".parse().expect("a pod address"));
+        other.insert("10.1.0.6".parse().expect("a pod address"));
+        assert_eq!(
+            compare_listing(&other, &listing),
+            TableState::Drifted(vec![Drift::SetElements {
+                set: "pods_v4",
+                missing: vec!["10.1.0.6".into()],
+                unexpected: vec!["10.1.0.5".into()],
+            }])
+        );
+
+        let TableState::Drifted(drifts) = compare(&capture, "not json") else {
+            panic!("garbage is not intact");
+        };
+        assert!(
+            matches!(drifts[..], [Drift::Unreadable { .. }]),
+            "{drifts:?}"
+        );
+    }
+}
