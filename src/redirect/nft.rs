@@ -107,7 +107,11 @@ impl Nft {
             })?;
         if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
             // nft reads its whole input before writing anything, so writing first cannot deadlock.
-            pipe.write_all(input).await.map_err(io_err)?;
+            match pipe.write_all(input).await {
+                // nft quit early: its exit status and stderr below say why.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                other => other.map_err(io_err)?,
+            }
         }
         let joined = || args.join(" ");
         let output = tokio::time::timeout(NFT_TIMEOUT, child.wait_with_output())
