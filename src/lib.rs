@@ -1,7 +1,8 @@
 //! weft: an identity-aware per-node proxy for multi-cluster Kubernetes.
 //!
 //! Data flows one way: sources (manifests, Kubernetes, another tracker) → [`model`] → [`policy`]
-//! → what consumes decisions ([`probe`] for the offline what-if, later the proxy).
+//! → what consumes decisions ([`probe`] for the offline what-if; the data plane's capture in
+//! [`redirect`] and tunnels in [`proxy`], which the node agent will wire together).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -12,4 +13,5 @@ pub mod model;
 pub mod policy;
 pub mod probe;
 pub mod proxy;
+pub mod redirect;
 pub mod tracker;

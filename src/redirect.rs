@@ -1,0 +1,409 @@
+//! A node's traffic capture in nftables: which pod connections go to weft's listeners, kept in
+//! weft's own table (`inet weft`) and in sets of the node's pod addresses.
+//!
+//! Everything here runs `nft` in the calling thread's network namespace ([`nft::Nft`]).
+
+pub mod nft;
+pub mod ruleset;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::Mutex;
+
+pub use nft::{Nft, NftError};
+pub use ruleset::{Drift, TableState};
+
+/// The nftables table weft owns; it never touches any other.
+pub const TABLE: &str = "weft";
+
+/// The family of weft's table: one table for IPv4 and IPv6.
+pub const FAMILY: &str = "inet";
+
+/// The socket mark on weft's own sockets, so that their traffic is never captured again.
+pub const WEFT_MARK: u32 = 0x539;
+
+/// Default outbound listener port (as ztunnel).
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Default inbound plaintext listener port (as ztunnel).
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+/// Default HBONE tunnel port (as ztunnel).
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+
+/// What went wrong describing or installing the capture.
+#[derive(Debug, Error)]
+pub enum RedirectError {
+    /// A text that is not an IP address where a pod address was expected.
+    #[error("pod address {text:?} is not an IP address")]
+    Unparsable { text: String },
+    /// An address that no pod can have (capturing it would capture the node's own traffic).
+    #[error("{addr} cannot be a pod address: it is {why}")]
+    NotAPodAddress { addr: IpAddr, why: &'static str },
+    /// Two listeners given the same port, or port 0.
+    #[error("capture ports {ports:?} must be non-zero and distinct")]
+    Ports { ports: Ports },
+    /// Mark 0 would exempt every unmarked packet from capture.
+    #[error("weft's socket mark must not be 0 (every unmarked packet carries 0)")]
+    ZeroMark,
+    /// `nft` failed while doing `action`.
+    #[error("{action}: {source}")]
+    Nft {
+        action: String,
+        #[source]
+        source: NftError,
+    },
+}
+
+/// The ports weft's listeners use on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ports {
+    /// Where outbound connections of local pods are redirected.
+    pub outbound: u16,
+    /// Where plaintext connections to local pods are redirected.
+    pub inbound: u16,
+    /// Where HBONE tunnels arrive; connections to this port are never redirected.
+    pub hbone: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self {
+            outbound: DEFAULT_OUTBOUND_PORT,
+            inbound: DEFAULT_INBOUND_PORT,
+            hbone: DEFAULT_HBONE_PORT,
+        }
+    }
+}
+
+/// An address a local pod may have: unicast, not loopback, unspecified or IPv4-mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodAddr(IpAddr);
+
+impl PodAddr {
+    /// Checks that `addr` can be a pod's address.
+    pub fn new(addr: IpAddr) -> Result<Self, RedirectError> {
+        let why = match addr {
+            _ if addr.is_unspecified() => Some("unspecified"),
+            _ if addr.is_loopback() => Some("loopback"),
+            _ if addr.is_multicast() => Some("multicast"),
+            IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+            // nft keeps IPv4 and IPv6 in separate sets; a mapped address would never match.
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                Some("IPv4-mapped (give it as IPv4)")
+            }
+            _ => None,
+        };
+        match why {
+            Some(why) => Err(RedirectError::NotAPodAddress { addr, why }),
+            None => Ok(Self(addr)),
+        }
+    }
+
+    /// The address.
+    pub fn ip(self) -> IpAddr {
+        self.0
+    }
+}
+
+impl FromStr for PodAddr {
+    type Err = RedirectError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let addr = text.parse().map_err(|_| RedirectError::Unparsable {
+            text: text.to_owned(),
+        })?;
+        Self::new(addr)
+    }
+}
+
+impl fmt::Display for PodAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The capture a node should have: its listeners' ports, weft's mark and its local pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    ports: Ports,
+    mark: u32,
+    pods: BTreeSet<PodAddr>,
+}
+
+impl Capture {
+    /// A capture with no local pods yet.
+    pub fn new(ports: Ports, mark: u32) -> Result<Self, RedirectError> {
+        let Ports {
+            outbound,
+            inbound,
+            hbone,
+        } = ports;
+        if [outbound, inbound, hbone].contains(&0)
+            || outbound == inbound
+            || inbound == hbone
+            || outbound == hbone
+        {
+            return Err(RedirectError::Ports { ports });
+        }
+        if mark == 0 {
+            return Err(RedirectError::ZeroMark);
+        }
+        Ok(Self {
+            ports,
+            mark,
+            pods: BTreeSet::new(),
+        })
+    }
+
+    /// The listeners' ports.
+    pub fn ports(&self) -> Ports {
+        self.ports
+    }
+
+    /// weft's socket mark.
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+
+    /// Adds a local pod's address; false if it was already there.
+    pub fn insert(&mut self, pod: PodAddr) -> bool {
+        self.pods.insert(pod)
+    }
+
+    /// Removes a local pod's address; false if it was not there.
+    pub fn remove(&mut self, pod: PodAddr) -> bool {
+        self.pods.remove(&pod)
+    }
+
+    /// The local pods' addresses.
+    pub fn pods(&self) -> &BTreeSet<PodAddr> {
+        &self.pods
+    }
+}
+
+/// A node's capture, installed through `nft`: the desired state and the table that carries it.
+///
+/// One lock serialises every change, so a restore by [`Redirect::watch`] never races a pod update.
+#[derive(Debug)]
+pub struct Redirect {
+    nft: Nft,
+    capture: Mutex<Capture>,
+    restores: AtomicU64,
+}
+
+impl Redirect {
+    /// Manages `capture` through `nft`; nothing is installed until [`Redirect::apply`].
+    pub fn new(nft: Nft, capture: Capture) -> Self {
+        Self {
+            nft,
+            capture: Mutex::new(capture),
+            restores: AtomicU64::new(0),
+        }
+    }
+
+    /// Installs weft's table as the capture says, replacing whatever the table held, in one transaction.
+    pub async fn apply(&self) -> Result<(), RedirectError> {
+        let capture = self.capture.lock().await;
+        self.apply_locked(&capture).await
+    }
+
+    async fn apply_locked(&self, capture: &Capture) -> Result<(), RedirectError> {
+        self.nft
+            .apply(&ruleset::install(capture))
+            .await
+            .map_err(|source| RedirectError::Nft {
+                action: format!("installing table {FAMILY} {TABLE}"),
+                source,
+            })?;
+        tracing::info!(
+            table = TABLE,
+            pods = capture.pods.len(),
+            outbound = capture.ports.outbound,
+            inbound = capture.ports.inbound,
+            hbone = capture.ports.hbone,
+            mark = capture.mark,
+            "capture installed"
+        );
+        Ok(())
+    }
+
+    /// Adds a local pod's address to weft's sets (the rules stay as they are).
+    pub async fn add_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
+        let mut capture = self.capture.lock().await;
+        if !capture.insert(pod) {
+            return Ok(());
+        }
+        // The pod stays in the desired state even if nft fails: a later check sees the
+        // difference and the watch restores it.
+        self.nft
+            .apply(&ruleset::elements(true, pod))
+            .await
+            .map_err(|source| RedirectError::Nft {
+                action: format!("adding pod {pod} to table {FAMILY} {TABLE}"),
+                source,
+            })?;
+        tracing::debug!(%pod, "pod captured");
+        Ok(())
+    }
+
+    /// Removes a local pod's address from weft's sets (the rules stay as they are).
+    pub async fn remove_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
+        let mut capture = self.capture.lock().await;
+        if !capture.remove(pod) {
+            return Ok(());
+        }
+        self.nft
+            .apply(&ruleset::elements(false, pod))
+            .await
+            .map_err(|source| RedirectError::Nft {
+                action: format!("removing pod {pod} from table {FAMILY} {TABLE}"),
+                source,
+            })?;
+        tracing::debug!(%pod, "pod no longer captured");
+        Ok(())
+    }
+
+    /// Reads weft's table back and says whether it is as the capture says.
+    pub async fn check(&self) -> Result<TableState, RedirectError> {
+        let capture = self.capture.lock().await;
+        self.check_locked(&capture).await
+    }
+
+    async fn check_locked(&self, capture: &Capture) -> Result<TableState, RedirectError> {
+        let listing =
+            self.nft
+                .list_table(FAMILY, TABLE)
+                .await
+                .map_err(|source| RedirectError::Nft {
+                    action: format!("listing table {FAMILY} {TABLE}"),
+                    source,
+                })?;
+        Ok(match listing {
+            None => TableState::Missing,
+            Some(json) => ruleset::compare(capture, &json),
+        })
+    }
+
+    /// Removes weft's table, and so all of weft's capture; other tables are left alone.
+    pub async fn cleanup(&self) -> Result<(), RedirectError> {
+        let _serialised = self.capture.lock().await;
+        self.nft
+            .apply(&ruleset::remove())
+            .await
+            .map_err(|source| RedirectError::Nft {
+                action: format!("removing table {FAMILY} {TABLE}"),
+                source,
+            })?;
+        tracing::info!(table = TABLE, "capture removed");
+        Ok(())
+    }
+
+    /// Checks weft's table every `interval` and reinstalls it when another program changed it,
+    /// until `shutdown` resolves.
+    pub async fn watch(&self, interval: Duration, shutdown: impl Future<Output = ()>) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticks.tick() => {}
+            }
+            let capture = self.capture.lock().await;
+            let state = match self.check_locked(&capture).await {
+                Ok(TableState::Intact) => continue,
+                Ok(state) => state,
+                Err(error) => {
+                    tracing::warn!(%error, table = TABLE, "cannot check capture; will retry");
+                    continue;
+                }
+            };
+            tracing::warn!(%state, table = TABLE, "capture changed by another program; restoring");
+            match self.apply_locked(&capture).await {
+                Ok(()) => {
+                    let restores = self.restores.fetch_add(1, Ordering::Relaxed) + 1;
+                    tracing::info!(restores, table = TABLE, "capture restored");
+                }
+                Err(error) => tracing::error!(%error, table = TABLE, "cannot restore capture"),
+            }
+        }
+    }
+
+    /// How many times [`Redirect::watch`] has restored weft's table.
+    pub fn restores(&self) -> u64 {
+        self.restores.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_must_be_distinct_and_non_zero() {
+        for ports in [
+            Ports {
+                outbound: 0,
+                ..Ports::default()
+            },
+            Ports {
+                inbound: DEFAULT_OUTBOUND_PORT,
+                ..Ports::default()
+            },
+            Ports {
+                hbone: DEFAULT_INBOUND_PORT,
+                ..Ports::default()
+            },
+            Ports {
+                hbone: DEFAULT_OUTBOUND_PORT,
+                ..Ports::default()
+            },
+        ] {
+            let error = Capture::new(ports, WEFT_MARK).expect_err("a bad port set");
+            assert!(matches!(error, RedirectError::Ports { .. }), "{ports:?}");
+        }
+        assert!(Capture::new(Ports::default(), WEFT_MARK).is_ok());
+    }
+
+    #[test]
+    fn mark_zero_is_refused() {
+        assert!(matches!(
+            Capture::new(Ports::default(), 0),
+            Err(RedirectError::ZeroMark)
+        ));
+    }
+
+    #[test]
+    fn pod_addresses_are_unicast_and_not_the_node_own() {
+        for bad in [
+            "127.0.0.1",
+            "::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "::ffff:10.1.0.5",
+        ] {
+            let error = bad.parse::<PodAddr>().expect_err(bad);
+            assert!(
+                matches!(error, RedirectError::NotAPodAddress { .. }),
+                "{bad}: {error}"
+            );
+        }
+        let error = "10.1.0.256".parse::<PodAddr>().expect_err("not an address");
+        assert_eq!(
+            error.to_string(),
+            r#"pod address "10.1.0.256" is not an IP address"#
+        );
+        for good in ["10.1.0.5", "fd00::5", "2001:db8::1"] {
+            assert_eq!(good.parse::<PodAddr>().expect(good).to_string(), good);
+        }
+    }
+}

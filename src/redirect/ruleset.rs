@@ -1,0 +1,580 @@
+//! weft's table as nft batches (install, pod updates, removal) and the comparison of a listed
+//! table with the capture it should carry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField};
+use nftables::schema::{
+    Chain, Element, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match, NAT, Operator, Return, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::{Capture, PodAddr, TABLE};
+
+/// nat chains run at dstnat priority, where REDIRECT is allowed.
+const NAT_PRIORITY: i32 = -100;
+
+/// weft's base chains: pod traffic arriving at the node, and traffic the node itself sends.
+const CHAINS: [(&str, NfHook); 2] = [
+    ("prerouting", NfHook::Prerouting),
+    ("output", NfHook::Output),
+];
+
+/// The address families weft captures, each with its own set (nft sets hold one type).
+#[derive(Debug, Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    fn set(self) -> &'static str {
+        match self {
+            Family::V4 => "pods_v4",
+            Family::V6 => "pods_v6",
+        }
+    }
+
+    fn protocol(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+
+    /// The local pods of this family, as nft prints them.
+    fn pods(self, capture: &Capture) -> impl Iterator<Item = String> + '_ {
+        capture
+            .pods()
+            .iter()
+            .filter(move |pod| {
+                matches!(
+                    (self, pod.ip()),
+                    (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+                )
+            })
+            .map(PodAddr::to_string)
+    }
+
+    fn set_type(self) -> SetType {
+        match self {
+            Family::V4 => SetType::Ipv4Addr,
+            Family::V6 => SetType::Ipv6Addr,
+        }
+    }
+}
+
+/// Why weft's table is not as it should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// A base chain weft installs is gone.
+    ChainMissing { chain: &'static str },
+    /// A base chain has another type, hook, priority or policy.
+    ChainChanged { chain: &'static str },
+    /// A chain weft does not install.
+    UnexpectedChain { chain: String },
+    /// A chain's rules (by their comments, in order) are not weft's.
+    Rules {
+        chain: &'static str,
+        expected: Vec<String>,
+        found: Vec<String>,
+    },
+    /// A pod set is gone.
+    SetMissing { set: &'static str },
+    /// A pod set lacks addresses of local pods, or holds others.
+    SetElements {
+        set: &'static str,
+        missing: Vec<String>,
+        unexpected: Vec<String>,
+    },
+    /// Something else in the table (a map, a counter, another set), as nft listed it.
+    UnexpectedObject { json: String },
+    /// The listing could not be read.
+    Unreadable { reason: String },
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Drift::ChainMissing { chain } => write!(f, "chain {chain} missing"),
+            Drift::ChainChanged { chain } => write!(f, "chain {chain} changed"),
+            Drift::UnexpectedChain { chain } => write!(f, "unexpected chain {chain}"),
+            Drift::Rules {
+                chain,
+                expected,
+                found,
+            } => write!(f, "chain {chain} has rules {found:?}, not {expected:?}"),
+            Drift::SetMissing { set } => write!(f, "set {set} missing"),
+            Drift::SetElements {
+                set,
+                missing,
+                unexpected,
+            } => write!(f, "set {set} lacks {missing:?} and holds {unexpected:?}"),
+            Drift::UnexpectedObject { json } => write!(f, "unexpected object {json}"),
+            Drift::Unreadable { reason } => write!(f, "unreadable listing: {reason}"),
+        }
+    }
+}
+
+/// What a check found of weft's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableState {
+    /// As the capture says.
+    Intact,
+    /// Not there at all.
+    Missing,
+    /// There, but changed.
+    Drifted(Vec<Drift>),
+}
+
+impl fmt::Display for TableState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableState::Intact => f.write_str("intact"),
+            TableState::Missing => f.write_str("missing"),
+            TableState::Drifted(drifts) => {
+                for (i, drift) in drifts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    write!(f, "{drift}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        ..Table::default()
+    })
+}
+
+/// The batch that replaces weft's table with the capture, in one transaction.
+pub fn install(capture: &Capture) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    // add, delete, add: works whether or not the table exists, drops stale chains, rules and
+    // elements (a flush would keep chains and sets), and nft commits it as one transaction.
+    batch.add(table());
+    batch.delete(table());
+    batch.add(table());
+    for family in Family::ALL {
+        let elem: Vec<_> = family
+            .pods(capture)
+            .map(|pod| Expression::String(pod.into()))
+            .collect();
+        batch.add(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: family.set().into(),
+            set_type: SetTypeValue::Single(family.set_type()),
+            elem: (!elem.is_empty()).then(|| elem.into()),
+            ..Set::default()
+        })));
+    }
+    for (name, hook) in CHAINS {
+        batch.add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.into(),
+            _type: Some(NfChainType::NAT),
+            hook: Some(hook),
+            prio: Some(NAT_PRIORITY),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        }));
+    }
+    for (chain, comment, expr) in rules(capture) {
+        batch.add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: chain.into(),
+            expr: expr.into(),
+            comment: Some(comment.into()),
+            ..Rule::default()
+        }));
+    }
+    batch.to_nftables()
+}
+
+/// The batch that adds (`add`) or deletes a pod's address in its family's set.
+pub fn elements(add: bool, pod: PodAddr) -> Nftables<'static> {
+    let element = NfListObject::Element(Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: Family::of(pod.ip()).set().into(),
+        elem: vec![Expression::String(pod.to_string().into())].into(),
+    });
+    let mut batch = Batch::new();
+    if add {
+        batch.add(element);
+    } else {
+        batch.delete(element);
+    }
+    batch.to_nftables()
+}
+
+/// The batch that removes weft's table, whether or not it exists.
+pub fn remove() -> Nftables<'static> {
+    let mut batch = Batch::new();
+    // Adding first makes the delete succeed when the table is already gone.
+    batch.add(table());
+    batch.delete(table());
+    batch.to_nftables()
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+/// Set membership: nft's JSON spells it `== "@set"` (`Operator::IN` is the bitmask operator).
+fn in_set(family: Family, field: &'static str) -> Statement<'static> {
+    matches(
+        payload(family.protocol(), field),
+        Operator::EQ,
+        Expression::String(format!("@{}", family.set()).into()),
+    )
+}
+
+fn redirect(port: u16) -> Statement<'static> {
+    Statement::Redirect(Some(NAT {
+        addr: None,
+        family: None,
+        port: Some(Expression::Number(port.into())),
+        flags: None,
+    }))
+}
+
+/// Plaintext TCP to a local pod, except to the HBONE port, goes to the inbound listener.
+fn inbound(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
+    let ports = capture.ports();
+    vec![
+        in_set(family, "daddr"),
+        matches(
+            payload("tcp", "dport"),
+            Operator::NEQ,
+            Expression::Number(ports.hbone.into()),
+        ),
+        redirect(ports.inbound),
+    ]
+}
+
+/// weft's rules: (chain, comment, statements), in chain order. Comments name each rule so
+/// that a listing can be checked rule by rule.
+fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
+    let mut rules = Vec::new();
+    for family in Family::ALL {
+        let ip = family.protocol();
+        // Outbound first: a pod talking to a pod of the same node is the source's connection.
+        rules.push((
+            "prerouting",
+            format!("weft: outbound tcp from local pods ({ip})"),
+            vec![
+                in_set(family, "saddr"),
+                matches(
+                    Expression::Named(NamedExpression::Meta(Meta {
+                        key: MetaKey::L4proto,
+                    })),
+                    Operator::EQ,
+                    Expression::String("tcp".into()),
+                ),
+                redirect(capture.ports().outbound),
+            ],
+        ));
+        rules.push((
+            "prerouting",
+            format!("weft: inbound plaintext tcp to local pods ({ip})"),
+            inbound(family, capture),
+        ));
+    }
+    // Only the node's own sockets reach the output hook, and marks do not survive a veth into
+    // another namespace, so a pod cannot forge this exemption (THREATS 24).
+    rules.push((
+        "output",
+        "weft: weft's own sockets are never captured".to_owned(),
+        vec![
+            matches(
+                Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark })),
+                Operator::EQ,
+                Expression::Number(capture.mark()),
+            ),
+            Statement::Return(Some(Return {})),
+        ],
+    ));
+    for family in Family::ALL {
+        let ip = family.protocol();
+        rules.push((
+            "output",
+            format!("weft: node's own tcp to local pods ({ip})"),
+            inbound(family, capture),
+        ));
+    }
+    rules
+}
+
+/// Compares nft's JSON listing of weft's table with what `capture` installs.
+pub fn compare(capture: &Capture, listing: &str) -> TableState {
+    let listed: Nftables<'_> = match serde_json::from_str(listing) {
+        Ok(listed) => listed,
+        Err(e) => {
+            return TableState::Drifted(vec![Drift::Unreadable {
+                reason: e.to_string(),
+            }]);
+        }
+    };
+    let mut drifts = Vec::new();
+    let mut chains = BTreeMap::new();
+    let mut listed_rules: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut sets = BTreeMap::new();
+    for object in listed.objects.iter() {
+        match object {
+            NfObject::ListObject(NfListObject::Table(_) | NfListObject::MetainfoObject(_)) => {}
+            NfObject::ListObject(NfListObject::Chain(chain)) => {
+                chains.insert(chain.name.to_string(), chain);
+            }
+            NfObject::ListObject(NfListObject::Rule(rule)) => {
+                listed_rules
+                    .entry(rule.chain.to_string())
+                    .or_default()
+                    .push(rule.comment.as_deref().unwrap_or("(no comment)").to_owned());
+            }
+            NfObject::ListObject(NfListObject::Set(set))
+                if Family::ALL.iter().any(|f| f.set() == set.name) =>
+            {
+                sets.insert(set.name.to_string(), set);
+            }
+            other => drifts.push(Drift::UnexpectedObject {
+                json: serde_json::to_string(other).unwrap_or_else(|e| e.to_string()),
+            }),
+        }
+    }
+
+    let mut expected_rules: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (chain, comment, _) in rules(capture) {
+        expected_rules.entry(chain).or_default().push(comment);
+    }
+    for (name, hook) in CHAINS {
+        match chains.remove(name) {
+            None => drifts.push(Drift::ChainMissing { chain: name }),
+            Some(chain) => {
+                let shape = (chain._type, chain.hook, chain.prio, chain.policy);
+                let want = (
+                    Some(NfChainType::NAT),
+                    Some(hook),
+                    Some(NAT_PRIORITY),
+                    Some(NfChainPolicy::Accept),
+                );
+                if shape != want {
+                    drifts.push(Drift::ChainChanged { chain: name });
+                }
+                let found = listed_rules.remove(name).unwrap_or_default();
+                let expected = expected_rules.remove(name).unwrap_or_default();
+                if found != expected {
+                    drifts.push(Drift::Rules {
+                        chain: name,
+                        expected,
+                        found,
+                    });
+                }
+            }
+        }
+    }
+    drifts.extend(
+        chains
+            .into_keys()
+            .map(|chain| Drift::UnexpectedChain { chain }),
+    );
+
+    for family in Family::ALL {
+        let name = family.set();
+        let Some(set) = sets.get(name) else {
+            drifts.push(Drift::SetMissing { set: name });
+            continue;
+        };
+        let mut missing: BTreeSet<String> = family.pods(capture).collect();
+        let mut unexpected = Vec::new();
+        for elem in set.elem.iter().flat_map(|e| e.iter()) {
+            // nft prints addresses in canonical form, as IpAddr's Display does.
+            let text = match elem {
+                Expression::String(s) => s
+                    .parse::<IpAddr>()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| s.to_string()),
+                other => serde_json::to_string(other).unwrap_or_else(|e| e.to_string()),
+            };
+            if !missing.remove(&text) {
+                unexpected.push(text);
+            }
+        }
+        if !missing.is_empty() || !unexpected.is_empty() {
+            drifts.push(Drift::SetElements {
+                set: name,
+                missing: missing.into_iter().collect(),
+                unexpected,
+            });
+        }
+    }
+
+    if drifts.is_empty() {
+        TableState::Intact
+    } else {
+        TableState::Drifted(drifts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nftables::schema::NfCmd;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::redirect::{Ports, WEFT_MARK};
+
+    fn capture() -> Capture {
+        let mut capture = Capture::new(Ports::default(), WEFT_MARK).expect("default capture");
+        for pod in ["10.1.0.5", "fd00::5"] {
+            capture.insert(pod.parse().expect("a pod address"));
+        }
+        capture
+    }
+
+    /// What nft would list after `install`: its added objects, as a listing.
+    fn listing_of(capture: &Capture) -> Nftables<'static> {
+        let objects: Vec<_> = install(capture)
+            .objects
+            .iter()
+            .skip(3) // add, delete, add table
+            .map(|object| match object {
+                NfObject::CmdObject(NfCmd::Add(object)) => NfObject::ListObject(object.clone()),
+                other => panic!("install adds only: {other:?}"),
+            })
+            .collect();
+        Nftables {
+            objects: objects.into(),
+        }
+    }
+
+    fn compare_listing(capture: &Capture, listing: &Nftables<'_>) -> TableState {
+        compare(capture, &serde_json::to_string(listing).expect("json"))
+    }
+
+    #[test]
+    fn install_replaces_the_table_in_one_batch() {
+        let json = serde_json::to_value(install(&capture())).expect("json");
+        let objects = json["nftables"].as_array().expect("objects");
+        let table = json!({"family": "inet", "name": "weft"});
+        assert_eq!(objects[0], json!({"add": {"table": table}}));
+        assert_eq!(objects[1], json!({"delete": {"table": table}}));
+        assert_eq!(objects[2], json!({"add": {"table": table}}));
+        let sets: Vec<&Value> = objects.iter().filter_map(|o| o["add"].get("set")).collect();
+        assert_eq!(sets[0]["elem"], json!(["10.1.0.5"]));
+        assert_eq!(sets[1]["elem"], json!(["fd00::5"]));
+    }
+
+    #[test]
+    fn rules_use_set_lookup_and_not_equal_as_nft_spells_them() {
+        let json = serde_json::to_string(&install(&capture())).expect("json");
+        // Set membership is `==` with "@set" (Operator::IN would be the bitmask operator), and
+        // the HBONE exception is `!=` (the crate swaps `<` and `>`, so no ordering is used).
+        assert!(json.contains(r#"{"match":{"left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"@pods_v4","op":"=="}}"#), "{json}");
+        assert!(json.contains(r#""right":15008,"op":"!=""#), "{json}");
+        assert!(json.contains(r#"{"redirect":{"port":15001}}"#), "{json}");
+        assert!(json.contains(r#"{"redirect":{"port":15006}}"#), "{json}");
+        assert!(
+            json.contains(&format!(r#""right":{WEFT_MARK},"op":"==""#)),
+            "{json}"
+        );
+        assert!(!json.contains(r#""op":"<""#) && !json.contains(r#""op":">""#));
+    }
+
+    #[test]
+    fn compare_accepts_what_install_installs() {
+        let capture = capture();
+        assert_eq!(
+            compare_listing(&capture, &listing_of(&capture)),
+            TableState::Intact
+        );
+    }
+
+    #[test]
+    fn compare_names_what_changed() {
+        let capture = capture();
+        let listing = listing_of(&capture);
+
+        let no_rules = Nftables {
+            objects: listing
+                .objects
+                .iter()
+                .filter(|o| !matches!(o, NfObject::ListObject(NfListObject::Rule(_))))
+                .cloned()
+                .collect(),
+        };
+        let TableState::Drifted(drifts) = compare_listing(&capture, &no_rules) else {
+            panic!("a flushed table is not intact");
+        };
+        assert!(
+            matches!(
+                drifts[0],
+                Drift::Rules {
+                    chain: "prerouting",
+                    ..
+                }
+            ),
+            "{drifts:?}"
+        );
+        assert!(
+            drifts[0]
+                .to_string()
+                .contains("chain prerouting has rules []")
+        );
+
+        let mut other = capture.clone();
+        other.remove("10.1.0.5".parse().expect("a pod address"));
+        other.insert("10.1.0.6".parse().expect("a pod address"));
+        assert_eq!(
+            compare_listing(&other, &listing),
+            TableState::Drifted(vec![Drift::SetElements {
+                set: "pods_v4",
+                missing: vec!["10.1.0.6".into()],
+                unexpected: vec!["10.1.0.5".into()],
+            }])
+        );
+
+        let TableState::Drifted(drifts) = compare(&capture, "not json") else {
+            panic!("garbage is not intact");
+        };
+        assert!(
+            matches!(drifts[..], [Drift::Unreadable { .. }]),
+            "{drifts:?}"
+        );
+    }
+}

@@ -1,0 +1,424 @@
+//! weft's nftables capture in real network namespaces: a "node" namespace with a "pod" behind
+//! one veth pair and a "peer" (another host) behind another; rules are applied in the node.
+
+mod netns;
+
+use std::io::ErrorKind;
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use netns::{Netns, link, prerequisites};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockopt, setsockopt, socket, sockopt,
+};
+use serde_json::Value;
+use weft::redirect::{
+    Capture, Nft, NftError, PodAddr, Ports, Redirect, RedirectError, TableState, WEFT_MARK,
+};
+
+const POD: &str = "198.18.1.2";
+const POD6: &str = "fd18:1::2";
+const PEER: &str = "198.18.2.2";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A node with one pod and one peer host, each its own namespace.
+struct Topology {
+    node: Netns,
+    pod: Netns,
+    peer: Netns,
+}
+
+fn topology() -> Option<Topology> {
+    if !prerequisites() {
+        return None;
+    }
+    let (node, pod, peer) = (Netns::new("node"), Netns::new("pod"), Netns::new("peer"));
+    link(
+        &node,
+        "pod0",
+        &["198.18.1.1/24", "fd18:1::1/64"],
+        &pod,
+        "eth0",
+        &["198.18.1.2/24", "fd18:1::2/64"],
+    );
+    link(
+        &node,
+        "peer0",
+        &["198.18.2.1/24"],
+        &peer,
+        "eth0",
+        &["198.18.2.2/24"],
+    );
+    pod.ip(&["route", "add", "default", "via", "198.18.1.1"]);
+    pod.ip(&["-6", "route", "add", "default", "via", "fd18:1::1"]);
+    peer.ip(&["route", "add", "default", "via", "198.18.2.1"]);
+    Some(Topology { node, pod, peer })
+}
+
+fn pod(text: &str) -> PodAddr {
+    text.parse().expect("a pod address")
+}
+
+/// A capture with the default ports and mark and the given pods.
+fn redirect(nft: Nft, pods: &[&str]) -> Redirect {
+    let mut capture = Capture::new(Ports::default(), WEFT_MARK).expect("default capture");
+    for text in pods {
+        capture.insert(pod(text));
+    }
+    Redirect::new(nft, capture)
+}
+
+fn bind(ns: &Netns, addr: &str) -> TcpListener {
+    ns.run(|| TcpListener::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+}
+
+fn dial(ns: &Netns, addr: SocketAddr) -> TcpStream {
+    ns.run(|| TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))
+        .unwrap_or_else(|e| panic!("connect to {addr} from {}: {e}", ns.name()))
+}
+
+/// The connection waiting on `listener`, if there is one right now.
+fn pending(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true).expect("nonblocking");
+    match listener.accept() {
+        Ok(accepted) => Some(accepted),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+        Err(e) => panic!("accept: {e}"),
+    }
+}
+
+fn original_dst_v4(stream: &TcpStream) -> SocketAddr {
+    let sa = getsockopt(stream, sockopt::OriginalDst).expect("SO_ORIGINAL_DST");
+    SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    )
+    .into()
+}
+
+fn original_dst_v6(stream: &TcpStream) -> SocketAddr {
+    let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).expect("IP6T_SO_ORIGINAL_DST");
+    SocketAddrV6::new(
+        Ipv6Addr::from(sa.sin6_addr.s6_addr),
+        u16::from_be(sa.sin6_port),
+        0,
+        0,
+    )
+    .into()
+}
+
+/// weft's table as nft lists it, without the kernel's handles (new on every install).
+fn listing(node: &Netns) -> Value {
+    fn strip(value: &mut Value) {
+        match value {
+            Value::Object(map) => {
+                map.remove("handle");
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut json: Value =
+        serde_json::from_str(&node.exec_ok(&["nft", "-j", "list", "table", "inet", "weft"]))
+            .expect("nft's JSON");
+    strip(&mut json);
+    json
+}
+
+/// The handles of weft's chains and rules: unchanged as long as the rules were not rewritten.
+fn rule_handles(node: &Netns) -> Vec<(String, u64)> {
+    let json: Value =
+        serde_json::from_str(&node.exec_ok(&["nft", "-j", "list", "table", "inet", "weft"]))
+            .expect("nft's JSON");
+    json["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|object| {
+            let (kind, body) = object.as_object()?.iter().next()?;
+            (kind == "chain" || kind == "rule")
+                .then(|| (kind.clone(), body["handle"].as_u64().expect("a handle")))
+        })
+        .collect()
+}
+
+fn set_elements(node: &Netns, set: &str) -> Vec<String> {
+    let json: Value =
+        serde_json::from_str(&node.exec_ok(&["nft", "-j", "list", "set", "inet", "weft", set]))
+            .expect("nft's JSON");
+    json["nftables"][1]["set"]["elem"]
+        .as_array()
+        .map(|elems| {
+            elems
+                .iter()
+                .map(|e| e.as_str().expect("an address").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn outbound_connections_of_local_pods_reach_the_outbound_listener_with_their_destination() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD, POD6]);
+    t.node.block_on(redirect.apply()).expect("apply");
+
+    let listener = bind(&t.node, "0.0.0.0:15001");
+    let destination: SocketAddr = "203.0.113.7:8080".parse().expect("an address");
+    let _client = dial(&t.pod, destination);
+    let (accepted, from) = pending(&listener).expect("the pod's connection on 15001");
+    assert_eq!(from.ip(), POD.parse::<IpAddr>().expect("an address"));
+    assert_eq!(original_dst_v4(&accepted), destination);
+}
+
+#[test]
+fn outbound_ipv6_connections_of_local_pods_reach_the_outbound_listener() {
+    // A topology of its own: a dual-stack listener on [::]:15001 would clash with the IPv4 one.
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD, POD6]);
+    t.node.block_on(redirect.apply()).expect("apply");
+
+    let listener = bind(&t.node, "[::]:15001");
+    let destination: SocketAddr = "[2001:db8::7]:8080".parse().expect("an address");
+    let _client = dial(&t.pod, destination);
+    let (accepted, from) = pending(&listener).expect("the pod's IPv6 connection on 15001");
+    assert_eq!(from.ip(), POD6.parse::<IpAddr>().expect("an address"));
+    assert_eq!(original_dst_v6(&accepted), destination);
+}
+
+#[test]
+fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_but_hbone_passes() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD]);
+    t.node.block_on(redirect.apply()).expect("apply");
+
+    let inbound = bind(&t.node, "0.0.0.0:15006");
+    let destination: SocketAddr = format!("{POD}:8080").parse().expect("an address");
+    let _client = dial(&t.peer, destination);
+    let (accepted, from) = pending(&inbound).expect("the peer's connection on 15006");
+    assert_eq!(from.ip(), PEER.parse::<IpAddr>().expect("an address"));
+    assert_eq!(original_dst_v4(&accepted), destination);
+
+    // Tunnels to the pod's HBONE port are routed on, not redirected.
+    t.node
+        .exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    let pod_hbone = bind(&t.pod, &format!("{POD}:15008"));
+    let _tunnel = dial(&t.peer, format!("{POD}:15008").parse().expect("an address"));
+    assert!(pending(&pod_hbone).is_some(), "port 15008 reached the pod");
+    assert!(pending(&inbound).is_none(), "port 15008 was not redirected");
+}
+
+#[test]
+fn weft_marked_sockets_are_not_captured() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    let inbound = bind(&t.node, "0.0.0.0:15006");
+    let service = bind(&t.pod, &format!("{POD}:8080"));
+    let destination = SockaddrIn::new(198, 18, 1, 2, 8080);
+
+    let marked = t.node.run(|| {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )?;
+        setsockopt(&fd, sockopt::Mark, &WEFT_MARK)?;
+        connect(fd.as_raw_fd(), &destination)?;
+        Ok::<_, nix::Error>(TcpStream::from(fd))
+    });
+    let _marked = marked.expect("a marked connection from the node");
+    assert!(
+        pending(&service).is_some(),
+        "the marked socket reached the pod"
+    );
+    assert!(
+        pending(&inbound).is_none(),
+        "the marked socket was not captured"
+    );
+
+    // The same connection without the mark is the node's own plaintext: captured.
+    let _unmarked = dial(&t.node, format!("{POD}:8080").parse().expect("an address"));
+    assert!(
+        pending(&inbound).is_some(),
+        "the unmarked socket was captured"
+    );
+    assert!(pending(&service).is_none());
+}
+
+#[test]
+fn applying_twice_yields_the_same_table() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD, POD6]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    let first = listing(&t.node);
+    t.node.block_on(redirect.apply()).expect("apply again");
+    assert_eq!(listing(&t.node), first);
+    let rules = first["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter(|o| o.get("rule").is_some())
+        .count();
+    assert_eq!(rules, 7, "no rule duplicated");
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+}
+
+#[test]
+fn pods_coming_and_going_change_the_sets_only() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    let handles = rule_handles(&t.node);
+
+    t.node
+        .block_on(async {
+            redirect.add_pod(pod("198.18.1.3")).await?;
+            redirect.add_pod(pod("fd18:1::3")).await?;
+            redirect.remove_pod(pod(POD)).await
+        })
+        .expect("pod updates");
+    assert_eq!(set_elements(&t.node, "pods_v4"), ["198.18.1.3"]);
+    assert_eq!(set_elements(&t.node, "pods_v6"), ["fd18:1::3"]);
+    assert_eq!(rule_handles(&t.node), handles, "rules were not rewritten");
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+
+    // Removing an address that is not there, or adding one twice, changes nothing.
+    t.node
+        .block_on(async {
+            redirect.remove_pod(pod(POD)).await?;
+            redirect.add_pod(pod("198.18.1.3")).await
+        })
+        .expect("repeated updates");
+    assert_eq!(set_elements(&t.node, "pods_v4"), ["198.18.1.3"]);
+}
+
+#[test]
+fn cleanup_removes_weft_table_and_nothing_else() {
+    let Some(t) = topology() else { return };
+    for command in [
+        "add table inet bystander",
+        "add chain inet bystander input { type filter hook input priority 0; policy accept; }",
+        "add rule inet bystander input tcp dport 22 counter accept",
+    ] {
+        t.node.exec_ok(&["nft", command]);
+    }
+    let before = t.node.exec_ok(&["nft", "list", "ruleset"]);
+
+    let redirect = redirect(Nft::default(), &[POD]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    t.node.block_on(redirect.cleanup()).expect("cleanup");
+    assert_eq!(t.node.exec_ok(&["nft", "list", "ruleset"]), before);
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Missing
+    );
+    t.node
+        .block_on(redirect.cleanup())
+        .expect("cleanup of nothing");
+}
+
+#[test]
+fn the_watch_restores_a_table_flushed_deleted_or_added_to() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD]);
+    let tampering = [
+        "flush table inet weft",
+        "delete table inet weft",
+        "add rule inet weft prerouting tcp dport 22 accept",
+        "delete element inet weft pods_v4 { 198.18.1.2 }",
+    ];
+    t.node.block_on(async {
+        redirect.apply().await.expect("apply");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let watch = redirect.watch(Duration::from_millis(50), async {
+            let _ = stopped.await;
+        });
+        let tamper = async {
+            for (n, command) in (1..).zip(tampering) {
+                let out = tokio::process::Command::new("nft")
+                    .arg(command)
+                    .output()
+                    .await
+                    .expect("nft");
+                assert!(out.status.success(), "{command}: {out:?}");
+                let restored = async {
+                    while redirect.restores() < n {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(3), restored)
+                    .await
+                    .unwrap_or_else(|_| panic!("not restored after {command}"));
+                assert_eq!(redirect.check().await.expect("check"), TableState::Intact);
+            }
+            let _ = stop.send(());
+        };
+        tokio::join!(watch, tamper);
+    });
+    assert_eq!(redirect.restores(), 4);
+}
+
+#[test]
+fn nft_failures_carry_nft_message_and_the_pod() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    t.node
+        .exec_ok(&["nft", "delete element inet weft pods_v4 { 198.18.1.2 }"]);
+    let error = t
+        .node
+        .block_on(redirect.remove_pod(pod(POD)))
+        .expect_err("the element is gone");
+    let message = error.to_string();
+    assert!(message.contains(POD), "{message}");
+    assert!(message.contains("No such file or directory"), "{message}");
+}
+
+#[tokio::test]
+async fn a_missing_nft_is_named() {
+    // The program does not exist, so nothing runs: safe in the machine's own namespace.
+    let redirect = redirect(Nft::new("weft-test-no-such-nft"), &[]);
+    let error = redirect.apply().await.expect_err("no nft");
+    assert!(
+        matches!(
+            &error,
+            RedirectError::Nft {
+                source: NftError::NotFound { .. },
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("weft-test-no-such-nft"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("not found"), "{error}");
+}
+
+#[test]
+fn bad_pod_addresses_are_refused_with_the_culprit() {
+    for (text, expect) in [
+        ("198.18.1.300", "198.18.1.300"),
+        ("pod-a", "pod-a"),
+        ("127.0.0.1", "loopback"),
+        ("0.0.0.0", "unspecified"),
+        ("::ffff:198.18.1.2", "IPv4-mapped"),
+    ] {
+        let error = text.parse::<PodAddr>().expect_err(text).to_string();
+        assert!(error.contains(expect), "{text}: {error}");
+    }
+}
