@@ -3,7 +3,10 @@
 //! rule allows, a peer without identity matches nothing, Audit is reported and never enforced,
 //! and a cluster's trust domain comes from its settings.
 
+mod tracking;
+
 use std::path::Path;
+use std::time::Duration;
 
 use weft::identity::WorkloadId;
 use weft::model::{ClusterId, Protocol, load_clusterset};
@@ -254,4 +257,65 @@ fn policy_check_decides_the_identity_layer_with_reasons() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("probe 1: identity:"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_tracker_carries_identity_policies_to_the_clusters_that_enforce_them() {
+    use weft::tracker::client;
+    use weft::tracker::server::Tracker;
+    use weft::tracker::source::ClustersetSource;
+    use weft::tracker::view::View;
+    use weft::tracker::wire::pb;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    clusterset(dir.path());
+    let mut source = ClustersetSource::new(dir.path());
+    let tracker = Tracker::new(View::new("e", 100), 1 << 20);
+    tracker.apply(source.rescan().expect("loads"));
+    let target = tracking::serve(&tracker).await;
+    let request = |cluster: &str, scope: pb::PolicyScope| pb::SubscribeRequest {
+        cluster: cluster.into(),
+        policy_scope: scope.into(),
+        ..Default::default()
+    };
+    let wait = Duration::from_secs(10);
+    let own = client::sync(
+        &target,
+        request("cluster-1", pb::PolicyScope::OwnCluster),
+        wait,
+    )
+    .await
+    .expect("cluster-1's view");
+    let other = client::sync(
+        &target,
+        request("cluster-2", pb::PolicyScope::OwnCluster),
+        wait,
+    )
+    .await
+    .expect("cluster-2's view");
+    for (replica, selected) in [(own.engine(), true), (other.engine(), false)] {
+        let web = replica
+            .pod_by_name("cluster-1", "demo", "web")
+            .expect("web");
+        let remote = replica
+            .pod_by_name("cluster-2", "demo", "client")
+            .expect("remote client");
+        let remote_id = replica.pod_identity(remote).expect("identity");
+        assert_eq!(
+            remote_id.to_string(),
+            "spiffe://c2.example/ns/demo/sa/client",
+            "the trust domain relayed by the tracker"
+        );
+        let d = replica.decide_identity(web, 80, Protocol::Tcp, Some(&remote_id));
+        if selected {
+            assert!(!d.enforced.passes(), "{d:?}");
+            assert!(d.audited.passes(), "{d:?}");
+        } else {
+            assert_eq!(
+                d.enforced,
+                IdentityVerdict::NotSelected,
+                "cluster-2's nodes do not get cluster-1's policies"
+            );
+        }
+    }
 }

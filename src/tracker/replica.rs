@@ -34,6 +34,7 @@ fn upsert(engine: &mut Engine, o: &Object) {
         Object::Pod(p) => engine.upsert_pod(p),
         Object::Node(n) => engine.upsert_node(n),
         Object::NetworkPolicy(p) => engine.upsert_policy(p),
+        Object::IdentityPolicy(p) => engine.upsert_identity_policy(p),
         // Services and slices are for the data plane; the policy engine judges endpoints.
         Object::Service(_) | Object::EndpointSlice(_) => {}
     }
@@ -45,6 +46,9 @@ fn remove(engine: &mut Engine, k: &Key) {
         pb::Kind::Pod => engine.remove_pod(&k.cluster, &k.name),
         pb::Kind::Node => engine.remove_node(&k.cluster, &k.name),
         pb::Kind::NetworkPolicy => engine.remove_policy(&k.cluster, &k.namespace, &k.name),
+        pb::Kind::IdentityPolicy => {
+            engine.remove_identity_policy(&k.cluster, &k.namespace, &k.name)
+        }
         pb::Kind::Service | pb::Kind::EndpointSlice | pb::Kind::Unspecified => {}
     }
 }

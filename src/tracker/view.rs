@@ -36,7 +36,11 @@ impl Scope {
     fn admits_key(&self, kind: pb::Kind, cluster: &str) -> bool {
         match self {
             Scope::AllClusters => true,
-            Scope::Cluster(own) => kind != pb::Kind::NetworkPolicy || cluster == own.as_str(),
+            // Policies of both kinds are local: a node agent gets its own cluster's.
+            Scope::Cluster(own) => {
+                !matches!(kind, pb::Kind::NetworkPolicy | pb::Kind::IdentityPolicy)
+                    || cluster == own.as_str()
+            }
         }
     }
 
@@ -44,6 +48,9 @@ impl Scope {
         match &o.object {
             Some(pb::object::Object::NetworkPolicy(p)) => {
                 self.admits_key(pb::Kind::NetworkPolicy, &p.cluster)
+            }
+            Some(pb::object::Object::IdentityPolicy(p)) => {
+                self.admits_key(pb::Kind::IdentityPolicy, &p.cluster)
             }
             _ => true,
         }

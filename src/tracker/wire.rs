@@ -38,6 +38,8 @@ pub enum Object {
     EndpointSlice(EndpointSlice),
     /// A NetworkPolicy.
     NetworkPolicy(NetworkPolicy),
+    /// An IdentityPolicy.
+    IdentityPolicy(model::IdentityPolicy),
 }
 
 /// What identifies an object: pods by uid, the other kinds by namespace and name.
@@ -88,6 +90,12 @@ impl Object {
                 o.namespace.as_str(),
                 &o.name,
             ),
+            Object::IdentityPolicy(o) => (
+                pb::Kind::IdentityPolicy,
+                &o.cluster,
+                o.namespace.as_str(),
+                &o.name,
+            ),
         };
         Key {
             kind,
@@ -122,6 +130,13 @@ pub fn cluster_objects(cluster: &model::Cluster) -> impl Iterator<Item = Object>
                 .values()
                 .cloned()
                 .map(Object::NetworkPolicy),
+        )
+        .chain(
+            cluster
+                .identity_policies
+                .values()
+                .cloned()
+                .map(Object::IdentityPolicy),
         )
 }
 
@@ -349,6 +364,7 @@ impl From<&Object> for pb::Object {
                     .collect(),
             }),
             Object::NetworkPolicy(p) => O::NetworkPolicy(policy_to_wire(p)),
+            Object::IdentityPolicy(p) => O::IdentityPolicy(identity_policy_to_wire(p)),
         };
         pb::Object {
             object: Some(object),
@@ -375,6 +391,89 @@ fn selector_to_wire(s: &LabelSelector) -> pb::LabelSelector {
             })
             .collect(),
     }
+}
+
+fn identity_policy_to_wire(p: &model::IdentityPolicy) -> pb::IdentityPolicy {
+    pb::IdentityPolicy {
+        cluster: p.cluster.to_string(),
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        pod_selector: Some(selector_to_wire(&p.pod_selector)),
+        audit: p.mode == model::Mode::Audit,
+        rules: p
+            .rules
+            .iter()
+            .map(|r| pb::IdentityRule {
+                from: r
+                    .from
+                    .iter()
+                    .map(|f| pb::IdentityPeer {
+                        trust_domain: f.trust_domain.clone().unwrap_or_default(),
+                        namespace: f.namespace.clone().unwrap_or_default(),
+                        service_account: f.service_account.clone().unwrap_or_default(),
+                        cluster: f
+                            .cluster
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                ports: r
+                    .ports
+                    .iter()
+                    .map(|p| pb::IdentityPort {
+                        protocol: protocol_to_wire(p.protocol),
+                        port: p.port.into(),
+                        end_port: p.end_port.into(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// An IdentityPolicy from the wire in its manifest form, to be validated as a manifest is.
+fn identity_policy_to_value(
+    what: &str,
+    p: pb::IdentityPolicy,
+) -> Result<serde_json::Value, WireError> {
+    let nonempty = |s: String| Some(s).filter(|s| !s.is_empty());
+    let mut rules = Vec::new();
+    for r in p.rules {
+        let mut ports = Vec::new();
+        for port in r.ports {
+            ports.push(serde_json::json!({
+                "protocol": protocol_from_wire(what, port.protocol)?,
+                "port": port_from_wire(what, "port", port.port)?,
+                "endPort": port_from_wire(what, "end_port", port.end_port)?,
+            }));
+        }
+        let from: Vec<serde_json::Value> = r
+            .from
+            .into_iter()
+            .map(|f| {
+                serde_json::json!({
+                    "trustDomain": nonempty(f.trust_domain),
+                    "namespace": nonempty(f.namespace),
+                    "serviceAccount": nonempty(f.service_account),
+                    "cluster": nonempty(f.cluster),
+                })
+            })
+            .collect();
+        rules.push(serde_json::json!({"from": from, "ports": ports}));
+    }
+    let selector = serde_json::to_value(selector_to_api(p.pod_selector.unwrap_or_default()))
+        .unwrap_or_default();
+    Ok(serde_json::json!({
+        "apiVersion": model::identity_policy::API_VERSION,
+        "kind": "IdentityPolicy",
+        "metadata": {"name": p.name, "namespace": p.namespace},
+        "spec": {
+            "podSelector": selector,
+            "mode": if p.audit { "Audit" } else { "Enforce" },
+            "rules": rules,
+        },
+    }))
 }
 
 fn policy_to_wire(p: &NetworkPolicy) -> pb::NetworkPolicy {
@@ -712,6 +811,15 @@ impl TryFrom<pb::Object> for Object {
                     EndpointSlice::from_api(&cluster, &api).map_err(invalid(&cluster))?,
                 )
             }
+            O::IdentityPolicy(p) => {
+                let what = format!("IdentityPolicy {}/{}/{}", p.cluster, p.namespace, p.name);
+                let cluster = cluster_from_wire(&what, &p.cluster)?;
+                let value = identity_policy_to_value(&what, p)?;
+                Object::IdentityPolicy(
+                    model::IdentityPolicy::from_value(&cluster, value)
+                        .map_err(invalid(&cluster))?,
+                )
+            }
             O::NetworkPolicy(p) => {
                 let what = format!("NetworkPolicy {}/{}/{}", p.cluster, p.namespace, p.name);
                 let cluster = cluster_from_wire(&what, &p.cluster)?;
@@ -842,6 +950,30 @@ mod tests {
             "an empty egress list that applies stays explicit"
         );
         round_trip(Object::NetworkPolicy(policy));
+        let identity = model::IdentityPolicy::from_value(
+            &c(),
+            json!({"apiVersion": model::identity_policy::API_VERSION, "kind": "IdentityPolicy",
+                   "metadata": {"name": "ip", "namespace": "demo"},
+                   "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["web"]}]},
+                            "mode": "Audit",
+                            "rules": [{"from": [{"spiffeId": "spiffe://c1/ns/demo/sa/client"},
+                                                {"cluster": "c2", "namespace": "batch"}],
+                                       "ports": [{"port": 80}, {"port": 8000, "endPort": 8099, "protocol": "UDP"}]},
+                                      {}]}}),
+        )
+        .expect("identity policy");
+        round_trip(Object::IdentityPolicy(identity.clone()));
+        // A peer with a pattern for a name is refused on receipt, as in a manifest.
+        let mut wire = pb::Object::from(&Object::IdentityPolicy(identity));
+        if let Some(pb::object::Object::IdentityPolicy(p)) = &mut wire.object {
+            p.rules[0].from[0].service_account = "*".into();
+        }
+        let e = Object::try_from(wire).expect_err("a pattern");
+        assert!(
+            e.to_string().contains("IdentityPolicy c1/demo/ip")
+                && e.to_string().contains("serviceAccount"),
+            "{e}"
+        );
     }
 
     #[test]
