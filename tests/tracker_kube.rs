@@ -486,3 +486,72 @@ async fn a_cluster_whose_id_is_still_being_resolved_keeps_the_view_unready() {
     assert!(b.error.is_empty(), "not an error, only not yet: {b:?}");
     assert!(has_pod(&r, "cluster-a", "web-a"));
 }
+
+#[tokio::test]
+async fn identity_policies_are_watched_and_a_bad_one_denies_every_identity() {
+    use weft::model::Protocol;
+    use weft::policy::identity::IdentityVerdict;
+    let a = cluster("a").await;
+    a.apply(Kind::Pod, pod("web-a", "10.1.0.1"));
+    a.apply(
+        Kind::IdentityPolicy,
+        json!({"metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                        "rules": [{"from": [{"namespace": "demo", "serviceAccount": "client"}]}]}}),
+    );
+    // Another cluster without weft's resource installed: still synced.
+    let b = cluster("b").await;
+    b.set_installed(Kind::IdentityPolicy, false);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        tmp.path().join("config"),
+        kubeconfig(&[("ctx-a", &a), ("ctx-b", &b)]),
+    )
+    .expect("write");
+    let (mut stream, mut r) = follow(tmp.path(), &[]).await;
+    until(&mut stream, &mut r, "both clusters with a's policy", |r| {
+        synced(r, "ctx-a") && synced(r, "ctx-b") && has_pod(r, "ctx-a", "web-a")
+    })
+    .await;
+    let web = r
+        .engine()
+        .pod_by_name("ctx-a", "demo", "web-a")
+        .expect("web");
+    let id = |sa: &str| {
+        weft::identity::WorkloadId::parse(&format!("spiffe://ctx-a/ns/demo/sa/{sa}")).expect("id")
+    };
+    let verdict = |r: &Replica, sa: &str| {
+        r.engine()
+            .decide_identity(web, 80, Protocol::Tcp, Some(&id(sa)))
+            .enforced
+    };
+    assert!(verdict(&r, "client").passes());
+    assert!(!verdict(&r, "other").passes());
+
+    // A policy weft cannot read stands in as one that admits no identity.
+    a.apply(
+        Kind::IdentityPolicy,
+        json!({"metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"podSelector": {}, "rules": [{"from": [{"serviceAccount": "a*"}]}]}}),
+    );
+    until(&mut stream, &mut r, "the stand-in", |r| {
+        !r.engine()
+            .decide_identity(web, 80, Protocol::Tcp, Some(&id("client")))
+            .enforced
+            .passes()
+    })
+    .await;
+    assert!(
+        status(&r, "ctx-a").is_some_and(|s| s.error.contains("serviceAccount")),
+        "{:?}",
+        status(&r, "ctx-a")
+    );
+    a.delete(Kind::IdentityPolicy, "demo", "web");
+    until(&mut stream, &mut r, "the policy gone", |r| {
+        r.engine()
+            .decide_identity(web, 80, Protocol::Tcp, None)
+            .enforced
+            == IdentityVerdict::NotSelected
+    })
+    .await;
+}

@@ -46,6 +46,8 @@ pub enum Kind {
     /// about.k8s.io/v1alpha1 ClusterProperty (KEP-2149), cluster-scoped: the one named
     /// `cluster.clusterset.k8s.io` holds the cluster's id in `spec.value`.
     ClusterProperty,
+    /// weft.dev/v1alpha1 IdentityPolicy, weft's own namespaced resource.
+    IdentityPolicy,
 }
 
 /// A request's target: a kind, in a namespace or all, one object by name or all.
@@ -56,7 +58,7 @@ struct Target {
 }
 
 impl Kind {
-    const ALL: [Kind; 7] = [
+    const ALL: [Kind; 8] = [
         Kind::Namespace,
         Kind::Pod,
         Kind::Node,
@@ -64,6 +66,7 @@ impl Kind {
         Kind::NetworkPolicy,
         Kind::EndpointSlice,
         Kind::ClusterProperty,
+        Kind::IdentityPolicy,
     ];
 
     /// (URL prefix, plural, namespaced, apiVersion, kind).
@@ -93,6 +96,13 @@ impl Kind {
                 false,
                 "about.k8s.io/v1alpha1",
                 "ClusterProperty",
+            ),
+            Kind::IdentityPolicy => (
+                "/apis/weft.dev/v1alpha1",
+                "identitypolicies",
+                true,
+                "weft.dev/v1alpha1",
+                "IdentityPolicy",
             ),
         }
     }

@@ -34,7 +34,7 @@ use crate::model::{
 };
 
 /// The kinds watched per cluster; it is synced when all have listed.
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 /// One cluster's status, shared by its watchers.
 #[derive(Debug)]
@@ -91,7 +91,10 @@ fn key_of(kind: pb::Kind, cluster: &ClusterId, meta: &ObjectMeta) -> Key {
     };
     let namespaced = matches!(
         kind,
-        pb::Kind::Service | pb::Kind::EndpointSlice | pb::Kind::NetworkPolicy
+        pb::Kind::Service
+            | pb::Kind::EndpointSlice
+            | pb::Kind::NetworkPolicy
+            | pb::Kind::IdentityPolicy
     );
     Key {
         kind,
@@ -109,7 +112,6 @@ fn key_of(kind: pb::Kind, cluster: &ClusterId, meta: &ObjectMeta) -> Key {
 #[derive(Clone)]
 struct ClusterWatch {
     id: ClusterId,
-    client: ::kube::Client,
     tracker: Feed,
     state: Arc<Mutex<ClusterState>>,
 }
@@ -117,19 +119,13 @@ struct ClusterWatch {
 /// Watches one kind of one cluster until the task is stopped.
 async fn watch_kind<K>(
     w: ClusterWatch,
+    api: Api<K>,
     kind: pb::Kind,
     convert: fn(&ClusterId, &K) -> Result<Object, ObjectError>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default,
 {
-    let ClusterWatch {
-        id,
-        client,
-        tracker,
-        state,
-    } = w;
-    let api: Api<K> = Api::all(client);
+    let ClusterWatch { id, tracker, state } = w;
     let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     // What the view already holds of this kind (from watchers this one replaces): the first
@@ -149,7 +145,11 @@ async fn watch_kind<K>(
             tracing::error!(cluster = %id, error = %e, "object refused");
             ClusterState::update(&state, &tracker, |s| s.status.error = e.to_string());
             // Skipping a policy would widen access: it stands in as deny-all for its namespace.
-            (kind == pb::Kind::NetworkPolicy).then(|| deny_all(&id, o.meta()))
+            match kind {
+                pb::Kind::NetworkPolicy => Some(deny_all(&id, o.meta())),
+                pb::Kind::IdentityPolicy => Some(deny_all_identities(&id, o.meta())),
+                _ => None,
+            }
         }
     };
     while let Some(event) = stream.next().await {
@@ -186,6 +186,16 @@ async fn watch_kind<K>(
                 known.remove(&key);
                 change.deletes.push(key);
             }
+            Err(watcher::Error::InitialListFailed(::kube::Error::Api(status)))
+                if kind == pb::Kind::IdentityPolicy && status.code == 404 =>
+            {
+                // weft's resource is not installed in this cluster: it has none, and the
+                // watcher keeps asking, so that one installed later is followed.
+                tracing::debug!(cluster = %id, "no IdentityPolicy resource in this cluster");
+                ClusterState::update(&state, &tracker, |s| {
+                    s.listed.insert(kind);
+                });
+            }
             Err(e) => {
                 tracing::warn!(cluster = %id, ?kind, error = %e, "watch");
                 ClusterState::update(&state, &tracker, |s| {
@@ -202,6 +212,29 @@ async fn watch_kind<K>(
             });
         }
     }
+}
+
+/// An IdentityPolicy that selects every pod of its namespace and admits no identity.
+fn deny_all_identities(id: &ClusterId, meta: &ObjectMeta) -> Object {
+    Object::IdentityPolicy(crate::model::IdentityPolicy {
+        cluster: id.clone(),
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+        pod_selector: LabelSelector::default(),
+        mode: crate::model::Mode::Enforce,
+        rules: Vec::new(),
+    })
+}
+
+fn identity_policy(id: &ClusterId, o: &::kube::api::DynamicObject) -> Result<Object, ObjectError> {
+    let value = serde_json::to_value(o).map_err(|e| ObjectError {
+        kind: "IdentityPolicy",
+        name: o.metadata.name.clone().unwrap_or_default(),
+        field: crate::model::FieldError::new("", e.to_string()),
+    })?;
+    Ok(Object::IdentityPolicy(
+        crate::model::IdentityPolicy::from_value(id, value)?,
+    ))
 }
 
 /// A policy that selects every pod of its namespace and allows nothing, in both directions.
@@ -255,26 +288,63 @@ pub fn watch_cluster(
     tokio::spawn(async move {
         let w = ClusterWatch {
             id: id.clone(),
-            client: client.clone(),
             tracker: tracker.clone(),
             state: state.clone(),
         };
         let (s, t) = (&state, &tracker);
         tokio::join!(
-            watch_kind::<core::Namespace>(w.clone(), pb::Kind::Namespace, namespace),
-            watch_kind::<core::Pod>(w.clone(), pb::Kind::Pod, |id, o| {
-                Ok(Object::Pod(Pod::from_api(id, o)?))
-            }),
-            watch_kind::<core::Node>(w.clone(), pb::Kind::Node, |id, o| {
-                Ok(Object::Node(Node::from_api(id, o)?))
-            }),
-            watch_kind::<core::Service>(w.clone(), pb::Kind::Service, |id, o| {
-                Ok(Object::Service(Service::from_api(id, o)?))
-            }),
-            watch_kind::<discovery::EndpointSlice>(w.clone(), pb::Kind::EndpointSlice, |id, o| {
-                Ok(Object::EndpointSlice(EndpointSlice::from_api(id, o)?))
-            }),
-            watch_kind::<net::NetworkPolicy>(w.clone(), pb::Kind::NetworkPolicy, policy),
+            watch_kind::<core::Namespace>(
+                w.clone(),
+                Api::all(client.clone()),
+                pb::Kind::Namespace,
+                namespace
+            ),
+            watch_kind::<core::Pod>(
+                w.clone(),
+                Api::all(client.clone()),
+                pb::Kind::Pod,
+                |id, o| { Ok(Object::Pod(Pod::from_api(id, o)?)) }
+            ),
+            watch_kind::<core::Node>(
+                w.clone(),
+                Api::all(client.clone()),
+                pb::Kind::Node,
+                |id, o| { Ok(Object::Node(Node::from_api(id, o)?)) }
+            ),
+            watch_kind::<core::Service>(
+                w.clone(),
+                Api::all(client.clone()),
+                pb::Kind::Service,
+                |id, o| { Ok(Object::Service(Service::from_api(id, o)?)) }
+            ),
+            watch_kind::<discovery::EndpointSlice>(
+                w.clone(),
+                Api::all(client.clone()),
+                pb::Kind::EndpointSlice,
+                |id, o| { Ok(Object::EndpointSlice(EndpointSlice::from_api(id, o)?)) }
+            ),
+            watch_kind::<net::NetworkPolicy>(
+                w.clone(),
+                Api::all(client.clone()),
+                pb::Kind::NetworkPolicy,
+                policy
+            ),
+            watch_kind::<::kube::api::DynamicObject>(
+                w.clone(),
+                Api::all_with(
+                    client.clone(),
+                    &::kube::api::ApiResource::from_gvk_with_plural(
+                        &::kube::api::GroupVersionKind::gvk(
+                            "weft.dev",
+                            "v1alpha1",
+                            "IdentityPolicy"
+                        ),
+                        "identitypolicies",
+                    ),
+                ),
+                pb::Kind::IdentityPolicy,
+                identity_policy,
+            ),
             async {
                 // While disconnected, staleness grows with no event to say so: count it, and
                 // ask the API server whether it answers again (a resumed watch with no change
