@@ -319,3 +319,43 @@ async fn the_tracker_carries_identity_policies_to_the_clusters_that_enforce_them
         }
     }
 }
+
+#[test]
+fn the_schema_in_deploy_names_the_fields_weft_reads() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/identitypolicy-crd.yaml"
+    ))
+    .expect("the CRD");
+    let crd = weft::model::loader::parse_yaml(&text, 0).expect("YAML");
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        let mut k: Vec<String> = v["properties"]
+            .as_object()
+            .expect("properties")
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(spec), ["mode", "podSelector", "rules"]);
+    let rule = &spec["properties"]["rules"]["items"];
+    assert_eq!(keys(rule), ["from", "ports"]);
+    assert_eq!(
+        keys(&rule["properties"]["from"]["items"]),
+        [
+            "cluster",
+            "namespace",
+            "serviceAccount",
+            "spiffeId",
+            "trustDomain"
+        ]
+    );
+    assert_eq!(
+        keys(&rule["properties"]["ports"]["items"]),
+        ["endPort", "port", "protocol"]
+    );
+    assert_eq!(crd["spec"]["group"], "weft.dev");
+    assert_eq!(crd["spec"]["versions"][0]["name"], "v1alpha1");
+}
