@@ -10,6 +10,7 @@ pub mod ca;
 pub mod cli;
 pub mod identity;
 pub mod model;
+pub mod node;
 pub mod policy;
 pub mod probe;
 pub mod proxy;

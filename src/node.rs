@@ -1,0 +1,5 @@
+//! The node agent's view of its own node (`local`): which pods of the global view run here,
+//! the identities they need certificates for, the addresses capture must cover, and when the
+//! node is ready to take traffic.
+
+pub mod local;
