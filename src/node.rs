@@ -1,5 +1,6 @@
 //! The node agent's view of its own node (`local`): which pods of the global view run here,
 //! the identities they need certificates for, the addresses capture must cover, and when the
-//! node is ready to take traffic.
+//! node is ready to take traffic; and the admission of inbound tunnels (`inbound`).
 
+pub mod inbound;
 pub mod local;
