@@ -749,6 +749,19 @@ impl Engine {
         }
     }
 
+    /// The node `pod` is scheduled on and that node's InternalIP of the family of `v6`.
+    pub fn pod_node_address(&self, pod: PodId, v6: bool) -> Option<(String, IpAddr)> {
+        let p = &*self.pods.get(pod.0)?.about;
+        let node = p.node.as_ref()?;
+        let ip = self
+            .nodes
+            .get(&(p.cluster, node.clone()))?
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv6() == v6)?;
+        Some((node.to_string(), ip))
+    }
+
     /// The endpoint `pod` is on a connection of the family of `v6`: the pod itself, or for a
     /// host-network pod its node's address.
     pub fn pod_endpoint(&self, pod: PodId, v6: bool) -> Result<Endpoint, EndpointError> {

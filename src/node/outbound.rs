@@ -1,0 +1,278 @@
+//! The outbound decision of a node: a connection captured from a local pod to its original
+//! destination is judged by the source cluster's egress (and, for a destination in this
+//! cluster, its ingress) NetworkPolicies, then routed — to a pod of a meshed node through an
+//! HBONE tunnel to that node (the source workload's certificate presented, the destination
+//! workload's identity required), or directly. Nothing leaves before the view of this node's
+//! cluster is complete.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::identity::WorkloadId;
+use crate::model::{ClusterId, Protocol};
+use crate::policy::{Connection, Endpoint, Verdict};
+use crate::tracker::replica::Replica;
+
+/// Where an allowed connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Through an HBONE tunnel to the destination pod's node.
+    Tunnel {
+        /// The source workload, whose certificate the tunnel presents.
+        source: WorkloadId,
+        /// The destination node's HBONE address.
+        node: SocketAddr,
+        /// The destination workload, which the node must prove to be.
+        destination: WorkloadId,
+        /// The pod's address and port, the tunnel's authority.
+        target: SocketAddr,
+    },
+    /// Directly: a destination weft does not serve (outside every cluster, a host-network
+    /// pod, a pod whose node address is unknown).
+    Direct {
+        /// Where to connect.
+        target: SocketAddr,
+    },
+}
+
+/// Why a captured connection is not carried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutboundError {
+    /// The view of this node's cluster is not complete: nothing is passed unevaluated.
+    #[error("the view of cluster {0} is not complete yet")]
+    NotReady(ClusterId),
+    /// The source address is no live pod of this node.
+    #[error("{0} is no pod of this node")]
+    NotLocal(IpAddr),
+    /// The source pod has no workload identity to present.
+    #[error("source pod {0} has no identity")]
+    NoIdentity(String),
+    /// NetworkPolicy denies it.
+    #[error("{from} -> {to}: egress {egress}; ingress {ingress}")]
+    Denied {
+        /// The source.
+        from: String,
+        /// The destination.
+        to: SocketAddr,
+        /// Why, for the source.
+        egress: String,
+        /// Why, for the destination.
+        ingress: String,
+    },
+}
+
+/// Routes a TCP connection captured on node `node` of `cluster` from `source` to its
+/// original destination `original`, tunnels going to nodes' `hbone_port`.
+pub fn route(
+    view: &Replica,
+    cluster: &ClusterId,
+    node: &str,
+    source: IpAddr,
+    original: SocketAddr,
+    hbone_port: u16,
+) -> Result<Route, OutboundError> {
+    if !view
+        .clusters()
+        .any(|s| s.cluster == cluster.as_str() && s.synced)
+    {
+        return Err(OutboundError::NotReady(cluster.clone()));
+    }
+    let engine = view.engine();
+    let local = view
+        .pods_on_node(cluster, node)
+        .find(|p| p.owns_ips() && p.ips.contains(&source))
+        .and_then(|p| engine.pod_by_name(cluster.as_str(), &p.namespace, &p.name))
+        .ok_or(OutboundError::NotLocal(source))?;
+    let src = engine.address_endpoint(source);
+    let dst = engine.address_endpoint(original.ip());
+    let connection = Connection {
+        src,
+        dst,
+        port: original.port(),
+        protocol: Protocol::Tcp,
+    };
+    let decision = engine.decide(&connection);
+    if decision.verdict() != Verdict::Allow {
+        let why = engine.explain(&connection, &decision);
+        return Err(OutboundError::Denied {
+            from: engine.pod_name(local),
+            to: original,
+            egress: why.egress.to_string(),
+            ingress: why.ingress.to_string(),
+        });
+    }
+    let Endpoint::Pod { pod: to, .. } = dst else {
+        return Ok(Route::Direct { target: original });
+    };
+    let (Some(destination), Some((_, node_ip))) = (
+        engine.pod_identity(to),
+        engine.pod_node_address(to, original.is_ipv6()),
+    ) else {
+        return Ok(Route::Direct { target: original });
+    };
+    let source_id = engine
+        .pod_identity(local)
+        .ok_or_else(|| OutboundError::NoIdentity(engine.pod_name(local)))?;
+    Ok(Route::Tunnel {
+        source: source_id,
+        node: SocketAddr::new(node_ip, hbone_port),
+        destination,
+        target: original,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NetworkPolicy, Node, Pod};
+    use crate::tracker::view::{Change, Scope, View};
+    use crate::tracker::wire::{Object, pb};
+
+    fn c() -> ClusterId {
+        ClusterId::new("cluster-1").expect("id")
+    }
+
+    fn pod(name: &str, node: &str, app: &str, ip: &str) -> Object {
+        Object::Pod(
+            Pod::from_api(
+                &c(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "demo", "uid": name, "labels": {"app": app}},
+                    "spec": {"nodeName": node, "serviceAccountName": app, "containers": []},
+                    "status": {"phase": "Running", "podIP": ip}}))
+                .expect("pod"),
+            )
+            .expect("valid"),
+        )
+    }
+
+    fn node(name: &str, ip: &str) -> Object {
+        Object::Node(
+            Node::from_api(
+                &c(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name},
+                    "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}))
+                .expect("node"),
+            )
+            .expect("valid"),
+        )
+    }
+
+    /// client on node-a may reach web (node-b) on 80 only; db has no node address known.
+    fn view(synced: bool) -> Replica {
+        let egress = NetworkPolicy::from_api(
+            &c(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "client-out", "namespace": "demo"},
+                "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                         "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 80}]},
+                                    {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]},
+                                    {"to": [{"podSelector": {"matchLabels": {"app": "db"}}}]}]}}))
+            .expect("policy"),
+            &mut Vec::new(),
+        )
+        .expect("valid");
+        let mut v = View::new("e", 100);
+        v.apply(Change {
+            upserts: vec![
+                node("node-a", "192.168.0.1"),
+                node("node-b", "192.168.0.2"),
+                pod("client", "node-a", "client", "10.0.0.1"),
+                pod("web", "node-b", "web", "10.0.0.2"),
+                pod("db", "node-c", "db", "10.0.0.3"),
+                Object::NetworkPolicy(egress),
+            ],
+            clusters: vec![pb::ClusterStatus {
+                cluster: "cluster-1".into(),
+                synced,
+                connected: true,
+                ..Default::default()
+            }],
+            ..Change::default()
+        });
+        let mut r = Replica::new();
+        for part in v.snapshot(&Scope::AllClusters, 1 << 20) {
+            r.apply(part).expect("part");
+        }
+        r
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn allowed_connections_tunnel_to_pods_and_go_direct_elsewhere() {
+        let r = view(true);
+        let go = |to: &str| route(&r, &c(), "node-a", ip("10.0.0.1"), addr(to), 15008);
+        assert_eq!(
+            go("10.0.0.2:80"),
+            Ok(Route::Tunnel {
+                source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
+                node: addr("192.168.0.2:15008"),
+                destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
+                target: addr("10.0.0.2:80"),
+            })
+        );
+        assert_eq!(
+            go("203.0.113.9:443"),
+            Ok(Route::Direct {
+                target: addr("203.0.113.9:443")
+            }),
+            "outside every cluster"
+        );
+        assert_eq!(
+            go("10.0.0.3:5432"),
+            Ok(Route::Direct {
+                target: addr("10.0.0.3:5432")
+            }),
+            "a pod whose node address is unknown"
+        );
+    }
+
+    #[test]
+    fn denied_unknown_or_early_connections_are_not_carried() {
+        let r = view(true);
+        let e = route(
+            &r,
+            &c(),
+            "node-a",
+            ip("10.0.0.1"),
+            addr("10.0.0.2:81"),
+            15008,
+        )
+        .expect_err("port 81");
+        assert!(
+            matches!(&e, OutboundError::Denied { from, .. } if from == "cluster-1/demo/client"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("client-out"), "{e}");
+        assert_eq!(
+            route(
+                &r,
+                &c(),
+                "node-a",
+                ip("10.0.0.2"),
+                addr("10.0.0.1:80"),
+                15008
+            ),
+            Err(OutboundError::NotLocal(ip("10.0.0.2"))),
+            "web is not on node-a"
+        );
+        assert_eq!(
+            route(
+                &view(false),
+                &c(),
+                "node-a",
+                ip("10.0.0.1"),
+                addr("10.0.0.2:80"),
+                15008
+            ),
+            Err(OutboundError::NotReady(c()))
+        );
+    }
+}
