@@ -3,6 +3,8 @@
 //! node is ready to take traffic; the admission of inbound tunnels (`inbound`); and where an
 //! outbound connection goes, if anywhere (`outbound`).
 
+#[cfg(test)]
+mod fixture;
 pub mod inbound;
 pub mod local;
 pub mod outbound;

@@ -131,12 +131,7 @@ async fn deltas_follow_and_a_reconnect_resumes_or_takes_a_snapshot() {
 async fn a_slow_subscriber_gets_a_fresh_snapshot_not_an_unbounded_buffer() {
     let tracker = example_tracker(1 << 20);
     let url = serve(&tracker).await;
-    let mut c = client::connect(&url).await.expect("connect");
-    let mut stream = c
-        .subscribe(all_clusters())
-        .await
-        .expect("subscribe")
-        .into_inner();
+    let mut stream = tracking::subscribe_all(&url).await;
     let _ = stream.message().await.expect("ok").expect("the snapshot");
     // Far more changes than the shared buffer holds, while the subscriber reads nothing.
     for i in 0..6000u32 {

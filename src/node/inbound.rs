@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use http::StatusCode;
 
+use super::local::{local_pod, view_complete};
 use crate::identity::TrustStore;
 use crate::identity::verify::PeerSide;
 use crate::model::{ClusterId, Protocol};
@@ -44,24 +45,15 @@ impl NodeAdmission {
     /// The decision for one tunnel.
     pub fn decide(&self, inbound: &Inbound) -> Result<(), Refusal> {
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-        match view.clusters().find(|s| s.cluster == self.cluster.as_str()) {
-            Some(s) if s.synced => {}
-            _ => {
-                return Err(Refusal {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    reason: format!("the view of cluster {} is not complete yet", self.cluster),
-                });
-            }
-        }
+        view_complete(&view, &self.cluster).map_err(|reason| Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason,
+        })?;
         let engine = view.engine();
         let to = inbound.destination;
-        let local = view
-            .pods_on_node(&self.cluster, &self.node)
-            .find(|p| p.owns_ips() && p.ips.contains(&to.ip()))
-            .and_then(|p| engine.pod_by_name(self.cluster.as_str(), &p.namespace, &p.name))
-            .ok_or_else(|| {
-                Refusal::bad_request(format!("{} is not a pod of this node", to.ip()))
-            })?;
+        let local = local_pod(&view, &self.cluster, &self.node, to.ip()).ok_or_else(|| {
+            Refusal::bad_request(format!("{} is not a pod of this node", to.ip()))
+        })?;
         let source = engine.address_endpoint(inbound.source);
         let Endpoint::Pod { pod: from, .. } = source else {
             return Err(Refusal::forbidden(format!(
@@ -129,28 +121,14 @@ impl Admission for NodeAdmission {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixture::{c, replica_of};
     use super::*;
     use crate::identity::{BundleSet, WorkloadId};
-    use crate::model::{NetworkPolicy, Pod};
-    use crate::tracker::view::{Change, Scope, View};
-    use crate::tracker::wire::{Object, pb};
-
-    fn c() -> ClusterId {
-        ClusterId::new("cluster-1").expect("id")
-    }
+    use crate::model::NetworkPolicy;
+    use crate::tracker::wire::Object;
 
     fn pod(name: &str, node: &str, app: &str, sa: &str, ip: &str) -> Object {
-        Object::Pod(
-            Pod::from_api(
-                &c(),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": name, "namespace": "demo", "uid": name, "labels": {"app": app}},
-                    "spec": {"nodeName": node, "serviceAccountName": sa, "containers": []},
-                    "status": {"phase": "Running", "podIP": ip}}))
-                .expect("pod"),
-            )
-            .expect("valid"),
-        )
+        super::super::fixture::pod(name, node, app, sa, "Running", ip)
     }
 
     /// Web (node-a) admits app=client on port 80 by NetworkPolicy, and service account
@@ -175,9 +153,8 @@ mod tests {
                          "rules": [{"from": [{"serviceAccount": "client"}]}]}}),
         )
         .expect("identity policy");
-        let mut view = View::new("e", 100);
-        view.apply(Change {
-            upserts: vec![
+        let replica = replica_of(
+            vec![
                 pod("web", "node-a", "web", "web", "10.0.0.1"),
                 pod("client", "node-b", "client", "client", "10.0.0.2"),
                 pod("stranger", "node-b", "stranger", "client", "10.0.0.3"),
@@ -185,18 +162,8 @@ mod tests {
                 Object::NetworkPolicy(policy),
                 Object::IdentityPolicy(identity),
             ],
-            clusters: vec![pb::ClusterStatus {
-                cluster: "cluster-1".into(),
-                synced,
-                connected: true,
-                ..Default::default()
-            }],
-            ..Change::default()
-        });
-        let mut replica = Replica::new();
-        for part in view.snapshot(&Scope::AllClusters, 1 << 20) {
-            replica.apply(part).expect("part");
-        }
+            synced,
+        );
         NodeAdmission::new(
             Arc::new(RwLock::new(replica)),
             c(),

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use crate::identity::WorkloadId;
 use crate::identity::manager::IdentityManager;
 use crate::model::ClusterId;
+use crate::policy::PodId;
 use crate::tracker::replica::Replica;
 
 /// The pods of one node as the view has them now.
@@ -80,6 +81,28 @@ impl Local {
     }
 }
 
+/// `Err` with the reason until the view of `cluster` is complete: nothing a node does may rest
+/// on half a view.
+pub fn view_complete(replica: &Replica, cluster: &ClusterId) -> Result<(), String> {
+    match replica.clusters().find(|s| s.cluster == cluster.as_str()) {
+        Some(s) if s.synced => Ok(()),
+        Some(_) => Err(format!("cluster {cluster} is not synced yet")),
+        None => Err(format!("no view of cluster {cluster} yet")),
+    }
+}
+
+/// The live pod of node `node` of `cluster` that owns `ip`, if any.
+pub fn local_pod(replica: &Replica, cluster: &ClusterId, node: &str, ip: IpAddr) -> Option<PodId> {
+    replica
+        .pods_on_node(cluster, node)
+        .find(|p| p.owns_ips() && p.ips.contains(&ip))
+        .and_then(|p| {
+            replica
+                .engine()
+                .pod_by_name(cluster.as_str(), &p.namespace, &p.name)
+        })
+}
+
 /// `Err` with the reason until the node may take traffic: its own cluster synced in the view
 /// (a half-synced view never answers "no policy, allow") and a certificate in hand for every
 /// local identity.
@@ -89,11 +112,7 @@ pub fn ready(
     local: &Local,
     identities: &IdentityManager,
 ) -> Result<(), String> {
-    match replica.clusters().find(|s| s.cluster == cluster.as_str()) {
-        Some(s) if s.synced => {}
-        Some(_) => return Err(format!("cluster {cluster} is not synced yet")),
-        None => return Err(format!("no view of cluster {cluster} yet")),
-    }
+    view_complete(replica, cluster)?;
     let missing: Vec<String> = local
         .identities
         .iter()
@@ -109,46 +128,25 @@ pub fn ready(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixture::{pod_on, replica, status};
     use super::*;
     use crate::identity::manager::{Authority, AuthorityFuture, Renewal};
-    use crate::model::Pod;
-    use crate::tracker::view::{Change, Scope, View};
-    use crate::tracker::wire::{Object, pb};
+    use crate::tracker::view::{Change, View};
 
     fn c(s: &str) -> ClusterId {
         ClusterId::new(s).expect("id")
     }
 
-    fn pod(name: &str, node: &str, sa: &str, phase: &str, ip: &str, host: bool) -> Object {
-        Object::Pod(
-            Pod::from_api(
-                &c("cluster-1"),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": name, "namespace": "demo", "uid": name},
-                    "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": host, "containers": []},
-                    "status": {"phase": phase, "podIP": ip}}))
-                .expect("pod"),
-            )
-            .expect("valid"),
-        )
-    }
-
-    fn replica(view: &View) -> Replica {
-        let mut r = Replica::new();
-        for part in view.snapshot(&Scope::AllClusters, 1 << 20) {
-            r.apply(part).expect("part");
-        }
-        r
-    }
-
-    fn status(synced: bool) -> pb::ClusterStatus {
-        pb::ClusterStatus {
-            cluster: "cluster-1".into(),
-            synced,
-            connected: true,
-            trust_domain: "prod.example".into(),
-            ..Default::default()
-        }
+    /// A pod of no particular app.
+    fn pod(
+        name: &str,
+        node: &str,
+        sa: &str,
+        phase: &str,
+        ip: &str,
+        host: bool,
+    ) -> crate::tracker::wire::Object {
+        pod_on(name, node, "any", sa, phase, ip, host)
     }
 
     /// An authority that never answers: certificates never arrive.
@@ -177,7 +175,7 @@ mod tests {
                 pod("agent", "node-a", "agent", "Running", "192.168.0.1", true),
                 pod("other", "node-b", "other", "Running", "10.0.1.1", false),
             ],
-            clusters: vec![status(false)],
+            clusters: vec![status(false, "prod.example")],
             ..Change::default()
         });
         let r = replica(&view);
@@ -202,7 +200,7 @@ mod tests {
             .apply(Change {
                 upserts: vec![pod("web-3", "node-a", "web", "Running", "10.0.0.5", false)],
                 deletes: vec![pod("db-1", "node-a", "db", "Running", "10.0.0.3", false).key()],
-                clusters: vec![status(true)],
+                clusters: vec![status(true, "prod.example")],
                 ..Change::default()
             })
             .expect("a change");

@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use super::local::{local_pod, view_complete};
 use crate::identity::WorkloadId;
 use crate::model::{ClusterId, Protocol};
 use crate::policy::{Connection, Endpoint, Verdict};
@@ -70,18 +71,9 @@ pub fn route(
     original: SocketAddr,
     hbone_port: u16,
 ) -> Result<Route, OutboundError> {
-    if !view
-        .clusters()
-        .any(|s| s.cluster == cluster.as_str() && s.synced)
-    {
-        return Err(OutboundError::NotReady(cluster.clone()));
-    }
+    view_complete(view, cluster).map_err(|_| OutboundError::NotReady(cluster.clone()))?;
     let engine = view.engine();
-    let local = view
-        .pods_on_node(cluster, node)
-        .find(|p| p.owns_ips() && p.ips.contains(&source))
-        .and_then(|p| engine.pod_by_name(cluster.as_str(), &p.namespace, &p.name))
-        .ok_or(OutboundError::NotLocal(source))?;
+    let local = local_pod(view, cluster, node, source).ok_or(OutboundError::NotLocal(source))?;
     let src = engine.address_endpoint(source);
     let dst = engine.address_endpoint(original.ip());
     let connection = Connection {
@@ -122,27 +114,14 @@ pub fn route(
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixture::{c, replica_of};
     use super::*;
-    use crate::model::{NetworkPolicy, Node, Pod};
-    use crate::tracker::view::{Change, Scope, View};
-    use crate::tracker::wire::{Object, pb};
+    use crate::model::{NetworkPolicy, Node};
+    use crate::tracker::wire::Object;
 
-    fn c() -> ClusterId {
-        ClusterId::new("cluster-1").expect("id")
-    }
-
+    /// A running pod whose service account is its app's name.
     fn pod(name: &str, node: &str, app: &str, ip: &str) -> Object {
-        Object::Pod(
-            Pod::from_api(
-                &c(),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": name, "namespace": "demo", "uid": name, "labels": {"app": app}},
-                    "spec": {"nodeName": node, "serviceAccountName": app, "containers": []},
-                    "status": {"phase": "Running", "podIP": ip}}))
-                .expect("pod"),
-            )
-            .expect("valid"),
-        )
+        super::super::fixture::pod(name, node, app, app, "Running", ip)
     }
 
     fn node(name: &str, ip: &str) -> Object {
@@ -172,9 +151,8 @@ mod tests {
             &mut Vec::new(),
         )
         .expect("valid");
-        let mut v = View::new("e", 100);
-        v.apply(Change {
-            upserts: vec![
+        replica_of(
+            vec![
                 node("node-a", "192.168.0.1"),
                 node("node-b", "192.168.0.2"),
                 pod("client", "node-a", "client", "10.0.0.1"),
@@ -182,19 +160,8 @@ mod tests {
                 pod("db", "node-c", "db", "10.0.0.3"),
                 Object::NetworkPolicy(egress),
             ],
-            clusters: vec![pb::ClusterStatus {
-                cluster: "cluster-1".into(),
-                synced,
-                connected: true,
-                ..Default::default()
-            }],
-            ..Change::default()
-        });
-        let mut r = Replica::new();
-        for part in v.snapshot(&Scope::AllClusters, 1 << 20) {
-            r.apply(part).expect("part");
-        }
-        r
+            synced,
+        )
     }
 
     fn addr(s: &str) -> SocketAddr {

@@ -1,0 +1,70 @@
+//! Objects and views for the node module's tests: one cluster, `cluster-1`, namespace `demo`.
+
+use crate::model::{ClusterId, Pod};
+use crate::tracker::replica::Replica;
+use crate::tracker::view::{Change, Scope, View};
+use crate::tracker::wire::{Object, pb};
+
+/// `cluster-1`.
+pub(super) fn c() -> ClusterId {
+    ClusterId::new("cluster-1").expect("id")
+}
+
+/// Pod `name` of `demo` on `node`, labelled `app`, running as `sa`.
+pub(super) fn pod(name: &str, node: &str, app: &str, sa: &str, phase: &str, ip: &str) -> Object {
+    pod_on(name, node, app, sa, phase, ip, false)
+}
+
+/// As [`pod`], on the host's network when `host`.
+pub(super) fn pod_on(
+    name: &str,
+    node: &str,
+    app: &str,
+    sa: &str,
+    phase: &str,
+    ip: &str,
+    host: bool,
+) -> Object {
+    Object::Pod(
+        Pod::from_api(
+            &c(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "demo", "uid": name, "labels": {"app": app}},
+                "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": host, "containers": []},
+                "status": {"phase": phase, "podIP": ip}}))
+            .expect("pod"),
+        )
+        .expect("valid"),
+    )
+}
+
+/// `cluster-1`'s status, synced or not, in `trust_domain` (empty: derived from the id).
+pub(super) fn status(synced: bool, trust_domain: &str) -> pb::ClusterStatus {
+    pb::ClusterStatus {
+        cluster: "cluster-1".into(),
+        synced,
+        connected: true,
+        trust_domain: trust_domain.into(),
+        ..Default::default()
+    }
+}
+
+/// A replica fed `view`'s snapshot.
+pub(super) fn replica(view: &View) -> Replica {
+    let mut r = Replica::new();
+    for part in view.snapshot(&Scope::AllClusters, 1 << 20) {
+        r.apply(part).expect("part");
+    }
+    r
+}
+
+/// A replica of `objects` with `cluster-1` synced or not.
+pub(super) fn replica_of(objects: Vec<Object>, synced: bool) -> Replica {
+    let mut view = View::new("e", 100);
+    view.apply(Change {
+        upserts: objects,
+        clusters: vec![status(synced, "")],
+        ..Change::default()
+    });
+    replica(&view)
+}
