@@ -14,7 +14,42 @@ pub trait Report: Clone + Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// The metrics, in the OpenMetrics text format.
     fn metrics(&self) -> String;
+    /// A page of the process's own at `path`, if it has one there.
+    fn extra(&self, path: &str) -> Option<Page> {
+        let _ = path;
+        None
+    }
 }
+
+/// A page of a process's own on its admin endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Page {
+    /// A plain-text page with `status`.
+    pub fn text(status: u16, body: String) -> Self {
+        Self {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            content_type: TEXT,
+            body,
+        }
+    }
+
+    /// A JSON document.
+    pub fn json(body: String) -> Self {
+        Self {
+            status: StatusCode::OK,
+            content_type: "application/json",
+            body,
+        }
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
 
 fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -29,9 +64,11 @@ fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Ful
 
 /// The answer to one request.
 pub fn answer<R: Report, B>(report: &R, request: &Request<B>) -> Response<Full<Bytes>> {
-    const TEXT: &str = "text/plain; charset=utf-8";
     if request.method() != http::Method::GET {
         return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
+    }
+    if let Some(page) = report.extra(request.uri().path()) {
+        return respond(page.status, page.content_type, page.body);
     }
     match request.uri().path() {
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n".into()),

@@ -24,8 +24,20 @@ use crate::tracker::{client, server, source, view, wire::pb};
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about)]
 pub struct Cli {
+    /// How logs are written to stderr: text for people, json (one object per line) for
+    /// collectors and the decision log.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// JSON Lines.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +51,9 @@ enum Command {
     Tracker(TrackerArgs),
     /// Signs SPIFFE certificates for the pods of the calling node (one CA per cluster).
     Ca(CaArgs),
+    /// The node agent: captures the node's pod traffic and carries it in mTLS tunnels, as
+    /// NetworkPolicies and identity rules allow.
+    Node(Box<NodeArgs>),
     /// Development certificates.
     Certs {
         #[command(subcommand)]
@@ -111,6 +126,77 @@ struct CaArgs {
     /// The shortest lifetime granted: shorter asks are raised to it.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     min_ttl: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// Remove weft's nftables table from this network namespace and exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// This node's cluster.
+    #[arg(long, value_name = "ID", value_parser = parse_cluster_id, required_unless_present = "cleanup")]
+    cluster: Option<ClusterId>,
+    /// This node's name, as its Node object has it.
+    #[arg(long, value_name = "NAME", required_unless_present = "cleanup")]
+    node: Option<String>,
+    /// The tracker: `https://HOST:PORT` with the TLS flags, or `http://HOST:PORT` with
+    /// --insecure.
+    #[arg(long, value_name = "URL", required_unless_present = "cleanup")]
+    tracker: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// The cluster's CA: `https://HOST:PORT`.
+    #[arg(long, value_name = "URL", required_unless_present = "cleanup")]
+    ca: Option<String>,
+    /// The root the CA's serving certificate is verified against (PEM).
+    #[arg(long, value_name = "FILE", required_unless_present = "cleanup")]
+    ca_root: Option<PathBuf>,
+    /// The name the CA's serving certificate must carry (default: the host of --ca).
+    #[arg(long, value_name = "NAME")]
+    ca_server_name: Option<String>,
+    /// The node's credential for the CA (a bootstrap token, or a projected ServiceAccount
+    /// token), read again at each request.
+    #[arg(long, value_name = "FILE", required_unless_present = "cleanup")]
+    token_file: Option<PathBuf>,
+    /// Trust bundles: one `TRUST_DOMAIN.pem` (or SPIFFE `.json`) per trust domain.
+    #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
+    bundles: Option<PathBuf>,
+    /// Outbound listener: captured connections of local pods.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15001")]
+    outbound: SocketAddr,
+    /// Inbound plaintext listener.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15006")]
+    inbound: SocketAddr,
+    /// HBONE listener (mTLS tunnels).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15008")]
+    hbone: SocketAddr,
+    /// Admin endpoint, with /config_dump: keep it on localhost.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Metrics endpoint (/metrics).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15021")]
+    readiness: SocketAddr,
+    /// The socket mark of weft's own sockets (never captured again); not 0.
+    #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
+    mark: u32,
+    /// The lifetime asked for workload certificates (renewed at about half of it).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    certificate_ttl: Duration,
+    /// How often weft's nftables table is checked, and restored if another program changed it.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    table_check_interval: Duration,
+    /// An HBONE connection without tunnels for this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Tunnels one HBONE connection carries at once.
+    #[arg(long, value_name = "N", default_value_t = crate::proxy::pool::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    max_streams_per_connection: usize,
+    /// The `nft` program.
+    #[arg(long, value_name = "PATH", default_value = "nft")]
+    nft: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,20 +348,22 @@ enum Output {
 /// Parses the command line and runs it; errors are printed by `main` as one line.
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Command::Policy {
             command: PolicyCommand::Check(args),
         } => policy_check(args),
         Command::Tracker(args) => tracker(args),
         Command::Ca(args) => ca(args),
+        Command::Node(args) => node(*args),
         Command::Certs {
             command: CertsCommand::Init(args),
         } => certs_init(args),
@@ -290,29 +378,40 @@ fn parse_cluster_id(s: &str) -> Result<ClusterId, String> {
     ClusterId::new(s).map_err(|e| e.to_string())
 }
 
-/// Seconds, or a number with a unit: `s`, `m`, `h` or `d`.
+/// Seconds, or a number with a unit: `ms`, `s`, `m`, `h` or `d`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: expected seconds, or a number with ms, s, m, h or d");
     let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => {
-            return Err(format!(
-                "{s:?}: expected seconds, or a number with s, m, h or d"
-            ));
-        }
+    let millis: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
     };
     number
         .parse::<u64>()
         .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?}: expected seconds, or a number with s, m, h or d"))
+        .and_then(|n| n.checked_mul(millis))
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
+}
+
+/// A socket mark: decimal or `0x` hexadecimal, not 0.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("mark 0 would exempt every unmarked packet from capture".into()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 fn parse_cluster_name(s: &str) -> Result<(String, ClusterId), String> {
@@ -562,6 +661,85 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
         })
         .await
         .context("serving")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
+    use crate::node::agent::{Agent, Settings};
+    use crate::redirect::{Capture, Nft, Ports, Redirect};
+    let ports = Ports {
+        outbound: args.outbound.port(),
+        inbound: args.inbound.port(),
+        hbone: args.hbone.port(),
+    };
+    let redirect = Redirect::new(
+        Nft::new(&args.nft),
+        Capture::new(ports, args.mark).context("capture")?,
+    );
+    if args.cleanup {
+        runtime()?.block_on(redirect.cleanup())?;
+        println!(
+            "removed table {} {}",
+            crate::redirect::FAMILY,
+            crate::redirect::TABLE
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    // clap requires these unless --cleanup.
+    let missing = |flag: &str| anyhow::anyhow!("{flag} is required");
+    let cluster = args.cluster.ok_or_else(|| missing("--cluster"))?;
+    let node = args.node.ok_or_else(|| missing("--node"))?;
+    let tracker = args.tracker.ok_or_else(|| missing("--tracker"))?;
+    let ca_url = args.ca.ok_or_else(|| missing("--ca"))?;
+    let ca_root = args.ca_root.ok_or_else(|| missing("--ca-root"))?;
+    let token_file = args.token_file.ok_or_else(|| missing("--token-file"))?;
+    let bundles = args.bundles.ok_or_else(|| missing("--bundles"))?;
+
+    let target = client::Target::new(&tracker, args.tls.load("weft node --tracker")?)?;
+    let bundles = crate::identity::BundleSet::load_dir(&bundles)
+        .with_context(|| format!("--bundles {}", bundles.display()))?;
+    let trust = crate::identity::TrustStore::new(bundles).context("--bundles")?;
+    let root =
+        std::fs::read(&ca_root).with_context(|| format!("--ca-root {}", ca_root.display()))?;
+    let settings = Settings {
+        cluster,
+        node,
+        outbound: args.outbound,
+        inbound: args.inbound,
+        hbone: args.hbone,
+        admin: args.admin,
+        metrics: args.metrics,
+        readiness: args.readiness,
+        mark: args.mark,
+        table_check_interval: args.table_check_interval,
+        server: crate::proxy::ServerSettings::default(),
+        client: crate::proxy::ClientSettings {
+            idle_timeout: args.idle_timeout,
+            max_streams_per_connection: args.max_streams_per_connection,
+            ..crate::proxy::ClientSettings::default()
+        },
+    };
+    runtime()?.block_on(async {
+        let channel = ca::client::lazy(
+            &ca_url,
+            tonic::transport::Certificate::from_pem(root),
+            args.ca_server_name.as_deref(),
+        )?;
+        let authority = ca::client::RemoteCa::new(channel, ca::client::Token::File(token_file));
+        let identities = Arc::new(crate::identity::manager::IdentityManager::new(
+            Arc::new(authority),
+            crate::identity::manager::Renewal {
+                ttl: args.certificate_ttl,
+                ..Default::default()
+            },
+        ));
+        let agent = Agent::new(settings, identities, trust, redirect);
+        agent
+            .run(target, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -7,7 +7,10 @@ pub mod hbone;
 pub mod pool;
 
 pub use authority::{AuthorityError, canonical_authority, forwarded_for};
-pub use hbone::{Admission, Inbound, Peer, Refusal, Server, ServerError, ServerSettings};
+pub use hbone::{
+    Admission, Inbound, Peer, Refusal, Server, ServerError, ServerSettings, ServerTls, TunnelEnd,
+    hbone_server_config,
+};
 pub use pool::{ClientError, ClientSettings, Pool, PoolKey, Tunnel};
 
 /// The HBONE port on every node.
@@ -25,3 +28,21 @@ pub const DEFAULT_MAX_FRAME_SIZE: u32 = 1024 * 1024;
 
 /// ALPN protocol id both sides offer.
 const ALPN_H2: &[u8] = b"h2";
+
+/// Connects to `target` from a socket carrying `mark` (weft's own sockets are never captured
+/// again), with Nagle off: tunnels carry interactive traffic too.
+pub async fn connect(
+    target: std::net::SocketAddr,
+    mark: Option<u32>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if target.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    socket.set_nodelay(true)?;
+    socket.connect(target).await
+}

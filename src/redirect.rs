@@ -36,6 +36,24 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// Default HBONE tunnel port (as ztunnel).
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 
+/// The destination a captured connection was addressed to before REDIRECT sent it to one of
+/// weft's listeners (`SO_ORIGINAL_DST`); a connection that was not redirected has none.
+pub fn original_destination(
+    stream: &tokio::net::TcpStream,
+) -> std::io::Result<std::net::SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let original = match stream.local_addr()? {
+        std::net::SocketAddr::V4(_) => socket.original_dst_v4()?,
+        std::net::SocketAddr::V6(_) => socket.original_dst_v6()?,
+    };
+    original.as_socket().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "original destination is not an IP socket address",
+        )
+    })
+}
+
 /// What went wrong describing or installing the capture.
 #[derive(Debug, Error)]
 pub enum RedirectError {
@@ -231,6 +249,22 @@ impl Redirect {
             "capture installed"
         );
         Ok(())
+    }
+
+    /// Makes `pods` the local pods and installs the table as the capture then says, in one
+    /// transaction.
+    pub async fn install(
+        &self,
+        pods: impl IntoIterator<Item = PodAddr>,
+    ) -> Result<(), RedirectError> {
+        let mut capture = self.capture.lock().await;
+        capture.pods = pods.into_iter().collect();
+        self.apply_locked(&capture).await
+    }
+
+    /// The capture as it should be now.
+    pub async fn capture(&self) -> Capture {
+        self.capture.lock().await.clone()
     }
 
     /// Adds a local pod's address to weft's sets (the rules stay as they are).

@@ -213,6 +213,7 @@ async fn bytes_flow_both_ways_and_the_admission_sees_the_proven_peer_and_source(
             peer: id(CLIENT),
             source: source(),
             destination: f.echo,
+            arrived_at: f.node,
         }]
     );
     assert_eq!(f.echoed.load(Ordering::SeqCst), 1);

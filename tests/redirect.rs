@@ -192,25 +192,31 @@ fn outbound_ipv6_connections_of_local_pods_reach_the_outbound_listener() {
 }
 
 #[test]
-fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_but_hbone_passes() {
+fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_and_tunnels_on_hbone() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD]);
     t.node.block_on(redirect.apply()).expect("apply");
 
     let inbound = bind(&t.node, "0.0.0.0:15006");
+    let hbone = bind(&t.node, "0.0.0.0:15008");
     let destination: SocketAddr = format!("{POD}:8080").parse().expect("an address");
     let _client = dial(&t.peer, destination);
     let (accepted, from) = pending(&inbound).expect("the peer's connection on 15006");
     assert_eq!(from.ip(), PEER.parse::<IpAddr>().expect("an address"));
     assert_eq!(original_dst_v4(&accepted), destination);
 
-    // Tunnels to the pod's HBONE port are routed on, not redirected.
-    t.node
-        .exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    // A tunnel's outer connection names the pod and port 15008: the node's HBONE listener
+    // takes it, and the pod's own port 15008 is never reachable around weft.
     let pod_hbone = bind(&t.pod, &format!("{POD}:15008"));
-    let _tunnel = dial(&t.peer, format!("{POD}:15008").parse().expect("an address"));
-    assert!(pending(&pod_hbone).is_some(), "port 15008 reached the pod");
-    assert!(pending(&inbound).is_none(), "port 15008 was not redirected");
+    let tunnel: SocketAddr = format!("{POD}:15008").parse().expect("an address");
+    let _tunnel = dial(&t.peer, tunnel);
+    let (accepted, _) = pending(&hbone).expect("the tunnel on the node's 15008");
+    assert_eq!(original_dst_v4(&accepted), tunnel);
+    assert!(
+        pending(&pod_hbone).is_none(),
+        "port 15008 of the pod was not reached"
+    );
+    assert!(pending(&inbound).is_none(), "port 15008 is not plaintext");
 }
 
 #[test]
@@ -218,9 +224,11 @@ fn weft_marked_sockets_are_not_captured() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD]);
     t.node.block_on(redirect.apply()).expect("apply");
+    let hbone = bind(&t.node, "0.0.0.0:15008");
     let inbound = bind(&t.node, "0.0.0.0:15006");
+    let pod_hbone = bind(&t.pod, &format!("{POD}:15008"));
     let service = bind(&t.pod, &format!("{POD}:8080"));
-    let destination = SockaddrIn::new(198, 18, 1, 2, 8080);
+    let destination = SockaddrIn::new(198, 18, 1, 2, 15008);
 
     let marked = t.node.run(|| {
         let fd = socket(
@@ -235,21 +243,26 @@ fn weft_marked_sockets_are_not_captured() {
     });
     let _marked = marked.expect("a marked connection from the node");
     assert!(
-        pending(&service).is_some(),
+        pending(&pod_hbone).is_some(),
         "the marked socket reached the pod"
     );
     assert!(
-        pending(&inbound).is_none(),
+        pending(&hbone).is_none(),
         "the marked socket was not captured"
     );
 
-    // The same connection without the mark is the node's own plaintext: captured.
-    let _unmarked = dial(&t.node, format!("{POD}:8080").parse().expect("an address"));
+    // The same connection without the mark is a tunnel between two pods of this node.
+    let _unmarked = dial(&t.node, format!("{POD}:15008").parse().expect("an address"));
     assert!(
-        pending(&inbound).is_some(),
-        "the unmarked socket was captured"
+        pending(&hbone).is_some(),
+        "the unmarked tunnel was captured"
     );
-    assert!(pending(&service).is_none());
+    assert!(pending(&pod_hbone).is_none());
+
+    // The node's own plaintext to its pods (kubelet probes) is always allowed: not captured.
+    let _probe = dial(&t.node, format!("{POD}:8080").parse().expect("an address"));
+    assert!(pending(&service).is_some(), "the node reached its pod");
+    assert!(pending(&inbound).is_none());
 }
 
 #[test]

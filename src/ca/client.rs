@@ -52,6 +52,31 @@ pub struct Svid {
 /// A channel to the CA at `url` (`https://HOST:PORT`), whose certificate must verify against
 /// `root` for that host.
 pub async fn connect(url: &str, root: Certificate) -> Result<Channel, CaClientError> {
+    endpoint(url, root, None)?
+        .connect()
+        .await
+        .map_err(|error| CaClientError::Connect {
+            url: url.to_owned(),
+            error,
+        })
+}
+
+/// A channel to the CA at `url` that connects at its first call (and again after a failure),
+/// so that a node agent can start before its CA; the CA's certificate must verify against
+/// `root` for `server_name`, or for the URL's host.
+pub fn lazy(
+    url: &str,
+    root: Certificate,
+    server_name: Option<&str>,
+) -> Result<Channel, CaClientError> {
+    Ok(endpoint(url, root, server_name)?.connect_lazy())
+}
+
+fn endpoint(
+    url: &str,
+    root: Certificate,
+    server_name: Option<&str>,
+) -> Result<Endpoint, CaClientError> {
     let bad = |error: String| CaClientError::Url {
         url: url.to_owned(),
         error,
@@ -59,20 +84,18 @@ pub async fn connect(url: &str, root: Certificate) -> Result<Channel, CaClientEr
     if !url.starts_with("https://") {
         return Err(bad("the CA is reached over TLS: use https://".into()));
     }
-    Endpoint::from_shared(url.to_owned())
+    let mut tls = ClientTlsConfig::new().ca_certificate(root);
+    if let Some(name) = server_name {
+        tls = tls.domain_name(name);
+    }
+    Ok(Endpoint::from_shared(url.to_owned())
         .map_err(|e| bad(e.to_string()))?
-        .tls_config(ClientTlsConfig::new().ca_certificate(root))
+        .tls_config(tls)
         .map_err(|error| CaClientError::Connect {
             url: url.to_owned(),
             error,
         })?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|error| CaClientError::Connect {
-            url: url.to_owned(),
-            error,
-        })
+        .connect_timeout(Duration::from_secs(5)))
 }
 
 /// Asks the CA on `channel`, as the node whose token is `token`, to sign `csr` (PEM or DER)

@@ -4,16 +4,21 @@
 //! when the NetworkPolicies and the identity rules allow it — all decided before any dial, on
 //! a view that is complete for this node's cluster.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use http::StatusCode;
 
+use super::connections::{Connections, Recheck};
+use super::decision::{Decision, Direction, Layer};
 use super::local::{local_pod, view_complete};
-use crate::identity::TrustStore;
+use super::metrics::{CloseCause, Metrics};
 use crate::identity::verify::PeerSide;
+use crate::identity::{TrustStore, WorkloadId};
 use crate::model::{ClusterId, Protocol};
-use crate::policy::{Connection, Endpoint, Verdict};
-use crate::proxy::{Admission, Inbound, Peer, Refusal};
+use crate::policy::identity::IdentityVerdict;
+use crate::policy::{Connection, Endpoint, PodId, Verdict};
+use crate::proxy::{Admission, Inbound, Peer, Refusal, TunnelEnd};
 use crate::tracker::replica::Replica;
 
 /// Decides inbound tunnels for node `node` of `cluster` on the view `view`.
@@ -23,6 +28,8 @@ pub struct NodeAdmission {
     cluster: ClusterId,
     node: String,
     trust: TrustStore,
+    metrics: Option<Arc<Metrics>>,
+    connections: Option<Connections>,
 }
 
 impl NodeAdmission {
@@ -39,76 +46,255 @@ impl NodeAdmission {
             cluster,
             node: node.to_owned(),
             trust,
+            metrics: None,
+            connections: None,
         }
+    }
+
+    /// This admission, tracking the tunnels it admits in `connections` so that they close
+    /// once no longer allowed.
+    pub fn with_connections(mut self, connections: Connections) -> Self {
+        self.connections = Some(connections);
+        self
+    }
+
+    /// This admission, counting its decisions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The decision for one tunnel, with the status a refusal answers.
+    pub fn judge(&self, inbound: &Inbound) -> (Decision, StatusCode) {
+        let source = SocketAddr::new(inbound.source, 0);
+        let mut decision = Decision::new(Direction::Inbound, source, inbound.destination);
+        decision.source_identity = Some(inbound.peer.to_string());
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        let outcome = self.check_tunnel(&view, inbound, &mut decision);
+        let status = match outcome {
+            Ok(()) => StatusCode::OK,
+            Err(status) => status,
+        };
+        (decision, status)
     }
 
     /// The decision for one tunnel.
     pub fn decide(&self, inbound: &Inbound) -> Result<(), Refusal> {
+        match self.judge(inbound) {
+            (d, _) if d.allowed => Ok(()),
+            (d, status) => Err(Refusal {
+                status,
+                reason: d.reason,
+            }),
+        }
+    }
+
+    /// The decision for a plaintext connection from `source` (no identity) to `destination`.
+    pub fn judge_plaintext(&self, source: SocketAddr, destination: SocketAddr) -> Decision {
+        let mut decision = Decision::new(Direction::Plaintext, source, destination);
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-        view_complete(&view, &self.cluster).map_err(|reason| Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            reason,
-        })?;
+        if let Err(reason) = view_complete(&view, &self.cluster) {
+            return decision.settled(false, Layer::View, reason);
+        }
+        let engine = view.engine();
+        let Some(local) = local_pod(&view, &self.cluster, &self.node, destination.ip()) else {
+            return decision.settled(
+                false,
+                Layer::Admission,
+                format!("{} is not a pod of this node", destination.ip()),
+            );
+        };
+        let from = engine.address_endpoint(source.ip());
+        if let Endpoint::Pod { pod, .. } = from {
+            decision.source_pod = Some(engine.pod_name(pod));
+            // A meshed pod's traffic is captured at its own node and arrives through a
+            // tunnel; plaintext in its name is spoofed or went around capture (THREATS 24).
+            if engine.pod_identity(pod).is_some()
+                && engine.pod_node_address(pod, source.is_ipv6()).is_some()
+            {
+                return decision.settled(
+                    false,
+                    Layer::Admission,
+                    format!(
+                        "plaintext from meshed pod {}: its traffic comes through a tunnel",
+                        engine.pod_name(pod)
+                    ),
+                );
+            }
+        }
+        self.judge_policies(&view, local, from, destination, None, decision)
+    }
+
+    fn check_tunnel(
+        &self,
+        view: &Replica,
+        inbound: &Inbound,
+        decision: &mut Decision,
+    ) -> Result<(), StatusCode> {
+        fn settle(
+            decision: &mut Decision,
+            layer: Layer,
+            reason: String,
+            status: StatusCode,
+        ) -> Result<(), StatusCode> {
+            *decision = decision.clone().settled(false, layer, reason);
+            Err(status)
+        }
+        if let Err(reason) = view_complete(view, &self.cluster) {
+            return settle(
+                decision,
+                Layer::View,
+                reason,
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+        }
         let engine = view.engine();
         let to = inbound.destination;
-        let local = local_pod(&view, &self.cluster, &self.node, to.ip()).ok_or_else(|| {
-            Refusal::bad_request(format!("{} is not a pod of this node", to.ip()))
-        })?;
+        // The connection presented the certificate of the pod it was addressed to: it carries
+        // tunnels to that pod only.
+        if to.ip() != inbound.arrived_at.ip() {
+            let reason = format!(
+                "tunnel to {} on a connection to {}",
+                to.ip(),
+                inbound.arrived_at.ip()
+            );
+            return settle(decision, Layer::Admission, reason, StatusCode::BAD_REQUEST);
+        }
+        let Some(local) = local_pod(view, &self.cluster, &self.node, to.ip()) else {
+            let reason = format!("{} is not a pod of this node", to.ip());
+            return settle(decision, Layer::Admission, reason, StatusCode::BAD_REQUEST);
+        };
         let source = engine.address_endpoint(inbound.source);
         let Endpoint::Pod { pod: from, .. } = source else {
-            return Err(Refusal::forbidden(format!(
-                "source {} is no single live pod",
-                inbound.source
-            )));
+            let reason = format!("source {} is no single live pod", inbound.source);
+            return settle(decision, Layer::Admission, reason, StatusCode::FORBIDDEN);
         };
+        decision.source_pod = Some(engine.pod_name(from));
         // THREATS 2: the claimed source pod must run as the proven identity.
         let runs_as = engine.pod_identity(from);
         if runs_as.as_ref() != Some(&inbound.peer) {
-            return Err(Refusal::forbidden(format!(
+            let reason = format!(
                 "source pod {} runs as {}, the peer proved {}",
                 engine.pod_name(from),
                 runs_as.map_or_else(|| "no identity".to_owned(), |id| id.to_string()),
                 inbound.peer
-            )));
+            );
+            return settle(decision, Layer::Admission, reason, StatusCode::FORBIDDEN);
         }
-        let dst = engine
-            .pod_endpoint(local, to.is_ipv6())
-            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        let judged = self.judge_policies(
+            view,
+            local,
+            source,
+            to,
+            Some(&inbound.peer),
+            decision.clone(),
+        );
+        let allowed = judged.allowed;
+        *decision = judged;
+        if allowed {
+            Ok(())
+        } else if decision.layer == Layer::Admission {
+            Err(StatusCode::BAD_REQUEST)
+        } else {
+            Err(StatusCode::FORBIDDEN)
+        }
+    }
+
+    /// NetworkPolicy, then the identity rules, for `source` → local pod `local` at `to`.
+    fn judge_policies(
+        &self,
+        view: &Replica,
+        local: PodId,
+        source: Endpoint,
+        to: SocketAddr,
+        peer: Option<&WorkloadId>,
+        mut decision: Decision,
+    ) -> Decision {
+        let engine = view.engine();
+        decision.destination_pod = Some(engine.pod_name(local));
+        decision.destination_identity = engine.pod_identity(local).map(|id| id.to_string());
+        let dst = match engine.pod_endpoint(local, to.is_ipv6()) {
+            Ok(dst) => dst,
+            Err(e) => return decision.settled(false, Layer::Admission, e.to_string()),
+        };
         let connection = Connection {
             src: source,
             dst,
             port: to.port(),
             protocol: Protocol::Tcp,
         };
-        let decision = engine.decide(&connection);
-        if decision.verdict() != Verdict::Allow {
-            let why = engine.explain(&connection, &decision);
-            return Err(Refusal::forbidden(format!(
-                "NetworkPolicy: egress {}; ingress {}",
-                why.egress, why.ingress
-            )));
+        let verdict = engine.decide(&connection);
+        let why = engine.explain(&connection, &verdict);
+        let reason = format!("egress {}; ingress {}", why.egress, why.ingress);
+        if verdict.verdict() != Verdict::Allow {
+            return decision.settled(false, Layer::NetworkPolicy, reason);
         }
-        let identity = engine.decide_identity(local, to.port(), Protocol::Tcp, Some(&inbound.peer));
+        let identity = engine.decide_identity(local, to.port(), Protocol::Tcp, peer);
         if !identity.audited.passes() {
-            tracing::info!(peer = %inbound.peer, destination = %to, verdict = ?identity.audited, "identity rules in audit mode would deny");
+            tracing::info!(peer = ?peer.map(ToString::to_string), destination = %to, verdict = ?identity.audited, "identity rules in audit mode would deny");
         }
-        if !identity.enforced.passes() {
-            return Err(Refusal::forbidden(format!(
-                "identity rules: {:?}",
-                identity.enforced
-            )));
+        match identity.enforced {
+            IdentityVerdict::NotSelected => decision.settled(true, Layer::NetworkPolicy, reason),
+            IdentityVerdict::Allowed { policy, rule } => decision.settled(
+                true,
+                Layer::Identity,
+                format!("{reason}; identity allowed by {policy} rule {rule}"),
+            ),
+            IdentityVerdict::Denied { policies } => decision.settled(
+                false,
+                Layer::Identity,
+                format!(
+                    "identity rules: {} admit no {}",
+                    policies.join(", "),
+                    peer.map_or_else(
+                        || "peer without an identity".to_owned(),
+                        ToString::to_string
+                    )
+                ),
+            ),
         }
-        Ok(())
     }
 }
 
 impl Admission for NodeAdmission {
     fn admit(&self, inbound: &Inbound) -> impl Future<Output = Result<(), Refusal>> + Send {
-        let outcome = self.decide(inbound);
-        if let Err(refusal) = &outcome {
-            tracing::info!(peer = %inbound.peer, source = %inbound.source, destination = %inbound.destination, status = %refusal.status, reason = %refusal.reason, "tunnel refused");
+        let (decision, status) = self.judge(inbound);
+        decision.log();
+        if let Some(metrics) = &self.metrics {
+            metrics.decided(&decision);
         }
-        std::future::ready(outcome)
+        std::future::ready(if decision.allowed {
+            Ok(())
+        } else {
+            Err(Refusal {
+                status,
+                reason: decision.reason,
+            })
+        })
+    }
+
+    fn carried(&self, inbound: &Inbound) -> impl Future<Output = ()> + Send + 'static {
+        let tracked = self
+            .connections
+            .as_ref()
+            .map(|c| c.track(Recheck::Inbound(inbound.clone())));
+        async move {
+            match tracked {
+                Some(mut tracked) => tracked.closed().await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn ended(&self, _: &Inbound, sent: u64, received: u64, end: TunnelEnd) {
+        if let Some(metrics) = &self.metrics {
+            let cause = match end {
+                TunnelEnd::Done => CloseCause::Done,
+                TunnelEnd::Closed | TunnelEnd::Revoked => CloseCause::Policy,
+                TunnelEnd::Failed => CloseCause::Error,
+            };
+            metrics.closed(Direction::Inbound, cause, sent, received);
+        }
     }
 
     fn revoked(&self, peer: &Peer) -> impl Future<Output = ()> + Send {
@@ -173,10 +359,12 @@ mod tests {
     }
 
     fn inbound(peer: &str, source: &str, destination: &str) -> Inbound {
+        let destination: std::net::SocketAddr = destination.parse().expect("addr");
         Inbound {
             peer: WorkloadId::parse(&format!("spiffe://cluster-1/ns/demo/sa/{peer}")).expect("id"),
             source: source.parse().expect("ip"),
-            destination: destination.parse().expect("addr"),
+            destination,
+            arrived_at: std::net::SocketAddr::new(destination.ip(), crate::proxy::HBONE_PORT),
         }
     }
 
@@ -201,6 +389,10 @@ mod tests {
             refused(&a, &inbound("client", "10.0.0.2", "10.9.9.9:80")).0,
             400
         );
+        // A connection to one pod carries no tunnel to another.
+        let mut elsewhere = inbound("client", "10.0.0.2", "10.0.0.1:80");
+        elsewhere.arrived_at = "10.0.0.9:15008".parse().expect("addr");
+        assert_eq!(refused(&a, &elsewhere).0, 400);
         // THREATS 2: the client's certificate does not speak for the rogue pod.
         let (status, reason) = refused(&a, &inbound("client", "10.0.0.4", "10.0.0.1:80"));
         assert_eq!(status, 403);
@@ -215,10 +407,7 @@ mod tests {
         );
         // NetworkPolicy: the stranger runs as `client` but is not app=client; port 81.
         let (status, reason) = refused(&a, &inbound("client", "10.0.0.3", "10.0.0.1:80"));
-        assert!(
-            status == 403 && reason.starts_with("NetworkPolicy"),
-            "{reason}"
-        );
+        assert!(status == 403 && reason.starts_with("egress"), "{reason}");
         assert_eq!(
             refused(&a, &inbound("client", "10.0.0.2", "10.0.0.1:81")).0,
             403

@@ -20,7 +20,8 @@ pub enum Route {
     Tunnel {
         /// The source workload, whose certificate the tunnel presents.
         source: WorkloadId,
-        /// The destination node's HBONE address.
+        /// Where the tunnel's connection goes: the destination pod's address on the HBONE
+        /// port, which the pod's node captures (as ztunnel addresses it).
         node: SocketAddr,
         /// The destination workload, which the node must prove to be.
         destination: WorkloadId,
@@ -95,7 +96,7 @@ pub fn route(
     let Endpoint::Pod { pod: to, .. } = dst else {
         return Ok(Route::Direct { target: original });
     };
-    let (Some(destination), Some((_, node_ip))) = (
+    let (Some(destination), Some(_)) = (
         engine.pod_identity(to),
         engine.pod_node_address(to, original.is_ipv6()),
     ) else {
@@ -106,7 +107,7 @@ pub fn route(
         .ok_or_else(|| OutboundError::NoIdentity(engine.pod_name(local)))?;
     Ok(Route::Tunnel {
         source: source_id,
-        node: SocketAddr::new(node_ip, hbone_port),
+        node: SocketAddr::new(original.ip(), hbone_port),
         destination,
         target: original,
     })
@@ -180,7 +181,7 @@ mod tests {
             go("10.0.0.2:80"),
             Ok(Route::Tunnel {
                 source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
-                node: addr("192.168.0.2:15008"),
+                node: addr("10.0.0.2:15008"),
                 destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
                 target: addr("10.0.0.2:80"),
             })

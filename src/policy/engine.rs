@@ -953,6 +953,32 @@ impl Engine {
                 .is_some_and(|n| self.expired.get(n.cluster as usize) == Some(&true))
     }
 
+    /// `cluster/namespace/name` of every NetworkPolicy, then of every IdentityPolicy, each
+    /// with its kind, sorted within each kind.
+    pub fn policy_list(&self) -> Vec<(&'static str, String)> {
+        let mut network: Vec<String> = self
+            .policies
+            .iter()
+            .map(|(_, p)| format!("{}/{}", self.ns_name(p.about.ns), p.about.name))
+            .collect();
+        network.sort();
+        let mut identity: Vec<String> = self
+            .identity_policies
+            .iter()
+            .flat_map(|(ns, entries)| {
+                entries
+                    .keys()
+                    .map(move |name| format!("{}/{name}", self.ns_name(*ns)))
+            })
+            .collect();
+        identity.sort();
+        network
+            .into_iter()
+            .map(|n| ("NetworkPolicy", n))
+            .chain(identity.into_iter().map(|n| ("IdentityPolicy", n)))
+            .collect()
+    }
+
     /// `cluster/namespace/name` of a policy.
     pub fn policy_name(&self, p: PolicyId) -> String {
         match self.policies.get(p.0) {

@@ -74,6 +74,8 @@ pub struct ServerSettings {
     pub keepalive_interval: Duration,
     /// Time a ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
+    /// The socket mark of dials to destinations (so that capture lets them through).
+    pub mark: Option<u32>,
 }
 
 impl Default for ServerSettings {
@@ -90,6 +92,7 @@ impl Default for ServerSettings {
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            mark: None,
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct Peer {
     pub chain: Vec<CertificateDer<'static>>,
     /// Its TCP address (the source node's).
     pub address: SocketAddr,
+    /// Where its connection was addressed.
+    pub arrived_at: SocketAddr,
 }
 
 /// One tunnel asked for, canonicalised, for the caller to admit or refuse.
@@ -114,6 +119,9 @@ pub struct Inbound {
     pub source: IpAddr,
     /// Where the tunnel goes: the CONNECT authority.
     pub destination: SocketAddr,
+    /// Where the tunnel's connection was addressed: the destination pod's HBONE address when
+    /// capture redirected it, else the listener's own address.
+    pub arrived_at: SocketAddr,
 }
 
 /// Why a tunnel is refused, and the HTTP status the client gets.
@@ -144,10 +152,36 @@ impl Refusal {
     }
 }
 
+/// Why a carried tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Either end closed it.
+    Done,
+    /// [`Admission::carried`] resolved: it is no longer allowed.
+    Closed,
+    /// Its peer was revoked, or its connection is gone.
+    Revoked,
+    /// Copying failed.
+    Failed,
+}
+
 /// The caller's checks on each tunnel (local pod, service account of the source, policy).
 pub trait Admission: Send + Sync + 'static {
     /// Admits or refuses one tunnel; nothing is dialled before it answers.
     fn admit(&self, inbound: &Inbound) -> impl Future<Output = Result<(), Refusal>> + Send;
+
+    /// Called once the tunnel `inbound` is admitted and dialled: resolves when it must close
+    /// before either end closes it (a tightened policy). Never, by default.
+    fn carried(&self, inbound: &Inbound) -> impl Future<Output = ()> + Send + 'static {
+        let _ = inbound;
+        std::future::pending()
+    }
+
+    /// Called when a carried tunnel ends: the bytes it carried to the destination and back
+    /// (0 when cut short), and why it ended.
+    fn ended(&self, inbound: &Inbound, sent: u64, received: u64, end: TunnelEnd) {
+        let _ = (inbound, sent, received, end);
+    }
 
     /// Resolves once `peer` may no longer be served (e.g. `TrustStore::until_distrusted`);
     /// its connection and every tunnel on it then close. Never, by default.
@@ -167,6 +201,16 @@ pub enum ServerError {
         peer: SocketAddr,
         /// The limit.
         after: Duration,
+    },
+    /// No certificate to present for where the connection was addressed.
+    #[error("connection from {peer} to {arrived_at}: {reason}")]
+    NoCertificate {
+        /// The client's address.
+        peer: SocketAddr,
+        /// Where it was addressed.
+        arrived_at: SocketAddr,
+        /// Why there is none.
+        reason: String,
     },
     /// The TLS handshake failed (a refused certificate, among others).
     #[error("connection from {peer}: TLS handshake failed: {source}")]
@@ -202,9 +246,31 @@ pub enum ServerError {
     },
 }
 
+/// The TLS configuration for each accepted connection, chosen by where it was addressed (a
+/// node presents the certificate of the pod a tunnel's connection names).
+pub trait ServerTls: Send + Sync + 'static {
+    /// The configuration for a connection addressed to `arrived_at`, or why there is none.
+    fn config(&self, arrived_at: SocketAddr) -> Result<Arc<ServerConfig>, String>;
+}
+
+/// One configuration for every connection.
+struct Fixed(Arc<ServerConfig>);
+
+impl ServerTls for Fixed {
+    fn config(&self, _: SocketAddr) -> Result<Arc<ServerConfig>, String> {
+        Ok(self.0.clone())
+    }
+}
+
+/// `config` with the ALPN protocol HBONE speaks, for a [`ServerTls`].
+pub fn hbone_server_config(mut config: ServerConfig) -> Arc<ServerConfig> {
+    config.alpn_protocols = vec![super::ALPN_H2.to_vec()];
+    Arc::new(config)
+}
+
 /// The HBONE server: one per node, sharing the caller's TLS configuration and admission.
 pub struct Server<A> {
-    acceptor: TlsAcceptor,
+    tls: Box<dyn ServerTls>,
     http: http2::Builder<TokioExecutor>,
     settings: ServerSettings,
     admission: Arc<A>,
@@ -213,8 +279,12 @@ pub struct Server<A> {
 impl<A: Admission> Server<A> {
     /// A server presenting what `tls` resolves (built with `TrustStore::server_config`).
     pub fn new(tls: Arc<ServerConfig>, settings: ServerSettings, admission: Arc<A>) -> Self {
-        let mut tls = Arc::unwrap_or_clone(tls);
-        tls.alpn_protocols = vec![super::ALPN_H2.to_vec()];
+        let tls = hbone_server_config(Arc::unwrap_or_clone(tls));
+        Self::with_tls(Box::new(Fixed(tls)), settings, admission)
+    }
+
+    /// A server choosing each connection's configuration with `tls`.
+    pub fn with_tls(tls: Box<dyn ServerTls>, settings: ServerSettings, admission: Arc<A>) -> Self {
         let mut http = http2::Builder::new(TokioExecutor::new());
         http.timer(TokioTimer::new())
             .max_concurrent_streams(settings.max_concurrent_streams)
@@ -229,7 +299,7 @@ impl<A: Admission> Server<A> {
             // Lets `:protocol` requests reach us so that they get a 400, not a bare reset.
             .enable_connect_protocol();
         Self {
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            tls,
             http,
             settings,
             admission,
@@ -261,9 +331,26 @@ impl<A: Admission> Server<A> {
     /// Serves one accepted connection from `from` until it closes.
     pub async fn serve(&self, tcp: TcpStream, from: SocketAddr) -> Result<(), ServerError> {
         let after = self.settings.handshake_timeout;
+        let arrived_at = match crate::redirect::original_destination(&tcp) {
+            Ok(original) => original,
+            Err(_) => tcp
+                .local_addr()
+                .map_err(|source| ServerError::Tls { peer: from, source })?,
+        };
+        let config = self
+            .tls
+            .config(arrived_at)
+            .map_err(|reason| ServerError::NoCertificate {
+                peer: from,
+                arrived_at,
+                reason,
+            })?;
         let handshake = async {
             let tls_error = |source| ServerError::Tls { peer: from, source };
-            let mut tls = self.acceptor.accept(tcp).await.map_err(tls_error)?;
+            let mut tls = TlsAcceptor::from(config)
+                .accept(tcp)
+                .await
+                .map_err(tls_error)?;
             let mut preface = [0u8; PREFACE.len()];
             tls.read_exact(&mut preface).await.map_err(tls_error)?;
             if &preface != PREFACE {
@@ -281,6 +368,7 @@ impl<A: Admission> Server<A> {
             identity: identity.clone(),
             chain: state.peer_certificates().unwrap_or_default().to_vec(),
             address: from,
+            arrived_at,
         });
         tracing::debug!(%from, %identity, "hbone connection accepted");
 
@@ -288,12 +376,13 @@ impl<A: Admission> Server<A> {
         let (revoke, revoked) = watch::channel(false);
         let service = {
             let (admission, peer) = (self.admission.clone(), peer.clone());
-            let dial_timeout = self.settings.dial_timeout;
+            let (dial_timeout, mark) = (self.settings.dial_timeout, self.settings.mark);
             service_fn(move |req| {
                 tunnel(
                     admission.clone(),
                     peer.clone(),
                     dial_timeout,
+                    mark,
                     revoked.clone(),
                     req,
                 )
@@ -318,6 +407,7 @@ async fn tunnel<A: Admission>(
     admission: Arc<A>,
     peer: Arc<Peer>,
     dial_timeout: Duration,
+    mark: Option<u32>,
     mut revoked: watch::Receiver<bool>,
     req: Request<Incoming>,
 ) -> Result<Response<Empty<Bytes>>, Infallible> {
@@ -329,7 +419,8 @@ async fn tunnel<A: Admission>(
         return Ok(refuse(&peer, Some(&inbound), refusal));
     }
     let destination = inbound.destination;
-    let upstream = match tokio::time::timeout(dial_timeout, TcpStream::connect(destination)).await {
+    let upstream = match tokio::time::timeout(dial_timeout, super::connect(destination, mark)).await
+    {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             tracing::info!(peer = %peer.identity, %destination, error = %e, "hbone dial failed");
@@ -341,25 +432,37 @@ async fn tunnel<A: Admission>(
         }
     };
     tracing::debug!(peer = %peer.identity, source = %inbound.source, %destination, "hbone tunnel open");
+    let closing = admission.carried(&inbound);
     tokio::spawn(async move {
         let mut upstream = upstream;
         let mut downstream = match hyper::upgrade::on(req).await {
             Ok(upgraded) => TokioIo::new(upgraded),
             Err(e) => {
                 tracing::debug!(%destination, error = %e, "hbone stream ended before the tunnel");
+                admission.ended(&inbound, 0, 0, TunnelEnd::Failed);
                 return;
             }
         };
-        tokio::select! {
+        let (sent, received, end) = tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match copied {
-                Ok((sent, received)) => tracing::debug!(%destination, sent, received, "hbone tunnel closed"),
-                Err(e) => tracing::debug!(%destination, error = %e, "hbone tunnel failed"),
+                Ok((sent, received)) => (sent, received, TunnelEnd::Done),
+                Err(e) => {
+                    tracing::debug!(%destination, error = %e, "hbone tunnel failed");
+                    (0, 0, TunnelEnd::Failed)
+                }
             },
+            () = closing => {
+                tracing::info!(%destination, peer = %peer.identity, "hbone tunnel closed: no longer allowed");
+                (0, 0, TunnelEnd::Closed)
+            }
             // Also when the connection is gone: its streams cannot carry anything more.
             _ = revoked.wait_for(|revoked| *revoked) => {
                 tracing::info!(%destination, "hbone tunnel closed: peer revoked");
+                (0, 0, TunnelEnd::Revoked)
             }
-        }
+        };
+        tracing::debug!(%destination, sent, received, ?end, "hbone tunnel ended");
+        admission.ended(&inbound, sent, received, end);
     });
     Ok(Response::new(Empty::new()))
 }
@@ -398,6 +501,7 @@ fn inbound(peer: &Peer, req: &Request<Incoming>) -> Result<Inbound, Refusal> {
         peer: peer.identity.clone(),
         source,
         destination,
+        arrived_at: peer.arrived_at,
     })
 }
 

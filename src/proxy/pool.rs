@@ -248,6 +248,20 @@ impl Pool {
         })
     }
 
+    /// How many open connections the pool holds, for every key.
+    pub fn len(&self) -> usize {
+        let pool = self.lock();
+        pool.values()
+            .flatten()
+            .filter(|c| !c.sender.is_closed())
+            .count()
+    }
+
+    /// Whether the pool holds no open connection.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// How many open connections the pool holds for `key`.
     pub fn connections(&self, key: &PoolKey) -> usize {
         let pool = self.lock();

@@ -274,17 +274,33 @@ fn redirect(port: u16) -> Statement<'static> {
     }))
 }
 
-/// Plaintext TCP to a local pod, except to the HBONE port, goes to the inbound listener.
-fn inbound(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
+/// TCP to a local pod's HBONE port goes to weft's HBONE listener: the tunnel's outer
+/// connection, addressed to the destination pod as ztunnel does.
+fn hbone(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
     let ports = capture.ports();
     vec![
         in_set(family, "daddr"),
         matches(
             payload("tcp", "dport"),
-            Operator::NEQ,
+            Operator::EQ,
             Expression::Number(ports.hbone.into()),
         ),
-        redirect(ports.inbound),
+        redirect(ports.hbone),
+    ]
+}
+
+/// Any other TCP to a local pod goes to the inbound plaintext listener.
+fn inbound(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
+    vec![
+        in_set(family, "daddr"),
+        matches(
+            Expression::Named(NamedExpression::Meta(Meta {
+                key: MetaKey::L4proto,
+            })),
+            Operator::EQ,
+            Expression::String("tcp".into()),
+        ),
+        redirect(capture.ports().inbound),
     ]
 }
 
@@ -312,12 +328,18 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
         ));
         rules.push((
             "prerouting",
+            format!("weft: tunnels to local pods ({ip})"),
+            hbone(family, capture),
+        ));
+        rules.push((
+            "prerouting",
             format!("weft: inbound plaintext tcp to local pods ({ip})"),
             inbound(family, capture),
         ));
     }
     // Only the node's own sockets reach the output hook, and marks do not survive a veth into
-    // another namespace, so a pod cannot forge this exemption (THREATS 24).
+    // another namespace, so a pod cannot forge this exemption (THREATS 24). weft's own dials to
+    // local pods carry the mark and reach the pod itself.
     rules.push((
         "output",
         "weft: weft's own sockets are never captured".to_owned(),
@@ -330,12 +352,15 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
             Statement::Return(Some(Return {})),
         ],
     ));
+    // A tunnel between two pods of this node leaves the node's own outbound proxy unmarked and
+    // comes back to its HBONE listener. The node's other traffic to its pods (kubelet probes,
+    // host-network pods) is not captured: upstream NetworkPolicy always allows it.
     for family in Family::ALL {
         let ip = family.protocol();
         rules.push((
             "output",
-            format!("weft: node's own tcp to local pods ({ip})"),
-            inbound(family, capture),
+            format!("weft: node's own tunnels to local pods ({ip})"),
+            hbone(family, capture),
         ));
     }
     rules
@@ -501,12 +526,13 @@ mod tests {
     }
 
     #[test]
-    fn rules_use_set_lookup_and_not_equal_as_nft_spells_them() {
+    fn rules_use_set_lookup_as_nft_spells_it() {
         let json = serde_json::to_string(&install(&capture())).expect("json");
-        // Set membership is `==` with "@set" (Operator::IN would be the bitmask operator), and
-        // the HBONE exception is `!=` (the crate swaps `<` and `>`, so no ordering is used).
+        // Set membership is `==` with "@set" (Operator::IN would be the bitmask operator); no
+        // ordering operator is used (the crate swaps `<` and `>`).
         assert!(json.contains(r#"{"match":{"left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"@pods_v4","op":"=="}}"#), "{json}");
-        assert!(json.contains(r#""right":15008,"op":"!=""#), "{json}");
+        assert!(json.contains(r#""right":15008,"op":"==""#), "{json}");
+        assert!(json.contains(r#"{"redirect":{"port":15008}}"#), "{json}");
         assert!(json.contains(r#"{"redirect":{"port":15001}}"#), "{json}");
         assert!(json.contains(r#"{"redirect":{"port":15006}}"#), "{json}");
         assert!(

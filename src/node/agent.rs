@@ -1,0 +1,775 @@
+//! The node agent (`weft node`): follows the tracker's view, keeps certificates for the
+//! identities of its pods, keeps the capture in nftables in step with its pods, and serves
+//! the outbound (15001), inbound plaintext (15006) and HBONE (15008) listeners, judging every
+//! connection and closing those a tightened policy no longer allows; with admin (15000,
+//! localhost), metrics (15020) and readiness (15021) endpoints.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use rustls::{ClientConfig, ServerConfig};
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::connections::{Connections, Recheck, Tracked};
+use super::decision::{Decision, Direction, Layer};
+use super::inbound::NodeAdmission;
+use super::local::{self, Local, local_pod, view_complete};
+use super::metrics::{CloseCause, Metrics};
+use super::outbound::{OutboundError, Route, route};
+use crate::identity::manager::IdentityManager;
+use crate::identity::verify::Expected;
+use crate::identity::{TrustStore, WorkloadId};
+use crate::model::ClusterId;
+use crate::policy::Endpoint;
+use crate::proxy::{self, ClientSettings, Pool, PoolKey, Server, ServerSettings, ServerTls};
+use crate::redirect::{PodAddr, Redirect, original_destination};
+use crate::tracker::client::{ClientError, Follower, Target, follow};
+use crate::tracker::replica::Replica;
+use crate::tracker::sequence::ReplicaError;
+use crate::tracker::wire::pb;
+
+/// Where a node listens and how it behaves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The node's cluster.
+    pub cluster: ClusterId,
+    /// The node's name, as its Node object has it.
+    pub node: String,
+    /// Outbound listener (captured connections of local pods).
+    pub outbound: SocketAddr,
+    /// Inbound plaintext listener.
+    pub inbound: SocketAddr,
+    /// HBONE listener.
+    pub hbone: SocketAddr,
+    /// Admin endpoint (config dump); keep it on localhost.
+    pub admin: SocketAddr,
+    /// Metrics endpoint.
+    pub metrics: SocketAddr,
+    /// Readiness endpoint.
+    pub readiness: SocketAddr,
+    /// The mark of weft's own sockets.
+    pub mark: u32,
+    /// How often weft's table is checked against what it should hold.
+    pub table_check_interval: Duration,
+    /// The HBONE server's limits.
+    pub server: ServerSettings,
+    /// The HBONE client pool's limits.
+    pub client: ClientSettings,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A listener could not be bound.
+    #[error("{what} {addr}: {source}")]
+    Bind {
+        /// Which flag.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The view as the tracker client follows it, telling the agent of each change.
+struct Notifying {
+    view: Arc<RwLock<Replica>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Notifying {
+    fn view(&self) -> std::sync::RwLockWriteGuard<'_, Replica> {
+        self.view.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl Follower for Notifying {
+    fn position(&self) -> Option<pb::Position> {
+        self.view().position().cloned()
+    }
+
+    fn apply(&mut self, update: pb::Update) -> Result<(), ReplicaError> {
+        let applied = self.view().apply(update);
+        self.bump();
+        applied
+    }
+
+    fn connected(&mut self) {
+        self.view().set_connected(true);
+        self.bump();
+    }
+
+    fn disconnected(&mut self, _: &ClientError) {
+        self.view().set_connected(false);
+        self.bump();
+    }
+}
+
+/// A running node agent.
+pub struct Agent {
+    settings: Settings,
+    view: Arc<RwLock<Replica>>,
+    identities: Arc<IdentityManager>,
+    trust: TrustStore,
+    redirect: Arc<Redirect>,
+    pool: Pool,
+    admission: Arc<NodeAdmission>,
+    connections: Connections,
+    metrics: Arc<Metrics>,
+    local: RwLock<Local>,
+    captured: AtomicBool,
+    client_configs: Mutex<HashMap<(WorkloadId, WorkloadId), Arc<ClientConfig>>>,
+    server_configs: Mutex<HashMap<WorkloadId, Arc<ServerConfig>>>,
+}
+
+impl Agent {
+    /// An agent for `settings`, with certificates from `identities`, peers verified by
+    /// `trust`, capture through `redirect`.
+    pub fn new(
+        settings: Settings,
+        identities: Arc<IdentityManager>,
+        trust: TrustStore,
+        redirect: Redirect,
+    ) -> Arc<Self> {
+        let view = Arc::new(RwLock::new(Replica::new()));
+        let metrics = Arc::new(Metrics::default());
+        let connections = Connections::default();
+        let admission = Arc::new(
+            NodeAdmission::new(
+                view.clone(),
+                settings.cluster.clone(),
+                &settings.node,
+                trust.clone(),
+            )
+            .with_metrics(metrics.clone())
+            .with_connections(connections.clone()),
+        );
+        Arc::new(Self {
+            pool: Pool::new(settings.client.clone()),
+            settings,
+            view,
+            identities,
+            trust,
+            redirect: Arc::new(redirect),
+            admission,
+            connections,
+            metrics,
+            local: RwLock::default(),
+            captured: AtomicBool::new(false),
+            client_configs: Mutex::default(),
+            server_configs: Mutex::default(),
+        })
+    }
+
+    /// Binds every listener, then follows `tracker` and serves until `shutdown` resolves.
+    /// weft's table is left in place on exit: while no agent listens, captured connections
+    /// fail closed.
+    pub async fn run(
+        self: Arc<Self>,
+        tracker: Target,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let s = &self.settings;
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Bind { what, addr, source })
+        };
+        let outbound = bind("--outbound", s.outbound).await?;
+        let inbound = bind("--inbound", s.inbound).await?;
+        let hbone = bind("--hbone", s.hbone).await?;
+        let admin = bind("--admin", s.admin).await?;
+        let metrics = bind("--metrics", s.metrics).await?;
+        let readiness = bind("--readiness", s.readiness).await?;
+        tracing::info!(
+            cluster = %s.cluster, node = %s.node, outbound = %s.outbound, inbound = %s.inbound,
+            hbone = %s.hbone, admin = %s.admin, metrics = %s.metrics, readiness = %s.readiness,
+            "node agent listening"
+        );
+
+        let (changed, mut changes) = watch::channel(0u64);
+        let follower = Arc::new(RwLock::new(Notifying {
+            view: self.view.clone(),
+            changed,
+        }));
+        let request = pb::SubscribeRequest {
+            node: s.node.clone(),
+            cluster: s.cluster.to_string(),
+            policy_scope: pb::PolicyScope::OwnCluster.into(),
+            resume: None,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(follow(tracker, request, follower, Duration::from_secs(1)));
+        let agent = self.clone();
+        tasks.spawn(async move {
+            let mut retry = tokio::time::interval(agent.settings.table_check_interval);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                // A change, or a tick: an install that failed is tried again.
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = retry.tick(), if !agent.captured.load(Ordering::Relaxed) => {}
+                }
+                agent.reconcile().await;
+            }
+        });
+        tasks.spawn(self.clone().accept(outbound, Self::outbound));
+        tasks.spawn(self.clone().accept(inbound, Self::plaintext));
+        let server = Arc::new(Server::with_tls(
+            Box::new(NodeTls(self.clone())),
+            ServerSettings {
+                mark: Some(s.mark),
+                ..s.server.clone()
+            },
+            self.admission.clone(),
+        ));
+        tasks.spawn(server.run(hbone));
+        for (listener, dump) in [(admin, true), (metrics, false), (readiness, false)] {
+            let report = NodeReport {
+                agent: self.clone(),
+                dump,
+            };
+            tasks.spawn(crate::admin::serve(
+                listener,
+                report,
+                std::future::pending(),
+            ));
+        }
+        shutdown.await;
+        tracing::info!("node agent stopping; capture stays in place");
+        tasks.shutdown().await;
+        Ok(())
+    }
+
+    /// Brings capture, certificates and open connections in step with the view, once the
+    /// view of this node's cluster is complete (before that, capture stays as it was and
+    /// every captured connection is refused).
+    async fn reconcile(&self) {
+        let next = {
+            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            if view_complete(&view, &self.settings.cluster).is_err() {
+                return;
+            }
+            Local::of(&view, &self.settings.cluster, &self.settings.node)
+        };
+        let previous = std::mem::replace(
+            &mut *self.local.write().unwrap_or_else(PoisonError::into_inner),
+            next.clone(),
+        );
+        let pod = |ip| match PodAddr::new(ip) {
+            Ok(pod) => Some(pod),
+            Err(error) => {
+                tracing::error!(%error, "a local pod's address cannot be captured");
+                None
+            }
+        };
+        if self.captured.load(Ordering::Relaxed) {
+            let change = previous.change_to(&next);
+            for ip in change.added {
+                if let Some(pod) = pod(ip)
+                    && let Err(error) = self.redirect.add_pod(pod).await
+                {
+                    // The desired state has it: the table watch restores it.
+                    tracing::error!(%error, "capture of a new pod");
+                }
+            }
+            for ip in change.removed {
+                if let Some(pod) = pod(ip)
+                    && let Err(error) = self.redirect.remove_pod(pod).await
+                {
+                    tracing::error!(%error, "release of a gone pod");
+                }
+            }
+        } else {
+            match self
+                .redirect
+                .install(next.addresses.iter().copied().filter_map(pod))
+                .await
+            {
+                Ok(()) => {
+                    self.captured.store(true, Ordering::Relaxed);
+                    let (redirect, interval) =
+                        (self.redirect.clone(), self.settings.table_check_interval);
+                    tokio::spawn(async move {
+                        redirect.watch(interval, std::future::pending()).await;
+                    });
+                }
+                Err(error) => tracing::error!(%error, "cannot install capture; will retry"),
+            }
+        }
+        self.identities.set_identities(&next.identities);
+        for closed in self.connections.recheck(|r| self.still_allowed(r)) {
+            tracing::info!(connection = ?closed, "closing: no longer allowed");
+        }
+    }
+
+    /// Whether an open connection is still allowed by the current view.
+    fn still_allowed(&self, recheck: &Recheck) -> bool {
+        match recheck {
+            Recheck::Outbound { source, target } => {
+                let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+                let s = &self.settings;
+                route(&view, &s.cluster, &s.node, *source, *target, s.hbone.port()).is_ok()
+            }
+            Recheck::Inbound(inbound) => self.admission.judge(inbound).0.allowed,
+            Recheck::Plaintext {
+                source,
+                destination,
+            } => {
+                self.admission
+                    .judge_plaintext(*source, *destination)
+                    .allowed
+            }
+        }
+    }
+
+    /// Accepts on `listener` for ever, handling each connection in its own task.
+    async fn accept<F, Fut>(self: Arc<Self>, listener: TcpListener, handle: F)
+    where
+        F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut + Send + Copy + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        loop {
+            match listener.accept().await {
+                Ok((stream, from)) => {
+                    // Small writes of interactive traffic must not wait (Nagle).
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(handle(self.clone(), stream, from));
+                }
+                // Out of descriptors (THREATS 45), an aborted connection: back off, no spin.
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// A connection of a local pod, captured on its way out.
+    async fn outbound(self: Arc<Self>, stream: TcpStream, from: SocketAddr) {
+        let Some(original) = self.original(&stream, from) else {
+            return;
+        };
+        let s = &self.settings;
+        let (routed, mut decision) = {
+            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            let routed = route(
+                &view,
+                &s.cluster,
+                &s.node,
+                from.ip(),
+                original,
+                s.hbone.port(),
+            );
+            let target = match &routed {
+                Ok(Route::Tunnel { target, .. } | Route::Direct { target }) => *target,
+                Err(_) => original,
+            };
+            let mut decision = Decision::new(Direction::Outbound, from, target);
+            let engine = view.engine();
+            if let Some(pod) = local_pod(&view, &s.cluster, &s.node, from.ip()) {
+                decision.source_pod = Some(engine.pod_name(pod));
+                decision.source_identity = engine.pod_identity(pod).map(|id| id.to_string());
+            }
+            if let Endpoint::Pod { pod, .. } = engine.address_endpoint(target.ip()) {
+                decision.destination_pod = Some(engine.pod_name(pod));
+                decision.destination_identity = engine.pod_identity(pod).map(|id| id.to_string());
+            }
+            (routed, decision)
+        };
+        let route = match routed {
+            Ok(route) => route,
+            Err(error) => {
+                let layer = match &error {
+                    OutboundError::NotReady(_) => Layer::View,
+                    OutboundError::Denied { .. } => Layer::NetworkPolicy,
+                    _ => Layer::Admission,
+                };
+                self.refuse(stream, decision.settled(false, layer, error.to_string()));
+                return;
+            }
+        };
+        match route {
+            Route::Tunnel {
+                source,
+                node,
+                destination,
+                target,
+            } => {
+                let tls = self.client_config(&source, &destination);
+                let key = PoolKey {
+                    source,
+                    node,
+                    destination,
+                };
+                match self.pool.connect(&key, tls, target, from.ip()).await {
+                    Ok(tunnel) => {
+                        decision = decision.settled(true, Layer::NetworkPolicy, "tunnel open");
+                        self.carry(stream, tunnel, decision, from.ip(), target)
+                            .await;
+                    }
+                    Err(error) => {
+                        self.refuse(
+                            stream,
+                            decision.settled(false, Layer::Transport, error.to_string()),
+                        );
+                    }
+                }
+            }
+            Route::Direct { target } => match proxy::connect(target, Some(s.mark)).await {
+                Ok(upstream) => {
+                    decision = decision.settled(true, Layer::NetworkPolicy, "direct");
+                    self.carry(stream, upstream, decision, from.ip(), target)
+                        .await;
+                }
+                Err(error) => {
+                    let reason = format!("connecting to {target}: {error}");
+                    self.refuse(stream, decision.settled(false, Layer::Transport, reason));
+                }
+            },
+        }
+    }
+
+    /// A plaintext connection to a local pod from a source with no identity.
+    async fn plaintext(self: Arc<Self>, stream: TcpStream, from: SocketAddr) {
+        let Some(original) = self.original(&stream, from) else {
+            return;
+        };
+        let decision = self.admission.judge_plaintext(from, original);
+        if !decision.allowed {
+            self.refuse(stream, decision);
+            return;
+        }
+        let tracked = self.connections.track(Recheck::Plaintext {
+            source: from,
+            destination: original,
+        });
+        match proxy::connect(original, Some(self.settings.mark)).await {
+            Ok(upstream) => {
+                decision.log();
+                self.metrics.decided(&decision);
+                pipe(
+                    stream,
+                    upstream,
+                    tracked,
+                    &self.metrics,
+                    Direction::Plaintext,
+                )
+                .await;
+            }
+            Err(error) => {
+                let reason = format!("connecting to {original}: {error}");
+                self.refuse(stream, decision.settled(false, Layer::Transport, reason));
+            }
+        }
+    }
+
+    /// The original destination of a captured connection; `None` (and the connection
+    /// dropped) when it has none: it was not redirected, so it is not ours to carry.
+    fn original(&self, stream: &TcpStream, from: SocketAddr) -> Option<SocketAddr> {
+        match original_destination(stream) {
+            Ok(original) if !self.is_own_listener(original) => Some(original),
+            Ok(original) => {
+                // THREATS 15: a connection to weft's own listeners would loop.
+                tracing::info!(%from, %original, "refused: addressed to weft's own listener");
+                None
+            }
+            Err(error) => {
+                tracing::info!(%from, %error, "refused: no original destination");
+                None
+            }
+        }
+    }
+
+    fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        let s = &self.settings;
+        (addr.ip().is_loopback() || addr.ip().is_unspecified())
+            && [s.outbound, s.inbound, s.hbone]
+                .iter()
+                .any(|l| l.port() == addr.port())
+    }
+
+    /// Logs and counts a refusal, and resets the connection.
+    fn refuse(&self, stream: TcpStream, decision: Decision) {
+        decision.log();
+        self.metrics.decided(&decision);
+        // A reset, not a FIN: the client sees a refusal, not an empty answer.
+        let _ = stream.set_zero_linger();
+    }
+
+    /// Carries an allowed outbound connection, tracked until it ends or is no longer allowed.
+    async fn carry(
+        &self,
+        stream: TcpStream,
+        upstream: impl AsyncRead + AsyncWrite + Unpin,
+        decision: Decision,
+        source: std::net::IpAddr,
+        target: SocketAddr,
+    ) {
+        decision.log();
+        self.metrics.decided(&decision);
+        let tracked = self.connections.track(Recheck::Outbound { source, target });
+        pipe(
+            stream,
+            upstream,
+            tracked,
+            &self.metrics,
+            Direction::Outbound,
+        )
+        .await;
+    }
+
+    /// The client configuration presenting `source` and requiring `destination`.
+    fn client_config(&self, source: &WorkloadId, destination: &WorkloadId) -> Arc<ClientConfig> {
+        let mut configs = self
+            .client_configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = (source.clone(), destination.clone());
+        if let Some(config) = configs.get(&key) {
+            return config.clone();
+        }
+        let config = match self.trust.client_config(
+            Expected::Workload(destination.clone()),
+            self.identities.resolver(source),
+        ) {
+            Ok(config) => Arc::new(config),
+            // Building from a working store cannot fail; if it did, no tunnel could be made.
+            Err(error) => {
+                tracing::error!(%error, "client TLS configuration");
+                return Arc::new(
+                    ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                );
+            }
+        };
+        configs.insert(key, config.clone());
+        config
+    }
+
+    /// What `/config_dump` shows: state, policies, certificates (never keys).
+    fn config_dump(&self) -> serde_json::Value {
+        let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+        let s = &self.settings;
+        let local = self.local.read().unwrap_or_else(PoisonError::into_inner);
+        let position = view.position();
+        let engine = view.engine();
+        let pods: Vec<String> = view
+            .pods_on_node(&s.cluster, &s.node)
+            .map(|p| format!("{}/{}/{}", s.cluster, p.namespace, p.name))
+            .collect();
+        json!({
+            "cluster": s.cluster.as_str(),
+            "node": s.node,
+            "ready": self.ready().is_ok(),
+            "not_ready_because": self.ready().err(),
+            "epoch": position.map(|p| p.epoch.clone()),
+            "revision": position.map_or(0, |p| p.revision),
+            "tracker_disconnected_seconds": view.stale_for().map(|d| d.as_secs_f64()),
+            "clusters": view.clusters().map(|c| json!({
+                "cluster": c.cluster, "synced": c.synced, "connected": c.connected,
+                "trust_domain": c.trust_domain, "stale_for_ms": c.stale_for_ms,
+            })).collect::<Vec<_>>(),
+            "policies": engine.policy_list().into_iter().map(|(kind, name)| {
+                let mut parts = name.splitn(3, '/');
+                json!({
+                    "kind": kind,
+                    "cluster": parts.next(),
+                    "namespace": parts.next(),
+                    "name": parts.next(),
+                })
+            }).collect::<Vec<_>>(),
+            "local": {
+                "pods": pods,
+                "addresses": local.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "identities": local.identities.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            },
+            "certificates": self.identities.status().iter().map(|st| json!({
+                "identity": st.identity.to_string(),
+                "expires_unix": st.expires.and_then(|e| e.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                "expires_in_seconds": st.expires.map(|e| match e.duration_since(std::time::SystemTime::now()) {
+                    Ok(left) => left.as_secs_f64(),
+                    Err(past) => -past.duration().as_secs_f64(),
+                }),
+                "renewals": st.renewals,
+                "failures": st.failures,
+                "last_error": st.last_error,
+            })).collect::<Vec<_>>(),
+            "trust_domains": self.trust.bundles().iter().map(|b| b.trust_domain().to_string()).collect::<Vec<_>>(),
+            "capture": {
+                "table": format!("{} {}", crate::redirect::FAMILY, crate::redirect::TABLE),
+                "installed": self.captured.load(Ordering::Relaxed),
+                "restores": self.redirect.restores(),
+                "outbound": s.outbound.port(),
+                "inbound": s.inbound.port(),
+                "hbone": s.hbone.port(),
+                "mark": s.mark,
+            },
+            "open_connections": self.connections.len(),
+            "server": s.server,
+            "client": s.client,
+        })
+    }
+
+    /// `Err` with the reason until the node may take traffic.
+    fn ready(&self) -> Result<(), String> {
+        let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+        let local = self.local.read().unwrap_or_else(PoisonError::into_inner);
+        local::ready(&view, &self.settings.cluster, &local, &self.identities)?;
+        if !self.captured.load(Ordering::Relaxed) {
+            return Err("capture not installed yet".into());
+        }
+        Ok(())
+    }
+
+    fn metrics_text(&self) -> String {
+        use prometheus_client::metrics::gauge::Gauge;
+        let mut registry = prometheus_client::registry::Registry::with_prefix("weft_node");
+        self.metrics.register(&mut registry);
+        self.identities.register_metrics(&mut registry);
+        let gauge = |registry: &mut prometheus_client::registry::Registry,
+                     name: &str,
+                     help: &str,
+                     value: f64| {
+            let g: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
+            g.set(value);
+            registry.register(name, help, g);
+        };
+        let stale = {
+            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            view.stale_for().map_or(0.0, |d| d.as_secs_f64())
+        };
+        gauge(
+            &mut registry,
+            "tracker_disconnected_seconds",
+            "How long the node has been without its tracker (0 while connected).",
+            stale,
+        );
+        gauge(
+            &mut registry,
+            "ready",
+            "The node takes traffic (1) or not (0).",
+            if self.ready().is_ok() { 1.0 } else { 0.0 },
+        );
+        gauge(
+            &mut registry,
+            "open_connections",
+            "Connections carried now, all directions.",
+            self.connections.len() as f64,
+        );
+        gauge(
+            &mut registry,
+            "pool_connections",
+            "HBONE connections in the client pool.",
+            self.pool.len() as f64,
+        );
+        gauge(
+            &mut registry,
+            "capture_restores",
+            "Times weft's table was found changed by another program and restored.",
+            self.redirect.restores() as f64,
+        );
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        text
+    }
+}
+
+/// Pipes `a` and `b` both ways until either closes or `tracked` is told to close.
+async fn pipe(
+    mut a: TcpStream,
+    mut b: impl AsyncRead + AsyncWrite + Unpin,
+    mut tracked: Tracked,
+    metrics: &Metrics,
+    direction: Direction,
+) {
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => match copied {
+            Ok((sent, received)) => metrics.closed(direction, CloseCause::Done, sent, received),
+            Err(error) => {
+                tracing::debug!(%error, "connection failed");
+                metrics.closed(direction, CloseCause::Error, 0, 0);
+            }
+        },
+        () = tracked.closed() => {
+            let _ = a.set_zero_linger();
+            metrics.closed(direction, CloseCause::Policy, 0, 0);
+        }
+    }
+}
+
+/// Presents, on each HBONE connection, the certificate of the local pod it was addressed to.
+struct NodeTls(Arc<Agent>);
+
+impl ServerTls for NodeTls {
+    fn config(&self, arrived_at: SocketAddr) -> Result<Arc<ServerConfig>, String> {
+        let agent = &self.0;
+        let identity = {
+            let view = agent.view.read().unwrap_or_else(PoisonError::into_inner);
+            let s = &agent.settings;
+            let pod = local_pod(&view, &s.cluster, &s.node, arrived_at.ip())
+                .ok_or_else(|| format!("{} is not a pod of this node", arrived_at.ip()))?;
+            view.engine()
+                .pod_identity(pod)
+                .ok_or_else(|| format!("pod {} has no identity", view.engine().pod_name(pod)))?
+        };
+        let mut configs = agent
+            .server_configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(config) = configs.get(&identity) {
+            return Ok(config.clone());
+        }
+        let config = agent
+            .trust
+            .server_config(agent.identities.resolver(&identity))
+            .map_err(|e| e.to_string())?;
+        let config = proxy::hbone_server_config(config);
+        configs.insert(identity, config.clone());
+        Ok(config)
+    }
+}
+
+/// The agent on one admin port: the config dump only on the localhost admin port.
+#[derive(Clone)]
+struct NodeReport {
+    agent: Arc<Agent>,
+    dump: bool,
+}
+
+impl crate::admin::Report for NodeReport {
+    fn ready(&self) -> Result<(), String> {
+        self.agent.ready()
+    }
+
+    fn metrics(&self) -> String {
+        self.agent.metrics_text()
+    }
+
+    fn extra(&self, path: &str) -> Option<crate::admin::Page> {
+        match path {
+            "/config_dump" if self.dump => Some(crate::admin::Page::json(
+                serde_json::to_string_pretty(&self.agent.config_dump()).unwrap_or_default(),
+            )),
+            // ztunnel's readiness path, so that probes written for it work.
+            "/healthz/ready" => Some(match self.agent.ready() {
+                Ok(()) => crate::admin::Page::text(200, "ready\n".into()),
+                Err(why) => crate::admin::Page::text(503, format!("{why}\n")),
+            }),
+            _ => None,
+        }
+    }
+}

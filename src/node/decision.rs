@@ -1,0 +1,171 @@
+//! The decision log: one JSON-able event per connection judged by a node — who, to whom, as
+//! which identities, the verdict, the layer that decided and the policy behind it — logged
+//! through `tracing` under the target `weft::decision`.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+/// Which of a node's listeners judged the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From a local pod, on the outbound listener.
+    Outbound,
+    /// Through an HBONE tunnel to a local pod.
+    Inbound,
+    /// Plaintext to a local pod from a source with no identity.
+    Plaintext,
+}
+
+/// The part of the decision that settled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    /// The view of the node's cluster is not complete: nothing passes unevaluated.
+    View,
+    /// What the connection names is not served here, or its source is not who it claims.
+    Admission,
+    /// The NetworkPolicies of the source's and destination's clusters.
+    NetworkPolicy,
+    /// The IdentityPolicies of the destination's cluster.
+    Identity,
+    /// Carrying it failed after it was allowed (tunnel refused, destination unreachable).
+    Transport,
+}
+
+impl Layer {
+    /// The layer's name in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::View => "view",
+            Layer::Admission => "admission",
+            Layer::NetworkPolicy => "networkpolicy",
+            Layer::Identity => "identity",
+            Layer::Transport => "transport",
+        }
+    }
+}
+
+impl Direction {
+    /// The direction's name in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Plaintext => "plaintext",
+        }
+    }
+}
+
+impl fmt::Display for Layer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One connection's decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Which listener judged it.
+    pub direction: Direction,
+    /// The source address (the source pod's, or an unmeshed peer's).
+    pub source: SocketAddr,
+    /// The destination as dialled (a Service already resolved to its endpoint).
+    pub destination: SocketAddr,
+    /// `cluster/namespace/name` of the source pod, if it is one.
+    pub source_pod: Option<String>,
+    /// `cluster/namespace/name` of the destination pod, if it is one.
+    pub destination_pod: Option<String>,
+    /// The source's identity (proven by its certificate inbound; the pod's own outbound).
+    pub source_identity: Option<String>,
+    /// The destination workload's identity, if it has one.
+    pub destination_identity: Option<String>,
+    /// Whether it may pass.
+    pub allowed: bool,
+    /// The layer that settled it (for an allowed connection: the last one passed).
+    pub layer: Layer,
+    /// Why, naming the deciding policies.
+    pub reason: String,
+}
+
+impl Decision {
+    /// A decision about `source` → `destination` by `direction`, with nothing known yet.
+    pub fn new(direction: Direction, source: SocketAddr, destination: SocketAddr) -> Self {
+        Self {
+            direction,
+            source,
+            destination,
+            source_pod: None,
+            destination_pod: None,
+            source_identity: None,
+            destination_identity: None,
+            allowed: false,
+            layer: Layer::View,
+            reason: String::new(),
+        }
+    }
+
+    /// This decision, settled by `layer` as `allowed` for `reason`.
+    pub fn settled(mut self, allowed: bool, layer: Layer, reason: impl Into<String>) -> Self {
+        self.allowed = allowed;
+        self.layer = layer;
+        self.reason = reason.into();
+        self
+    }
+
+    /// "allow" or "deny".
+    pub fn verdict(&self) -> &'static str {
+        if self.allowed { "allow" } else { "deny" }
+    }
+
+    /// Writes the decision to the decision log.
+    pub fn log(&self) {
+        let text = |o: &Option<String>| o.clone().unwrap_or_default();
+        tracing::info!(
+            target: "weft::decision",
+            direction = self.direction.as_str(),
+            source = %self.source,
+            destination = %self.destination,
+            source_pod = text(&self.source_pod),
+            destination_pod = text(&self.destination_pod),
+            source_identity = text(&self.source_identity),
+            destination_identity = text(&self.destination_identity),
+            verdict = self.verdict(),
+            layer = self.layer.as_str(),
+            reason = %self.reason,
+            "decision"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_names_its_verdict_and_layer() {
+        let d = Decision::new(
+            Direction::Plaintext,
+            "10.0.0.1:40000".parse().expect("addr"),
+            "10.0.0.2:80".parse().expect("addr"),
+        );
+        assert_eq!(d.verdict(), "deny");
+        let d = d.settled(
+            true,
+            Layer::NetworkPolicy,
+            "allowed by cluster-1/demo/web rule 0",
+        );
+        assert_eq!((d.verdict(), d.layer.as_str()), ("allow", "networkpolicy"));
+        let json = serde_json::to_value(&d).expect("json");
+        assert_eq!(json["direction"], "plaintext");
+        assert_eq!(json["layer"], "networkpolicy");
+    }
+}
