@@ -68,3 +68,44 @@ pub(super) fn replica_of(objects: Vec<Object>, synced: bool) -> Replica {
     });
     replica(&view)
 }
+
+/// Service `name` of `demo` at `cluster_ips` (`["None"]`: headless) with `ports`, as the API
+/// has them.
+pub(super) fn service(name: &str, cluster_ips: &[&str], ports: serde_json::Value) -> Object {
+    Object::Service(
+        crate::model::Service::from_api(
+            &c(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "demo"},
+                "spec": {"clusterIPs": cluster_ips, "selector": {"app": name}, "ports": ports}}))
+            .expect("service"),
+        )
+        .expect("valid"),
+    )
+}
+
+/// EndpointSlice `name` of `demo` serving Service `service` (none: no service-name label),
+/// IPv6 when `v6`, with `endpoints` and `ports` as the API has them.
+pub(super) fn slice(
+    name: &str,
+    service: Option<&str>,
+    v6: bool,
+    endpoints: serde_json::Value,
+    ports: serde_json::Value,
+) -> Object {
+    let labels: serde_json::Map<String, serde_json::Value> = service
+        .map(|s| (crate::model::service::SERVICE_NAME_LABEL.into(), s.into()))
+        .into_iter()
+        .collect();
+    Object::EndpointSlice(
+        crate::model::EndpointSlice::from_api(
+            &c(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "demo", "labels": labels},
+                "addressType": if v6 { "IPv6" } else { "IPv4" },
+                "endpoints": endpoints, "ports": ports}))
+            .expect("slice"),
+        )
+        .expect("valid"),
+    )
+}

@@ -1,6 +1,7 @@
 //! The outbound decision of a node: a connection captured from a local pod to its original
-//! destination is judged by the source cluster's egress (and, for a destination in this
-//! cluster, its ingress) NetworkPolicies, then routed — to a pod of a meshed node through an
+//! destination (for a Service's ClusterIP, the ready endpoint it resolves to) is judged by the
+//! source cluster's egress (and, for a destination in this cluster, its ingress)
+//! NetworkPolicies, then routed — to a pod of a meshed node through an
 //! HBONE tunnel to that node (the source workload's certificate presented, the destination
 //! workload's identity required), or directly. Nothing leaves before the view of this node's
 //! cluster is complete.
@@ -8,6 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use super::local::{local_pod, view_complete};
+use super::services::{self, ServiceError};
 use crate::identity::WorkloadId;
 use crate::model::{ClusterId, Protocol};
 use crate::policy::{Connection, Endpoint, Verdict};
@@ -48,6 +50,9 @@ pub enum OutboundError {
     /// The source pod has no workload identity to present.
     #[error("source pod {0} has no identity")]
     NoIdentity(String),
+    /// The destination is a Service's ClusterIP with no ready endpoint for the port.
+    #[error(transparent)]
+    NoEndpoint(#[from] ServiceError),
     /// NetworkPolicy denies it.
     #[error("{from} -> {to}: egress {egress}; ingress {ingress}")]
     Denied {
@@ -75,6 +80,9 @@ pub fn route(
     view_complete(view, cluster).map_err(|_| OutboundError::NotReady(cluster.clone()))?;
     let engine = view.engine();
     let local = local_pod(view, cluster, node, source).ok_or(OutboundError::NotLocal(source))?;
+    // A ClusterIP is never judged or dialled itself: the endpoint it resolves to, at its target
+    // port, is what policy judges and what is dialled (THREATS 17).
+    let original = services::resolve(view, cluster, original)?.unwrap_or(original);
     let src = engine.address_endpoint(source);
     let dst = engine.address_endpoint(original.ip());
     let connection = Connection {
@@ -115,7 +123,7 @@ pub fn route(
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixture::{c, replica_of};
+    use super::super::fixture::{c, replica_of, service, slice};
     use super::*;
     use crate::model::{NetworkPolicy, Node};
     use crate::tracker::wire::Object;
@@ -242,5 +250,98 @@ mod tests {
             ),
             Err(OutboundError::NotReady(c()))
         );
+    }
+
+    /// client may reach web pods on 8080 only, and anything in the ClusterIP range; Service
+    /// `wrong` sends its port 80 to 9090 on web, `right` to 8080 (by name, `http`); `gone` has
+    /// no ready endpoint.
+    fn services_view() -> Replica {
+        let egress = NetworkPolicy::from_api(
+            &c(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "client-out", "namespace": "demo"},
+                "spec": {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+                         "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 8080}]},
+                                    {"to": [{"ipBlock": {"cidr": "10.96.0.0/16"}}]}]}}))
+            .expect("policy"),
+            &mut Vec::new(),
+        )
+        .expect("valid");
+        let web = serde_json::json!([{"addresses": ["10.0.0.2"], "nodeName": "node-b"}]);
+        replica_of(
+            vec![
+                node("node-a", "192.168.0.1"),
+                node("node-b", "192.168.0.2"),
+                pod("client", "node-a", "client", "10.0.0.1"),
+                pod("web", "node-b", "web", "10.0.0.2"),
+                Object::NetworkPolicy(egress),
+                service(
+                    "wrong",
+                    &["10.96.0.10"],
+                    serde_json::json!([{"port": 80, "targetPort": 9090}]),
+                ),
+                slice(
+                    "wrong-a",
+                    Some("wrong"),
+                    false,
+                    web.clone(),
+                    serde_json::json!([{"port": 9090}]),
+                ),
+                service(
+                    "right",
+                    &["10.96.0.11"],
+                    serde_json::json!([{"name": "web", "port": 80, "targetPort": "http"}]),
+                ),
+                slice(
+                    "right-a",
+                    Some("right"),
+                    false,
+                    web,
+                    serde_json::json!([{"name": "web", "port": 8080}]),
+                ),
+                service("gone", &["10.96.0.12"], serde_json::json!([{"port": 80}])),
+            ],
+            true,
+        )
+    }
+
+    #[test]
+    fn policy_judges_the_endpoint_and_the_port_dialled_not_the_cluster_ip() {
+        let r = services_view();
+        let go = |to: &str| route(&r, &c(), "node-a", ip("10.0.0.1"), addr(to), 15008);
+        // THREATS 17: 8080 allowed, the Service port maps to 9090. That the ClusterIP's range
+        // is allowed changes nothing: the ClusterIP is not what is dialled.
+        let e = go("10.96.0.10:80").expect_err("9090 is not allowed");
+        assert!(
+            matches!(&e, OutboundError::Denied { to, .. } if *to == addr("10.0.0.2:9090")),
+            "{e}"
+        );
+        assert_eq!(
+            go("10.96.0.11:80"),
+            Ok(Route::Tunnel {
+                source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
+                node: addr("192.168.0.2:15008"),
+                destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
+                target: addr("10.0.0.2:8080"),
+            }),
+            "a named target port resolved to 8080: the endpoint, tunnelled to its node"
+        );
+        // A port the Service does not declare is no Service: the raw address is judged (the
+        // ClusterIP range is allowed) and dialled as it is.
+        assert_eq!(
+            go("10.96.0.10:81"),
+            Ok(Route::Direct {
+                target: addr("10.96.0.10:81")
+            })
+        );
+        let e = go("10.96.0.12:80").expect_err("no endpoint");
+        assert_eq!(
+            e,
+            OutboundError::NoEndpoint(ServiceError::NoReadyEndpoint {
+                service: "cluster-1/demo/gone".into(),
+                port: 80
+            })
+        );
+        assert!(e.to_string().contains("cluster-1/demo/gone"), "{e}");
     }
 }

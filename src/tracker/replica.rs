@@ -1,14 +1,16 @@
 //! A subscriber's replica of the tracker's view: the stream checked by [`Sequence`] (every
 //! object validated, a snapshot used only once its last part arrives, positions following one
 //! another, not even a snapshot going back within an epoch), then applied to the policy engine incrementally. An update that fails is not
-//! applied at all: the last good state stays.
+//! applied at all: the last good state stays. Services and EndpointSlices are kept beside the
+//! engine, indexed for the data plane (a ClusterIP resolved to the slices of its Service).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 
 pub use super::sequence::ReplicaError;
 use super::sequence::{Carry, Received, Sequence};
 use super::wire::{Key, Object, pb};
-use crate::model::{ClusterId, Pod};
+use crate::model::{ClusterId, EndpointSlice, Pod, Protocol, Service};
 use crate::policy::Engine;
 
 /// The replica, with its engine.
@@ -21,6 +23,9 @@ pub struct Replica {
     /// what the CA asks on every call, kept as the objects change rather than found by a
     /// scan.
     pods_by_node: PodsByNode,
+    /// Services by ClusterIP and slices by Service: what the outbound path asks on every
+    /// connection to a ClusterIP.
+    services: ServiceIndex,
     sequence: Sequence,
     /// Clusters a cold tracker shows unsynced, kept as they were until synced again.
     carry: Carry,
@@ -35,7 +40,8 @@ fn upsert(engine: &mut Engine, o: &Object) {
         Object::Node(n) => engine.upsert_node(n),
         Object::NetworkPolicy(p) => engine.upsert_policy(p),
         Object::IdentityPolicy(p) => engine.upsert_identity_policy(p),
-        // Services and slices are for the data plane; the policy engine judges endpoints.
+        // Services and slices are for the data plane (the replica's own index); the policy
+        // engine judges the endpoints they resolve to.
         Object::Service(_) | Object::EndpointSlice(_) => {}
     }
 }
@@ -95,6 +101,98 @@ fn unindex(by_node: &mut PodsByNode, o: &Object) {
     }
     if nodes.is_empty() {
         by_node.remove(&p.cluster);
+    }
+}
+
+/// Services by their ClusterIP addresses and EndpointSlices by the Service they serve (keys
+/// into the replica's objects). Sets of keys, not single keys: two objects may claim the same
+/// entry for a moment (a delta applies its upserts before its deletes), and removing one must
+/// not drop the other's entry.
+#[derive(Debug, Default)]
+struct ServiceIndex {
+    /// Service keys by cluster, ClusterIP and port, and protocol.
+    by_address: HashMap<(ClusterId, SocketAddr, Protocol), BTreeSet<Key>>,
+    /// Slice keys by the key of the Service named in their `kubernetes.io/service-name` label
+    /// (a slice may arrive before its Service).
+    slices: HashMap<Key, BTreeSet<Key>>,
+}
+
+/// The key a Service named `name` of `namespace` in `cluster` has.
+fn service_key(cluster: &ClusterId, namespace: &str, name: &str) -> Key {
+    Key {
+        kind: pb::Kind::Service,
+        cluster: cluster.clone(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    }
+}
+
+/// The entries a Service has in the index: every ClusterIP with every port. A headless
+/// Service has no ClusterIP, hence none.
+fn service_addresses(s: &Service) -> impl Iterator<Item = (ClusterId, SocketAddr, Protocol)> + '_ {
+    s.cluster_ips.iter().flat_map(move |ip| {
+        s.ports
+            .iter()
+            .map(move |p| (s.cluster.clone(), SocketAddr::new(*ip, p.port), p.protocol))
+    })
+}
+
+impl ServiceIndex {
+    /// Adds `o`, if it is a Service or a slice of one.
+    fn add(&mut self, o: &Object) {
+        match o {
+            Object::Service(s) => {
+                let key = o.key();
+                for entry in service_addresses(s) {
+                    let keys = self.by_address.entry(entry.clone()).or_default();
+                    if keys.iter().any(|k| k != &key) {
+                        // The API server allocates a ClusterIP once; a clash is a transient
+                        // or a faulty source. Resolution takes the first in key order.
+                        tracing::warn!(service = %key, address = %entry.1, others = keys.len(),
+                            "another Service claims the same ClusterIP and port");
+                    }
+                    keys.insert(key.clone());
+                }
+            }
+            Object::EndpointSlice(e) => {
+                // A slice that names no Service serves none: nothing resolves to it.
+                if let Some(service) = &e.service {
+                    self.slices
+                        .entry(service_key(&e.cluster, &e.namespace, service))
+                        .or_default()
+                        .insert(o.key());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Removes `o`, if it is a Service or a slice of one, leaving no empty entry behind.
+    fn remove(&mut self, o: &Object) {
+        match o {
+            Object::Service(s) => {
+                let key = o.key();
+                for entry in service_addresses(s) {
+                    if let Some(keys) = self.by_address.get_mut(&entry) {
+                        keys.remove(&key);
+                        if keys.is_empty() {
+                            self.by_address.remove(&entry);
+                        }
+                    }
+                }
+            }
+            Object::EndpointSlice(e) => {
+                let Some(service) = &e.service else { return };
+                let owner = service_key(&e.cluster, &e.namespace, service);
+                if let Some(keys) = self.slices.get_mut(&owner) {
+                    keys.remove(&o.key());
+                    if keys.is_empty() {
+                        self.slices.remove(&owner);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -163,11 +261,50 @@ impl Replica {
         })
     }
 
-    /// Removes the object at `k`, from the engine and the index too.
+    /// The Service of `cluster` with a ClusterIP and port `address` for `protocol`, if any
+    /// (headless Services have none).
+    pub fn service_at(
+        &self,
+        cluster: &ClusterId,
+        address: SocketAddr,
+        protocol: Protocol,
+    ) -> Option<&Service> {
+        self.services
+            .by_address
+            .get(&(cluster.clone(), address, protocol))?
+            .iter()
+            .find_map(|k| match self.objects.get(k) {
+                Some(Object::Service(s)) => Some(s),
+                _ => None,
+            })
+    }
+
+    /// The EndpointSlices of `service`, in key order.
+    pub fn endpoint_slices<'a>(
+        &'a self,
+        service: &Service,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        self.services
+            .slices
+            .get(&service_key(
+                &service.cluster,
+                &service.namespace,
+                &service.name,
+            ))
+            .into_iter()
+            .flatten()
+            .filter_map(|k| match self.objects.get(k) {
+                Some(Object::EndpointSlice(e)) => Some(e),
+                _ => None,
+            })
+    }
+
+    /// Removes the object at `k`, from the engine and the indexes too.
     fn remove_object(&mut self, k: &Key) {
         remove(&mut self.engine, k);
         if let Some(old) = self.objects.remove(k) {
             unindex(&mut self.pods_by_node, &old);
+            self.services.remove(&old);
         }
     }
 
@@ -249,8 +386,10 @@ impl Replica {
                     let key = o.key();
                     if let Some(old) = self.objects.get(&key) {
                         unindex(&mut self.pods_by_node, old);
+                        self.services.remove(old);
                     }
                     index(&mut self.pods_by_node, &o);
+                    self.services.add(&o);
                     self.objects.insert(key, o);
                 }
                 for k in change.deletes {
@@ -290,8 +429,10 @@ impl Replica {
         }
         self.engine = engine;
         self.pods_by_node.clear();
+        self.services = ServiceIndex::default();
         for o in &objects {
             index(&mut self.pods_by_node, o);
+            self.services.add(o);
         }
         self.objects = objects.into_iter().map(|o| (o.key(), o)).collect();
         self.clusters = clusters.into_iter().collect();
@@ -826,6 +967,211 @@ mod tests {
         assert!(
             replica.clusters().all(|s| s.error.is_empty()),
             "fresh statuses"
+        );
+    }
+
+    /// Service `name` of c-cluster `cluster`, namespace a, at `ip`:80.
+    fn service(cluster: &str, name: &str, ip: &str) -> Object {
+        Object::Service(
+            Service::from_api(
+                &c(cluster),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "a"},
+                    "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+                .expect("service"),
+            )
+            .expect("valid"),
+        )
+    }
+
+    /// Slice `name` of c1, namespace a, of Service `service`, one endpoint at `ip`:80.
+    fn slice(name: &str, service: &str, ip: &str) -> Object {
+        Object::EndpointSlice(
+            EndpointSlice::from_api(
+                &c("c1"),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name, "namespace": "a",
+                                 "labels": {crate::model::service::SERVICE_NAME_LABEL: service}},
+                    "addressType": "IPv4",
+                    "endpoints": [{"addresses": [ip]}], "ports": [{"port": 80}]}))
+                .expect("slice"),
+            )
+            .expect("valid"),
+        )
+    }
+
+    /// The name of the Service of `cluster` at `address`, TCP.
+    fn service_at(r: &Replica, cluster: &str, address: &str) -> Option<String> {
+        r.service_at(&c(cluster), address.parse().expect("addr"), Protocol::Tcp)
+            .map(|s| s.name.clone())
+    }
+
+    /// The slices of Service `name` of c1, namespace a, by name.
+    fn slices_of(r: &Replica, name: &str) -> Vec<String> {
+        let Object::Service(s) = service("c1", name, "10.96.0.1") else {
+            unreachable!()
+        };
+        r.endpoint_slices(&s).map(|e| e.name.clone()).collect()
+    }
+
+    #[test]
+    fn services_and_slices_are_indexed_as_they_change() {
+        let mut view = View::new("e1", 100);
+        view.apply(Change {
+            upserts: vec![
+                service("c1", "web", "10.96.0.10"),
+                service("c2", "web", "10.96.0.10"),
+                service("c1", "headless", "None"),
+                slice("web-a", "web", "10.0.0.1"),
+                slice("web-b", "web", "10.0.0.2"),
+                // A slice before its Service: indexed all the same.
+                slice("db-a", "db", "10.0.0.3"),
+            ],
+            clusters: vec![synced("c1", true), synced("c2", true)],
+            ..Change::default()
+        });
+        let mut replica = Replica::new();
+        for p in view.snapshot(&scope(), 1000) {
+            replica.apply(p).expect("part");
+        }
+        let step = |view: &mut View, replica: &mut Replica, change: Change| {
+            let d = view.apply(change).expect("a change");
+            replica.apply((*d).clone()).expect("delta");
+        };
+        assert_eq!(
+            service_at(&replica, "c1", "10.96.0.10:80").as_deref(),
+            Some("web")
+        );
+        assert_eq!(service_at(&replica, "c1", "10.96.0.10:81"), None);
+        assert_eq!(
+            replica
+                .service_at(
+                    &c("c1"),
+                    "10.96.0.10:80".parse().expect("addr"),
+                    Protocol::Udp
+                )
+                .map(|s| &s.name),
+            None
+        );
+        assert_eq!(slices_of(&replica, "web"), ["web-a", "web-b"]);
+        assert_eq!(slices_of(&replica, "db"), ["db-a"]);
+        // The Service moves to another address; a slice moves to another Service; one goes.
+        step(
+            &mut view,
+            &mut replica,
+            Change {
+                upserts: vec![
+                    service("c1", "web", "10.96.0.20"),
+                    service("c1", "db", "10.96.0.30"),
+                    slice("web-b", "db", "10.0.0.2"),
+                ],
+                deletes: vec![slice("web-a", "web", "10.0.0.1").key()],
+                ..Change::default()
+            },
+        );
+        assert_eq!(service_at(&replica, "c1", "10.96.0.10:80"), None);
+        assert_eq!(
+            service_at(&replica, "c1", "10.96.0.20:80").as_deref(),
+            Some("web")
+        );
+        assert_eq!(
+            service_at(&replica, "c1", "10.96.0.30:80").as_deref(),
+            Some("db")
+        );
+        assert!(slices_of(&replica, "web").is_empty());
+        assert_eq!(slices_of(&replica, "db"), ["db-a", "web-b"]);
+        // A second Service claiming an address (a delta applies upserts before deletes):
+        // removing one leaves the other's entry.
+        step(
+            &mut view,
+            &mut replica,
+            Change {
+                upserts: vec![service("c1", "web2", "10.96.0.20")],
+                deletes: vec![service("c1", "web", "10.96.0.20").key()],
+                ..Change::default()
+            },
+        );
+        assert_eq!(
+            service_at(&replica, "c1", "10.96.0.20:80").as_deref(),
+            Some("web2")
+        );
+        // A cluster that leaves takes its Services with it.
+        step(
+            &mut view,
+            &mut replica,
+            Change {
+                removed_clusters: vec![c("c2")],
+                ..Change::default()
+            },
+        );
+        assert_eq!(service_at(&replica, "c2", "10.96.0.10:80"), None);
+        assert_eq!(replica.services.by_address.len(), 2, "web2 and db only");
+        // A fresh snapshot replaces the index with the view's.
+        let mut fresh = View::new("e2", 100);
+        fresh.apply(Change {
+            upserts: vec![
+                service("c1", "api", "10.96.0.40"),
+                slice("api-a", "api", "10.0.0.4"),
+            ],
+            clusters: vec![synced("c1", true)],
+            ..Change::default()
+        });
+        for p in fresh.snapshot(&scope(), 1000) {
+            replica.apply(p).expect("part");
+        }
+        assert_eq!(service_at(&replica, "c1", "10.96.0.20:80"), None);
+        assert_eq!(service_at(&replica, "c1", "10.96.0.30:80"), None);
+        assert!(slices_of(&replica, "db").is_empty());
+        assert_eq!(slices_of(&replica, "api"), ["api-a"]);
+        assert_eq!(replica.services.by_address.len(), 1);
+        assert_eq!(replica.services.slices.len(), 1);
+        // Deleting what is left leaves no empty entry behind.
+        step(
+            &mut fresh,
+            &mut replica,
+            Change {
+                deletes: vec![
+                    service("c1", "api", "10.96.0.40").key(),
+                    slice("api-a", "api", "10.0.0.4").key(),
+                ],
+                ..Change::default()
+            },
+        );
+        assert!(replica.services.by_address.is_empty() && replica.services.slices.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_slice_is_refused_and_the_index_stays() {
+        let (mut view, mut replica) = fed();
+        let d = view
+            .apply(Change {
+                upserts: vec![
+                    service("c1", "web", "10.96.0.10"),
+                    slice("web-a", "web", "10.0.0.1"),
+                ],
+                ..Change::default()
+            })
+            .expect("a change");
+        replica.apply((*d).clone()).expect("delta");
+        let mut bad = (*view
+            .apply(Change {
+                deletes: vec![slice("web-a", "web", "10.0.0.1").key()],
+                ..Change::default()
+            })
+            .expect("a change"))
+        .clone();
+        if let Some(pb::update::Change::Delta(d)) = &mut bad.change {
+            let mut broken = pb::Object::from(&slice("web-b", "web", "10.0.0.2"));
+            if let Some(pb::object::Object::EndpointSlice(e)) = &mut broken.object {
+                e.endpoints[0].addresses = vec!["fd00::1".into()];
+            }
+            d.upserts.push(broken);
+        }
+        assert!(matches!(replica.apply(bad), Err(ReplicaError::Wire(_))));
+        assert_eq!(
+            slices_of(&replica, "web"),
+            ["web-a"],
+            "nothing of it applied"
         );
     }
 }
