@@ -735,13 +735,26 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
             },
         ));
         let agent = Agent::new(settings, identities, trust, redirect);
-        agent
-            .run(target, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+        agent.run(target, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Resolves at SIGINT or SIGTERM (how a DaemonSet's pod is stopped).
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 fn certs_init(args: CertsInitArgs) -> anyhow::Result<ExitCode> {

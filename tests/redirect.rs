@@ -279,7 +279,7 @@ fn applying_twice_yields_the_same_table() {
         .iter()
         .filter(|o| o.get("rule").is_some())
         .count();
-    assert_eq!(rules, 7, "no rule duplicated");
+    assert_eq!(rules, 9, "no rule duplicated");
     assert_eq!(
         t.node.block_on(redirect.check()).expect("check"),
         TableState::Intact

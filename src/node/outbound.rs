@@ -320,7 +320,7 @@ mod tests {
             go("10.96.0.11:80"),
             Ok(Route::Tunnel {
                 source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
-                node: addr("192.168.0.2:15008"),
+                node: addr("10.0.0.2:15008"),
                 destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
                 target: addr("10.0.0.2:8080"),
             }),
