@@ -21,7 +21,7 @@ use super::decision::{Decision, Direction, Layer};
 use super::inbound::NodeAdmission;
 use super::local::{self, Local, local_pod, view_complete};
 use super::metrics::{CloseCause, Metrics};
-use super::outbound::{OutboundError, Route, route};
+use super::outbound::{OutboundError, Route, route, route_explained};
 use crate::identity::manager::IdentityManager;
 use crate::identity::verify::Expected;
 use crate::identity::{TrustStore, WorkloadId};
@@ -364,7 +364,7 @@ impl Agent {
         let s = &self.settings;
         let (routed, mut decision) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
-            let routed = route(
+            let routed = route_explained(
                 &view,
                 &s.cluster,
                 &s.node,
@@ -373,7 +373,7 @@ impl Agent {
                 s.hbone.port(),
             );
             let target = match &routed {
-                Ok(Route::Tunnel { target, .. } | Route::Direct { target }) => *target,
+                Ok((Route::Tunnel { target, .. } | Route::Direct { target }, _)) => *target,
                 Err(_) => original,
             };
             let mut decision = Decision::new(Direction::Outbound, from, target);
@@ -388,8 +388,8 @@ impl Agent {
             }
             (routed, decision)
         };
-        let route = match routed {
-            Ok(route) => route,
+        let (route, why) = match routed {
+            Ok(routed) => routed,
             Err(error) => {
                 let layer = match &error {
                     OutboundError::NotReady(_) => Layer::View,
@@ -415,7 +415,8 @@ impl Agent {
                 };
                 match self.pool.connect(&key, tls, target, from.ip()).await {
                     Ok(tunnel) => {
-                        decision = decision.settled(true, Layer::NetworkPolicy, "tunnel open");
+                        let reason = format!("{why}; tunnel to {node}");
+                        decision = decision.settled(true, Layer::NetworkPolicy, reason);
                         self.carry(stream, tunnel, decision, from.ip(), target)
                             .await;
                     }
@@ -429,7 +430,8 @@ impl Agent {
             }
             Route::Direct { target } => match proxy::connect(target, Some(s.mark)).await {
                 Ok(upstream) => {
-                    decision = decision.settled(true, Layer::NetworkPolicy, "direct");
+                    let reason = format!("{why}; direct");
+                    decision = decision.settled(true, Layer::NetworkPolicy, reason);
                     self.carry(stream, upstream, decision, from.ip(), target)
                         .await;
                 }

@@ -77,6 +77,18 @@ pub fn route(
     original: SocketAddr,
     hbone_port: u16,
 ) -> Result<Route, OutboundError> {
+    route_explained(view, cluster, node, source, original, hbone_port).map(|(route, _)| route)
+}
+
+/// [`route`], with why NetworkPolicy allowed it (for the decision log).
+pub fn route_explained(
+    view: &Replica,
+    cluster: &ClusterId,
+    node: &str,
+    source: IpAddr,
+    original: SocketAddr,
+    hbone_port: u16,
+) -> Result<(Route, String), OutboundError> {
     view_complete(view, cluster).map_err(|_| OutboundError::NotReady(cluster.clone()))?;
     let engine = view.engine();
     let local = local_pod(view, cluster, node, source).ok_or(OutboundError::NotLocal(source))?;
@@ -92,8 +104,8 @@ pub fn route(
         protocol: Protocol::Tcp,
     };
     let decision = engine.decide(&connection);
+    let why = engine.explain(&connection, &decision);
     if decision.verdict() != Verdict::Allow {
-        let why = engine.explain(&connection, &decision);
         return Err(OutboundError::Denied {
             from: engine.pod_name(local),
             to: original,
@@ -101,24 +113,27 @@ pub fn route(
             ingress: why.ingress.to_string(),
         });
     }
+    let allowed = format!("egress {}; ingress {}", why.egress, why.ingress);
+    let direct = Route::Direct { target: original };
     let Endpoint::Pod { pod: to, .. } = dst else {
-        return Ok(Route::Direct { target: original });
+        return Ok((direct, allowed));
     };
     let (Some(destination), Some(_)) = (
         engine.pod_identity(to),
         engine.pod_node_address(to, original.is_ipv6()),
     ) else {
-        return Ok(Route::Direct { target: original });
+        return Ok((direct, allowed));
     };
     let source_id = engine
         .pod_identity(local)
         .ok_or_else(|| OutboundError::NoIdentity(engine.pod_name(local)))?;
-    Ok(Route::Tunnel {
+    let tunnel = Route::Tunnel {
         source: source_id,
         node: SocketAddr::new(original.ip(), hbone_port),
         destination,
         target: original,
-    })
+    };
+    Ok((tunnel, allowed))
 }
 
 #[cfg(test)]
