@@ -697,9 +697,9 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let bundles = args.bundles.ok_or_else(|| missing("--bundles"))?;
 
     let target = client::Target::new(&tracker, args.tls.load("weft node --tracker")?)?;
-    let bundles = crate::identity::BundleSet::load_dir(&bundles)
+    let bundle_set = crate::identity::BundleSet::load_dir(&bundles)
         .with_context(|| format!("--bundles {}", bundles.display()))?;
-    let trust = crate::identity::TrustStore::new(bundles).context("--bundles")?;
+    let trust = crate::identity::TrustStore::new(bundle_set).context("--bundles")?;
     let root =
         std::fs::read(&ca_root).with_context(|| format!("--ca-root {}", ca_root.display()))?;
     let settings = Settings {
@@ -734,6 +734,8 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             },
         ));
+        let followed = trust.clone();
+        tokio::spawn(async move { followed.follow_dir(bundles, Duration::from_secs(5)).await });
         let agent = Agent::new(settings, identities, trust, redirect);
         agent.run(target, stop_signal()).await?;
         Ok(ExitCode::SUCCESS)

@@ -484,3 +484,47 @@ async fn closed_within(
     }
     start.elapsed()
 }
+
+#[tokio::test]
+async fn bundles_followed_in_a_directory_replace_those_in_force_and_bad_ones_do_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bundles = dir.path().join("bundles");
+    std::fs::create_dir(&bundles).expect("mkdir");
+    let (r1, r2) = (
+        pki::Pki::new(dir.path(), "r1"),
+        pki::Pki::new(dir.path(), "r2"),
+    );
+    let file = bundles.join("cluster-1.pem");
+    std::fs::copy(r1.ca_file(), &file).expect("copy");
+    let trust = TrustStore::new(BundleSet::load_dir(&bundles).expect("load")).expect("trust");
+    let followed = trust.clone();
+    let watching = bundles.clone();
+    let task = tokio::spawn(async move {
+        followed
+            .follow_dir(watching, Duration::from_millis(20))
+            .await
+    });
+    let roots = |t: &TrustStore| -> Vec<Vec<u8>> {
+        t.bundles()
+            .iter()
+            .flat_map(|b| b.authorities().map(|a| a.to_vec()).collect::<Vec<_>>())
+            .collect()
+    };
+    let before = roots(&trust);
+    // Rotated: r2 in, r1 out.
+    std::fs::copy(r2.ca_file(), &file).expect("copy");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while roots(&trust) == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rotated root is not in force"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rotated = roots(&trust);
+    // A file that does not load keeps what is in force.
+    std::fs::write(&file, "not a certificate").expect("write");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(roots(&trust), rotated, "a bad directory replaced nothing");
+    task.abort();
+}

@@ -237,6 +237,28 @@ impl TrustStore {
         Ok(())
     }
 
+    /// Reads `dir` (see [`BundleSet::load_dir`]) every `interval` and replaces the bundles
+    /// when they changed, so that a root rotation reaches the node without a restart; a
+    /// directory that does not load is logged and the bundles in force stay.
+    pub async fn follow_dir(&self, dir: std::path::PathBuf, interval: std::time::Duration) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match BundleSet::load_dir(&dir) {
+                Ok(set) if *self.bundles() == set => {}
+                Ok(set) => {
+                    if let Err(error) = self.replace(set) {
+                        tracing::warn!(dir = %dir.display(), %error, "trust bundles not replaced");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "trust bundles unreadable; keeping those in force");
+                }
+            }
+        }
+    }
+
     /// Resolves, with the reason, once the peer that showed `chain` (leaf first) on a
     /// connection is no longer trusted by the bundles in force — its root dropped, its trust
     /// domain no longer federated: a long-lived connection selects on this and closes rather

@@ -47,6 +47,10 @@ pub enum OutboundError {
     /// The source address is no live pod of this node.
     #[error("{0} is no pod of this node")]
     NotLocal(IpAddr),
+    /// A destination the node must never dial for a pod (THREATS 15): loopback, link-local
+    /// (the cloud metadata service among them), unspecified, multicast or broadcast.
+    #[error("{0}: {1} destinations are never dialled for a pod")]
+    Forbidden(SocketAddr, &'static str),
     /// The source pod has no workload identity to present.
     #[error("source pod {0} has no identity")]
     NoIdentity(String),
@@ -90,6 +94,9 @@ pub fn route_explained(
     hbone_port: u16,
 ) -> Result<(Route, String), OutboundError> {
     view_complete(view, cluster).map_err(|_| OutboundError::NotReady(cluster.clone()))?;
+    if let Some(kind) = forbidden(original.ip()) {
+        return Err(OutboundError::Forbidden(original, kind));
+    }
     let engine = view.engine();
     let local = local_pod(view, cluster, node, source).ok_or(OutboundError::NotLocal(source))?;
     // A ClusterIP is never judged or dialled itself: the endpoint it resolves to, at its target
@@ -134,6 +141,24 @@ pub fn route_explained(
         target: original,
     };
     Ok((tunnel, allowed))
+}
+
+/// What kind of address `ip` is, if the node must never dial it for a pod: dialled from the
+/// node, it would reach the node's own services or its cloud's metadata service.
+fn forbidden(ip: IpAddr) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        _ if ip.is_loopback() => Some("loopback"),
+        _ if ip.is_unspecified() => Some("unspecified"),
+        _ if ip.is_multicast() => Some("multicast"),
+        IpAddr::V4(v4) if v4.is_link_local() => Some("link-local"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +248,24 @@ mod tests {
             }),
             "a pod whose node address is unknown"
         );
+    }
+
+    #[test]
+    fn the_node_never_dials_loopback_link_local_or_metadata_for_a_pod() {
+        let r = view(true);
+        for to in [
+            "127.0.0.1:15000",
+            "169.254.169.254:80",
+            "[::1]:15001",
+            "[fe80::1]:80",
+            "[::ffff:127.0.0.1]:80",
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+        ] {
+            let e = route(&r, &c(), "node-a", ip("10.0.0.1"), addr(to), 15008).expect_err(to);
+            assert!(matches!(e, OutboundError::Forbidden(..)), "{to}: {e}");
+        }
     }
 
     #[test]
