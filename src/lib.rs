@@ -9,6 +9,7 @@ pub mod admin;
 pub mod ca;
 pub mod cli;
 pub mod identity;
+pub mod lab;
 pub mod model;
 pub mod node;
 pub mod policy;
