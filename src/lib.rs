@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod ca;
 pub mod cli;
+pub mod demo;
 pub mod identity;
 pub mod lab;
 pub mod model;
