@@ -54,6 +54,9 @@ enum Command {
     /// The node agent: captures the node's pod traffic and carries it in mTLS tunnels, as
     /// NetworkPolicies and identity rules allow.
     Node(Box<NodeArgs>),
+    /// The whole system on this machine, in network namespaces: the two-cluster demo (or
+    /// --clusters DIR), step by step, with real traffic through the node agents.
+    Demo(crate::demo::DemoArgs),
     /// Development certificates.
     Certs {
         #[command(subcommand)]
@@ -364,6 +367,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Tracker(args) => tracker(args),
         Command::Ca(args) => ca(args),
         Command::Node(args) => node(*args),
+        Command::Demo(args) => Ok(crate::demo::run(args)?),
         Command::Certs {
             command: CertsCommand::Init(args),
         } => certs_init(args),

@@ -8,7 +8,9 @@
 pub mod admin;
 pub mod ca;
 pub mod cli;
+pub mod demo;
 pub mod identity;
+pub mod lab;
 pub mod model;
 pub mod node;
 pub mod policy;

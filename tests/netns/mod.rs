@@ -21,16 +21,7 @@ use nix::sched::{CloneFlags, setns};
 /// Whether namespaces can be made here: root, with `ip` and `nft` on PATH. Under `CI=true` a
 /// missing prerequisite panics; elsewhere it is printed and the test should return.
 pub fn prerequisites() -> bool {
-    let mut missing = Vec::new();
-    if !is_root() {
-        missing.push("root (to create network namespaces)");
-    }
-    if !runs("ip", "-V") {
-        missing.push("`ip` on PATH (Debian package iproute2)");
-    }
-    if !runs("nft", "--version") {
-        missing.push("`nft` on PATH (Debian package nftables)");
-    }
+    let missing = weft::lab::missing_prerequisites();
     if missing.is_empty() {
         return true;
     }
@@ -40,24 +31,6 @@ pub fn prerequisites() -> bool {
     }
     eprintln!("skipping: {message}");
     false
-}
-
-fn is_root() -> bool {
-    // Effective uid is the second field of /proc/self/status's Uid line.
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .and_then(|ids| ids.split_whitespace().nth(1))
-            == Some("0")
-    })
-}
-
-fn runs(program: &str, arg: &str) -> bool {
-    Command::new(program)
-        .arg(arg)
-        .output()
-        .is_ok_and(|out| out.status.success())
 }
 
 /// Runs `program args`, panicking with its stderr if it fails.
