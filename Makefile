@@ -3,10 +3,16 @@
 STEPS := 1-no-policy 2-default-deny 3-allow-from-cluster-1
 EXAMPLE := examples/two-cluster
 
-.PHONY: demo test bench
+.PHONY: demo offline test bench
 
-## demo: the main job — `weft policy check` on the seed's two-cluster demo, step by step.
+## demo: the main job — the seed's two-cluster demo, live: network namespaces, the tracker, a
+## CA per cluster, `weft node` per node and real TCP through them (needs root, ip and nft).
 demo:
+	cargo build --quiet --bin weft
+	@if [ "$$(id -u)" = 0 ]; then target/debug/weft demo; else sudo target/debug/weft demo; fi
+
+## offline: the same example without traffic — `weft policy check` on its three steps.
+offline:
 	cargo build --quiet --bin weft
 	@for step in $(STEPS); do \
 		echo "== $$step"; \
