@@ -4,185 +4,22 @@
 //! handshake/preface timeout (THREATS 18); pooling and the stream limit; certificates refused
 //! either way; revocation closing open tunnels; a rapid-reset burst (THREATS 19).
 
-#[path = "../src/identity/testpki.rs"]
-mod testpki;
+mod hbone_fixture;
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use testpki::{Ca, Leaf};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use weft::identity::id::trust_domain;
-use weft::identity::{BundleSet, Expected, TrustBundle, TrustStore, WorkloadId};
-use weft::proxy::{
-    Admission, ClientError, ClientSettings, Inbound, Peer, Pool, PoolKey, Refusal, Server,
-    ServerSettings,
+use weft::proxy::{ClientError, ClientSettings, Inbound, Pool, ServerSettings};
+
+use hbone_fixture::testpki::Ca;
+use hbone_fixture::{
+    CLIENT, Fixture, Gate, SERVER, WAIT, connect_request, id, round_trip, source, status_of,
 };
-
-const CLIENT: &str = "spiffe://a.test/ns/demo/sa/client";
-const SERVER: &str = "spiffe://a.test/ns/demo/sa/server";
-const SOURCE: &str = "10.0.0.7";
-const WAIT: Duration = Duration::from_secs(5);
-
-fn id(s: &str) -> WorkloadId {
-    WorkloadId::parse(s).expect("workload id")
-}
-
-fn source() -> IpAddr {
-    SOURCE.parse().expect("ip")
-}
-
-/// The test's admission: records what it is asked, refuses if told to, revokes on demand.
-#[derive(Default)]
-struct Gate {
-    seen: Mutex<Vec<Inbound>>,
-    refuse: bool,
-    revoke: watch::Sender<bool>,
-}
-
-impl Admission for Gate {
-    async fn admit(&self, inbound: &Inbound) -> Result<(), Refusal> {
-        self.seen.lock().expect("lock").push(inbound.clone());
-        if self.refuse {
-            Err(Refusal::forbidden("the test refuses"))
-        } else {
-            Ok(())
-        }
-    }
-
-    async fn revoked(&self, _peer: &Peer) {
-        let mut revoked = self.revoke.subscribe();
-        let _ = revoked.wait_for(|r| *r).await;
-    }
-}
-
-/// An echo server that counts the connections it accepted.
-async fn echo() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    (addr, accepted)
-}
-
-/// A CA, an HBONE server presenting SERVER's certificate, an echo server behind it.
-struct Fixture {
-    root: Ca,
-    store: TrustStore,
-    node: SocketAddr,
-    echo: SocketAddr,
-    echoed: Arc<AtomicUsize>,
-    gate: Arc<Gate>,
-}
-
-impl Fixture {
-    async fn new(gate: Gate, settings: ServerSettings) -> Self {
-        Self::presenting(gate, settings, SERVER).await
-    }
-
-    async fn presenting(gate: Gate, settings: ServerSettings, server_id: &str) -> Self {
-        let root = Ca::root("a-root");
-        let td = trust_domain("a.test").expect("trust domain");
-        let bundle = TrustBundle::new(td, vec![root.der()]).expect("bundle");
-        let store = TrustStore::new(BundleSet::new([bundle]).expect("set")).expect("store");
-        let tls = store
-            .server_config(root.leaf(server_id).resolver())
-            .expect("server config");
-        let gate = Arc::new(gate);
-        let server = Arc::new(Server::new(Arc::new(tls), settings, gate.clone()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let node = listener.local_addr().expect("addr");
-        tokio::spawn(server.run(listener));
-        let (echo, echoed) = echo().await;
-        Self {
-            root,
-            store,
-            node,
-            echo,
-            echoed,
-            gate,
-        }
-    }
-
-    fn key(&self) -> PoolKey {
-        PoolKey {
-            source: id(CLIENT),
-            node: self.node,
-            destination: id(SERVER),
-        }
-    }
-
-    fn client_tls(&self, leaf: &Leaf) -> Arc<ClientConfig> {
-        let expected = Expected::Workload(id(SERVER));
-        Arc::new(
-            self.store
-                .client_config(expected, leaf.resolver())
-                .expect("client config"),
-        )
-    }
-
-    fn client_leaf(&self) -> Leaf {
-        self.root.leaf(CLIENT)
-    }
-
-    fn seen(&self) -> Vec<Inbound> {
-        self.gate.seen.lock().expect("lock").clone()
-    }
-
-    /// A raw h2 connection as CLIENT, for requests the pool would never send.
-    async fn raw_h2(&self) -> h2::client::SendRequest<Bytes> {
-        let tcp = TcpStream::connect(self.node).await.expect("connect");
-        let mut tls = Arc::unwrap_or_clone(self.client_tls(&self.client_leaf()));
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let name = ServerName::try_from("spiffe.invalid").expect("name");
-        let tls = TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .expect("tls");
-        let (send, connection) = h2::client::handshake(tls).await.expect("h2 handshake");
-        tokio::spawn(connection);
-        send
-    }
-}
-
-async fn round_trip(tunnel: &mut weft::proxy::Tunnel, message: &[u8]) {
-    tunnel.write_all(message).await.expect("write");
-    let mut back = vec![0; message.len()];
-    tokio::time::timeout(WAIT, tunnel.read_exact(&mut back))
-        .await
-        .expect("echo in time")
-        .expect("read");
-    assert_eq!(back, message);
-}
-
-/// Sends one request on a raw h2 connection and returns the status.
-async fn status_of(send: &mut h2::client::SendRequest<Bytes>, req: Request<()>) -> StatusCode {
-    let mut send = send.clone().ready().await.expect("ready");
-    let (response, _stream) = send.send_request(req, false).expect("send");
-    tokio::time::timeout(WAIT, response)
-        .await
-        .expect("response in time")
-        .expect("response")
-        .status()
-}
 
 #[tokio::test]
 async fn bytes_flow_both_ways_and_the_admission_sees_the_proven_peer_and_source() {
@@ -499,14 +336,8 @@ async fn a_rapid_reset_burst_ends_its_connection_while_other_tunnels_work() {
     let flood = f.raw_h2().await;
     let mut ended = None;
     for _ in 0..2000 {
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(f.echo.to_string())
-            .header("forwarded", "for=10.0.0.7")
-            .body(())
-            .expect("request");
         let sent = match flood.clone().ready().await {
-            Ok(mut ready) => ready.send_request(req, false),
+            Ok(mut ready) => ready.send_request(connect_request(f.echo), false),
             Err(e) => Err(e),
         };
         match sent {

@@ -1,13 +1,16 @@
 //! The HBONE server (inbound, port 15008): terminates mTLS with the destination workload's
 //! certificate, accepts HTTP/2 CONNECT streams, canonicalises what each names, asks the
 //! caller's [`Admission`] and only then dials the destination and pipes bytes both ways.
+//! Each source address may hold only so many connections at once (THREATS 18, 44).
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +26,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::authority::{canonical_authority, forwarded_for};
@@ -41,6 +45,14 @@ pub const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 pub const DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 /// Default for [`ServerSettings::max_local_error_reset_streams`] (THREATS 20).
 pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
+/// Default for [`ServerSettings::max_connections_per_source`] (THREATS 18, 44). A source is a
+/// node, whose pool opens a connection per (source identity, destination identity) pair it
+/// carries here, and one more past each 100 streams: 512 leaves a densely packed node ample room,
+/// while one source cannot take more than 512 descriptors and TLS and HTTP/2 states here.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 512;
+/// At most one log line per this interval for connections refused over the per-source cap: a
+/// storm must not become a log storm (THREATS 47).
+const CAP_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for [`ServerSettings::dial_timeout`].
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for [`ServerSettings::keepalive_interval`].
@@ -48,12 +60,16 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default for [`ServerSettings::keepalive_timeout`].
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Limits of the HBONE server; each reaches h2 as the setting of the same name.
+/// Limits of the HBONE server; those of HTTP/2 reach h2 as the setting of the same name.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServerSettings {
     /// Time from TCP accept until TLS is done and the HTTP/2 preface has arrived; past it the
     /// connection is closed.
     pub handshake_timeout: Duration,
+    /// Connections one source address may hold open at once, counted from accept (handshakes
+    /// included) to close; past it a new connection is closed before TLS. Sources behind one
+    /// NAT share it.
+    pub max_connections_per_source: usize,
     /// Concurrent CONNECT streams per connection.
     pub max_concurrent_streams: u32,
     /// Largest decoded header list of one request, in bytes.
@@ -82,6 +98,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
             max_pending_accept_reset_streams: DEFAULT_MAX_PENDING_ACCEPT_RESET_STREAMS,
@@ -274,6 +291,7 @@ pub struct Server<A> {
     http: http2::Builder<TokioExecutor>,
     settings: ServerSettings,
     admission: Arc<A>,
+    sources: Arc<Sources>,
 }
 
 impl<A: Admission> Server<A> {
@@ -298,15 +316,19 @@ impl<A: Admission> Server<A> {
             .keep_alive_timeout(settings.keepalive_timeout)
             // Lets `:protocol` requests reach us so that they get a 400, not a bare reset.
             .enable_connect_protocol();
+        let sources = Arc::new(Sources::new(settings.max_connections_per_source));
         Self {
             tls,
             http,
             settings,
             admission,
+            sources,
         }
     }
 
-    /// Accepts connections on `listener` for ever, serving each in its own task.
+    /// Accepts connections on `listener` for ever, serving each in its own task; a connection
+    /// from a source that holds [`ServerSettings::max_connections_per_source`] already is closed
+    /// at once.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (tcp, from) = match listener.accept().await {
@@ -318,8 +340,16 @@ impl<A: Admission> Server<A> {
                     continue;
                 }
             };
+            // Refused before TLS or a task: a storm from one source costs an accept and a close.
+            let Some(slot) = self.sources.take(from.ip()) else {
+                // Reset when dropped rather than closed, so that a storm leaves no TIME_WAIT
+                // sockets here; should that fail, a plain close still refuses it.
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                continue;
+            };
             let server = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = server.serve(tcp, from).await {
                     // Debug shows the h2 cause (GOAWAY reason) that hyper's Display hides.
                     tracing::debug!(%from, error = ?e, "hbone connection ended");
@@ -328,7 +358,8 @@ impl<A: Admission> Server<A> {
         }
     }
 
-    /// Serves one accepted connection from `from` until it closes.
+    /// Serves one accepted connection from `from` until it closes (not counted against the
+    /// per-source cap: [`Server::run`] counts).
     pub async fn serve(&self, tcp: TcpStream, from: SocketAddr) -> Result<(), ServerError> {
         let after = self.settings.handshake_timeout;
         let arrived_at = match crate::redirect::original_destination(&tcp) {
@@ -397,6 +428,86 @@ impl<A: Admission> Server<A> {
                 tracing::info!(%from, %identity, "hbone connection closed: peer revoked");
                 revoke.send_replace(true);
                 Ok(())
+            }
+        }
+    }
+}
+
+/// Connections open per source address, against [`ServerSettings::max_connections_per_source`].
+struct Sources {
+    limit: usize,
+    counts: Mutex<SourceCounts>,
+}
+
+#[derive(Default)]
+struct SourceCounts {
+    /// Only sources with a connection open: the map is as large as the connections are many.
+    open: HashMap<IpAddr, usize>,
+    /// Connections refused since the last log line (a burst's tail is told by the next one).
+    refused: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Sources {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            counts: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SourceCounts> {
+        // Every update leaves the counts consistent, so a poisoned lock still holds good ones.
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place for one more connection from `ip`, or `None` if it holds its limit already.
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d: one source, one count.
+        let ip = ip.to_canonical();
+        let mut counts = self.lock();
+        let open = counts.open.get(&ip).copied().unwrap_or(0);
+        if open < self.limit {
+            counts.open.insert(ip, open + 1);
+            return Some(Slot {
+                sources: self.clone(),
+                ip,
+            });
+        }
+        counts.refused += 1;
+        let now = Instant::now();
+        if counts
+            .logged_at
+            .is_some_and(|at| now.duration_since(at) < CAP_LOG_INTERVAL)
+        {
+            return None;
+        }
+        counts.logged_at = Some(now);
+        let refused = std::mem::take(&mut counts.refused);
+        drop(counts);
+        // One line per interval, naming the latest source only; never a per-source metric.
+        tracing::debug!(
+            latest = %ip,
+            limit = self.limit,
+            refused,
+            "hbone connections refused: their source holds its connection cap"
+        );
+        None
+    }
+}
+
+/// One open connection's place in [`Sources`], given back when dropped.
+struct Slot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Entry::Occupied(mut open) = self.sources.lock().open.entry(self.ip) {
+            *open.get_mut() -= 1;
+            if *open.get() == 0 {
+                open.remove();
             }
         }
     }
@@ -580,5 +691,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn each_source_holds_up_to_its_cap_and_gets_places_back() {
+        let sources = Arc::new(Sources::new(2));
+        let a = [sources.take(ip("10.0.0.1")), sources.take(ip("10.0.0.1"))];
+        assert!(a.iter().all(Option::is_some));
+        assert!(sources.take(ip("10.0.0.1")).is_none());
+        // The same node through a dual-stack listener is the same source.
+        assert!(sources.take(ip("::ffff:10.0.0.1")).is_none());
+        assert!(
+            sources
+                .take(ip("10.0.0.2"))
+                .is_some_and(|b| b.ip == ip("10.0.0.2"))
+        );
+        let [first, second] = a;
+        drop(first);
+        let again = sources.take(ip("::ffff:10.0.0.1"));
+        assert!(again.is_some());
+        assert_eq!(sources.lock().open.get(&ip("10.0.0.1")), Some(&2));
+        drop((second, again));
+        assert!(
+            sources.lock().open.is_empty(),
+            "counts of closed sources kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_logged_at_most_once_an_interval_with_their_count() {
+        let sources = Arc::new(Sources::new(0));
+        let source = ip("10.0.0.1");
+        // The first is told at once; the next ones wait for the interval to pass.
+        assert!(sources.take(source).is_none());
+        assert_eq!(sources.lock().refused, 0);
+        for _ in 0..3 {
+            assert!(sources.take(source).is_none());
+        }
+        assert_eq!(sources.lock().refused, 3);
+        tokio::time::advance(CAP_LOG_INTERVAL).await;
+        assert!(sources.take(ip("10.0.0.2")).is_none());
+        assert_eq!(sources.lock().refused, 0, "told, with the 3 before it");
     }
 }
