@@ -197,6 +197,9 @@ struct NodeArgs {
     /// Tunnels one HBONE connection carries at once.
     #[arg(long, value_name = "N", default_value_t = crate::proxy::pool::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: usize,
+    /// HBONE connections one source address may hold at once (past it, new ones are reset).
+    #[arg(long, value_name = "N", default_value_t = crate::proxy::hbone::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
+    max_connections_per_source: usize,
     /// The `nft` program.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     nft: PathBuf,
@@ -717,7 +720,10 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         readiness: args.readiness,
         mark: args.mark,
         table_check_interval: args.table_check_interval,
-        server: crate::proxy::ServerSettings::default(),
+        server: crate::proxy::ServerSettings {
+            max_connections_per_source: args.max_connections_per_source,
+            ..crate::proxy::ServerSettings::default()
+        },
         client: crate::proxy::ClientSettings {
             idle_timeout: args.idle_timeout,
             max_streams_per_connection: args.max_streams_per_connection,
