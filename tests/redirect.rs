@@ -177,6 +177,59 @@ fn outbound_connections_of_local_pods_reach_the_outbound_listener_with_their_des
 }
 
 #[test]
+fn a_pod_sending_as_another_local_pod_is_dropped() {
+    let Some(t) = topology() else { return };
+    // A second pod behind its own veth; the first pod also holds its address, to send as it.
+    let other = Netns::new("pod2");
+    link(
+        &t.node,
+        "pod1",
+        &["198.18.3.1/24"],
+        &other,
+        "eth0",
+        &["198.18.3.2/24"],
+    );
+    t.pod.ip(&["addr", "add", "198.18.3.2/32", "dev", "eth0"]);
+    let redirect = redirect(Nft::default(), &[POD, "198.18.3.2"]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    let listener = bind(&t.node, "0.0.0.0:15001");
+    let destination: SocketAddr = "203.0.113.7:8080".parse().expect("an address");
+
+    let spoofed = t.pod.run(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&"198.18.3.2:0".parse::<SocketAddr>().expect("addr").into())?;
+        socket.connect_timeout(&destination.into(), Duration::from_millis(500))
+    });
+    assert!(spoofed.is_err(), "the spoofed connection got through");
+    assert!(
+        pending(&listener).is_none(),
+        "nothing captured for the spoofer"
+    );
+    // Replies would go to the other pod anyway; the counter shows weft dropped the SYNs
+    // before capture saw them.
+    let dropped: u64 = listing(&t.node)["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .filter(|r| {
+            r["chain"] == "antispoof" && r["comment"].as_str().is_some_and(|c| c.ends_with("(ip)"))
+        })
+        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e.get("counter").and_then(|c| c["packets"].as_u64()))
+        .sum();
+    assert!(
+        dropped > 0,
+        "the spoofed SYNs were dropped by the anti-spoofing rule"
+    );
+
+    // The pod as itself is captured as before.
+    let _client = dial(&t.pod, destination);
+    let (_, from) = pending(&listener).expect("the pod's own connection on 15001");
+    assert_eq!(from.ip(), POD.parse::<IpAddr>().expect("an address"));
+}
+
+#[test]
 fn outbound_ipv6_connections_of_local_pods_reach_the_outbound_listener() {
     // A topology of its own: a dual-stack listener on [::]:15001 would clash with the IPv4 one.
     let Some(t) = topology() else { return };
@@ -279,7 +332,7 @@ fn applying_twice_yields_the_same_table() {
         .iter()
         .filter(|o| o.get("rule").is_some())
         .count();
-    assert_eq!(rules, 9, "no rule duplicated");
+    assert_eq!(rules, 11, "no rule duplicated");
     assert_eq!(
         t.node.block_on(redirect.check()).expect("check"),
         TableState::Intact

@@ -6,11 +6,13 @@ use std::fmt;
 use std::net::IpAddr;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField};
+use nftables::expr::{
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+};
 use nftables::schema::{
     Chain, Element, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
 };
-use nftables::stmt::{Match, NAT, Operator, Return, Statement};
+use nftables::stmt::{Counter, Drop, Match, NAT, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{Capture, PodAddr, TABLE};
@@ -18,10 +20,25 @@ use super::{Capture, PodAddr, TABLE};
 /// nat chains run at dstnat priority, where REDIRECT is allowed.
 const NAT_PRIORITY: i32 = -100;
 
-/// weft's base chains: pod traffic arriving at the node, and traffic the node itself sends.
-const CHAINS: [(&str, NfHook); 2] = [
-    ("prerouting", NfHook::Prerouting),
-    ("output", NfHook::Output),
+/// The anti-spoofing chain runs at mangle priority: before capture decides anything.
+const FILTER_PRIORITY: i32 = -150;
+
+/// weft's base chains: spoofed pod sources dropped, pod traffic arriving at the node captured,
+/// and traffic the node itself sends.
+const CHAINS: [(&str, NfHook, NfChainType, i32); 3] = [
+    (
+        "antispoof",
+        NfHook::Prerouting,
+        NfChainType::Filter,
+        FILTER_PRIORITY,
+    ),
+    (
+        "prerouting",
+        NfHook::Prerouting,
+        NfChainType::NAT,
+        NAT_PRIORITY,
+    ),
+    ("output", NfHook::Output, NfChainType::NAT, NAT_PRIORITY),
 ];
 
 /// The address families weft captures, each with its own set (nft sets hold one type).
@@ -188,14 +205,14 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Set::default()
         })));
     }
-    for (name, hook) in CHAINS {
+    for (name, hook, kind, priority) in CHAINS {
         batch.add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
             table: TABLE.into(),
             name: name.into(),
-            _type: Some(NfChainType::NAT),
+            _type: Some(kind),
             hook: Some(hook),
-            prio: Some(NAT_PRIORITY),
+            prio: Some(priority),
             policy: Some(NfChainPolicy::Accept),
             ..Chain::default()
         }));
@@ -310,6 +327,29 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
     let mut rules = Vec::new();
     for family in Family::ALL {
         let ip = family.protocol();
+        // THREATS 24: a local pod's address is only believed from the interface its route
+        // leaves by, so no pod sends as another (its identity, its policy grants).
+        rules.push((
+            "antispoof",
+            format!("weft: local pod addresses only from their own interface ({ip})"),
+            vec![
+                in_set(family, "saddr"),
+                matches(
+                    Expression::Named(NamedExpression::Fib(Fib {
+                        result: FibResult::Oif,
+                        flags: [FibFlag::Saddr, FibFlag::Iif].into_iter().collect(),
+                    })),
+                    Operator::EQ,
+                    Expression::Boolean(false),
+                ),
+                // Counted, so that an operator sees spoofing attempts (`nft list table inet weft`).
+                Statement::Counter(Counter::Anonymous(None)),
+                Statement::Drop(Some(Drop {})),
+            ],
+        ));
+    }
+    for family in Family::ALL {
+        let ip = family.protocol();
         // Outbound first: a pod talking to a pod of the same node is the source's connection.
         rules.push((
             "prerouting",
@@ -407,15 +447,15 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
     for (chain, comment, _) in rules(capture) {
         expected_rules.entry(chain).or_default().push(comment);
     }
-    for (name, hook) in CHAINS {
+    for (name, hook, kind, priority) in CHAINS {
         match chains.remove(name) {
             None => drifts.push(Drift::ChainMissing { chain: name }),
             Some(chain) => {
                 let shape = (chain._type, chain.hook, chain.prio, chain.policy);
                 let want = (
-                    Some(NfChainType::NAT),
+                    Some(kind),
                     Some(hook),
-                    Some(NAT_PRIORITY),
+                    Some(priority),
                     Some(NfChainPolicy::Accept),
                 );
                 if shape != want {
@@ -571,14 +611,14 @@ mod tests {
             matches!(
                 drifts[0],
                 Drift::Rules {
-                    chain: "prerouting",
+                    chain: "antispoof",
                     ..
                 }
             ),
             "{drifts:?}"
         );
         assert!(
-            drifts[0]
+            drifts[1]
                 .to_string()
                 .contains("chain prerouting has rules []")
         );
