@@ -26,6 +26,10 @@ pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest HTTP/2 frame either side accepts.
 pub const DEFAULT_MAX_FRAME_SIZE: u32 = 1024 * 1024;
 
+/// Buffer of each direction of a carried connection: large enough that bulk transfers move
+/// in few, large writes (tokio's default is 8 KiB).
+pub const COPY_BUFFER: usize = 64 * 1024;
+
 /// ALPN protocol id both sides offer.
 const ALPN_H2: &[u8] = b"h2";
 

@@ -699,7 +699,7 @@ async fn pipe(
     direction: Direction,
 ) {
     tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => match copied {
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, proxy::COPY_BUFFER, proxy::COPY_BUFFER) => match copied {
             Ok((sent, received)) => metrics.closed(direction, CloseCause::Done, sent, received),
             Err(error) => {
                 tracing::debug!(%error, "connection failed");

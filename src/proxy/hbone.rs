@@ -347,6 +347,11 @@ impl<A: Admission> Server<A> {
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                 continue;
             };
+            // HTTP/2 writes small frames (HEADERS, WINDOW_UPDATE): with Nagle they wait for the
+            // peer's delayed ACK, some 40 ms, on every new tunnel.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(%from, error = %e, "hbone: TCP_NODELAY not set");
+            }
             let server = self.clone();
             tokio::spawn(async move {
                 let _slot = slot;
@@ -555,7 +560,7 @@ async fn tunnel<A: Admission>(
             }
         };
         let (sent, received, end) = tokio::select! {
-            copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match copied {
+            copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => match copied {
                 Ok((sent, received)) => (sent, received, TunnelEnd::Done),
                 Err(e) => {
                     tracing::debug!(%destination, error = %e, "hbone tunnel failed");
