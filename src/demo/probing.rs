@@ -11,7 +11,7 @@ use super::DemoError;
 use super::plane::RunningNode;
 use crate::lab::{self, Lab, LabNode, LabPod};
 use crate::policy::Verdict;
-use crate::probe::Outcome;
+use crate::probe::{self, Outcome};
 
 /// Each step of a probe (connect, answer) may take this long; a denied connection is closed
 /// at once, so only an unanswered one waits it out.
@@ -251,10 +251,20 @@ fn print_probe(header: &str, outcome: &Outcome, observed: &Observed) {
         if ok { " ok " } else { "DIFF" },
         observed.exchange.outcome
     );
+    // The layer that decided: the first that denies, else the last one passed.
+    let identity = outcome
+        .identity
+        .as_ref()
+        .map(|d| format!("identity {}", probe::describe_identity(d)));
     let engine = if outcome.egress.verdict == Verdict::Deny {
         format!("egress {}", outcome.egress)
-    } else {
+    } else if outcome.ingress.verdict == Verdict::Deny {
         format!("ingress {}", outcome.ingress)
+    } else {
+        match identity {
+            Some(identity) => format!("ingress {}; {identity}", outcome.ingress),
+            None => format!("ingress {}", outcome.ingress),
+        }
     };
     println!("         engine: {engine}");
     if observed.decisions.is_empty() {
