@@ -118,10 +118,15 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, DemoError> {
         Some(dir) => Scenario::from_dir(dir)?,
         None => Scenario::built_in(),
     };
-    let weft = std::env::current_exe().map_err(|error| DemoError::Io {
-        what: "finding the weft executable".into(),
-        error,
-    })?;
+    // The children run this very executable: through /proc, a binary rebuilt at the same path
+    // while the demo runs (`cargo build`) is not mixed into it.
+    let weft = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    if !weft.exists() {
+        return Err(DemoError::Io {
+            what: format!("{}: the running executable", weft.display()),
+            error: std::io::ErrorKind::NotFound.into(),
+        });
+    }
     let runtime = tokio::runtime::Runtime::new().map_err(|error| DemoError::Io {
         what: "starting the async runtime".into(),
         error,
