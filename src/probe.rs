@@ -155,13 +155,15 @@ fn resolve(item: serde_json::Value, engine: &Engine) -> Result<Probe, String> {
         .endpoint(v6, engine)
         .map_err(|e| format!("from: {e}"))?;
     let dst = to.endpoint(v6, engine).map_err(|e| format!("to: {e}"))?;
+    // An address a pod owns means that pod, for the identity layer too.
+    let pod_of = |end: &Endpoint| match end {
+        Endpoint::Pod { pod, .. } => Some(*pod),
+        Endpoint::Address(_) | Endpoint::Ambiguous(_) => None,
+    };
     let peer = match raw.identity.as_deref() {
         Some("none") => None,
         Some(id) => Some(WorkloadId::parse(id).map_err(|e| format!("identity: {e}"))?),
-        None => match from {
-            End::Pod(pod) => engine.pod_identity(pod),
-            End::Ip(_) => None,
-        },
+        None => pod_of(&src).and_then(|pod| engine.pod_identity(pod)),
     };
     Ok(Probe {
         from: raw.from,
@@ -174,10 +176,7 @@ fn resolve(item: serde_json::Value, engine: &Engine) -> Result<Probe, String> {
             port,
             protocol,
         },
-        dst_pod: match to {
-            End::Pod(pod) => Some(pod),
-            End::Ip(_) => None,
-        },
+        dst_pod: pod_of(&dst),
         peer,
     })
 }
@@ -255,7 +254,7 @@ pub fn decide(probes: &[Probe], engine: &Engine) -> Vec<Outcome> {
 }
 
 /// The identity layer in words: the enforced verdict, then what audit policies would do.
-fn describe_identity(d: &IdentityDecision) -> String {
+pub fn describe_identity(d: &IdentityDecision) -> String {
     let peer = d.peer.as_deref().unwrap_or("a peer with no identity");
     let verdict = |v: &IdentityVerdict| match v {
         IdentityVerdict::NotSelected => "not selected".to_owned(),

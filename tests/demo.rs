@@ -1,6 +1,7 @@
 //! `weft demo` end to end, as root: the built-in two-cluster demo with real traffic through
-//! the node agents, the same scenario from a directory of steps and from one clusterset, and
-//! Ctrl-C in the middle — each leaving no namespace, process or temporary directory behind.
+//! the node agents, the same scenario from a directory of steps and from one clusterset, a
+//! scenario with identity rules, and Ctrl-C in the middle — each leaving no namespace, process
+//! or temporary directory behind.
 
 mod netns;
 
@@ -133,6 +134,65 @@ fn a_scenario_directory_runs_as_steps_or_as_one_clusterset() {
     );
     assert!(
         stdout.contains("203.0.113.7 -> 10.2.1.10 80/TCP: expected deny, observed deny"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn identity_rules_are_enforced_as_the_engine_expects() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-cluster/1-no-policy");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for cluster in ["cluster-1", "cluster-2"] {
+        std::fs::create_dir(dir.path().join(cluster)).expect("mkdir");
+        std::fs::copy(
+            example.join(cluster).join("demo.yaml"),
+            dir.path().join(cluster).join("demo.yaml"),
+        )
+        .expect("copy");
+    }
+    std::fs::write(
+        dir.path().join("cluster-2/identity.yaml"),
+        r#"apiVersion: weft.dev/v1alpha1
+kind: IdentityPolicy
+metadata: {name: web-from-c1, namespace: demo-c2}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  rules:
+    - from: [{spiffeId: "spiffe://cluster-1/ns/demo-c1/sa/default"}]
+      ports: [{port: 80}]
+"#,
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("probes.yaml"),
+        "- {from: cluster-1/demo-c1/tmp-client, to: cluster-2/demo-c2/web-c2, port: 80}\n\
+         - {from: cluster-2/demo-c1/impostor, to: cluster-2/demo-c2/web-c2, port: 80}\n\
+         - {from: 203.0.113.7, to: 10.2.1.10, port: 80}\n\
+         - {from: cluster-1/demo-c1/tmp-client, to: cluster-2/demo-c2/web-c2, port: 8080}\n\
+         - {from: cluster-1/demo-c1/tmp-client, to: cluster-2/demo-c2/web-c2, port: 53, protocol: UDP}\n",
+    )
+    .expect("write");
+    let out = weft()
+        .arg("demo")
+        .arg("--clusters")
+        .arg(dir.path())
+        .output()
+        .expect("weft demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("4 probes made: 4 as expected, 0 not; 1 not probed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("inbound: deny by identity"),
+        "the identity layer decided: {stdout}"
+    );
+    assert!(
+        stdout.contains("53/UDP: UDP: only TCP is probed; not probed"),
         "{stdout}"
     );
 }

@@ -188,7 +188,9 @@ fn policy_check_decides_the_identity_layer_with_reasons() {
          - {from: 10.9.9.9, to: cluster-1/demo/web, port: 80}\n\
          - {from: 10.9.9.9, to: cluster-1/demo/web, port: 80, identity: \"spiffe://cluster-1/ns/demo/sa/client\"}\n\
          - {from: cluster-1/demo/client, to: cluster-1/demo/web, port: 80, identity: none}\n\
-         - {from: cluster-1/demo/web, to: cluster-1/demo/client, port: 80}\n",
+         - {from: cluster-1/demo/web, to: cluster-1/demo/client, port: 80}\n\
+         - {from: 10.1.0.2, to: 10.1.0.1, port: 80}\n\
+         - {from: 10.9.9.9, to: 10.1.0.1, port: 80}\n",
     )
     .expect("write");
     let run = |output: &str| {
@@ -217,8 +219,16 @@ fn policy_check_decides_the_identity_layer_with_reasons() {
         .collect();
     assert_eq!(
         verdicts,
-        ["allow", "deny", "deny", "allow", "deny", "allow"]
+        [
+            "allow", "deny", "deny", "allow", "deny", "allow", "allow", "deny"
+        ]
     );
+    // Pods named by their addresses are those pods, for the identity layer too.
+    assert_eq!(
+        lines[6]["identity"]["peer"],
+        "spiffe://cluster-1/ns/demo/sa/client"
+    );
+    assert!(lines[7]["identity"]["peer"].is_null());
     assert_eq!(
         lines[1]["identity"]["peer"],
         "spiffe://c2.example/ns/demo/sa/client"
