@@ -3,7 +3,7 @@
 STEPS := 1-no-policy 2-default-deny 3-allow-from-cluster-1
 EXAMPLE := examples/two-cluster
 
-.PHONY: demo offline test bench
+.PHONY: demo offline test bench bench-dataplane
 
 ## demo: the main job — the seed's two-cluster demo, live: network namespaces, the tracker, a
 ## CA per cluster, `weft node` per node and real TCP through them (needs root, ip and nft).
@@ -26,3 +26,7 @@ test:
 ## bench: the policy engine benchmark (figures and their baselines).
 bench:
 	cargo bench --locked --bench policy
+
+## bench-dataplane: weft's data plane against direct TCP in a network-namespace lab (as root).
+bench-dataplane:
+	cargo bench --locked --bench dataplane

@@ -4,9 +4,9 @@
 //! to the tracker and every probe is made with real TCP from its source pod, its verdict
 //! compared with the offline engine's and explained from the nodes' decision logs.
 
-mod plane;
+pub mod plane;
 mod probing;
-mod scenario;
+pub mod scenario;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

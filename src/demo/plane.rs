@@ -43,22 +43,22 @@ struct TrustDomainFiles {
 }
 
 /// A running `weft node`.
-pub(super) struct RunningNode<'lab> {
+pub struct RunningNode<'lab> {
     /// Its node.
-    pub(super) node: &'lab LabNode,
+    pub node: &'lab LabNode,
     /// Its process, with its decision log.
-    pub(super) process: Process,
+    pub process: Process,
 }
 
 /// The tracker, the CAs and the node agents, running in a lab.
-pub(super) struct ControlPlane<'lab> {
+pub struct ControlPlane<'lab> {
     lab: &'lab Lab,
     /// The clusterset directory the tracker follows.
     clusters: PathBuf,
     tracker: Process,
     tracker_admin: SocketAddr,
     /// The node agents, one per node of the lab.
-    pub(super) nodes: Vec<RunningNode<'lab>>,
+    pub nodes: Vec<RunningNode<'lab>>,
     timeout: Duration,
 }
 
@@ -67,7 +67,7 @@ impl<'lab> ControlPlane<'lab> {
     /// certificates, a token per node, every root as a trust bundle), then starts the
     /// tracker on `first` step's manifests, a CA per cluster that has nodes, and a node agent
     /// per node; each of `weft`'s control-plane processes is waited for up to `timeout`.
-    pub(super) async fn start(
+    pub async fn start(
         lab: &'lab Lab,
         weft: &Path,
         work: &Path,
@@ -218,7 +218,7 @@ impl<'lab> ControlPlane<'lab> {
     }
 
     /// The tracker's revision, from its metrics.
-    pub(super) async fn revision(&self) -> Result<u64, DemoError> {
+    pub async fn revision(&self) -> Result<u64, DemoError> {
         let answer = lab::http_get(self.lab.wire(), self.tracker_admin, "/metrics", ANSWER).await?;
         let text = String::from_utf8_lossy(&answer.body);
         Ok(text
@@ -235,7 +235,7 @@ impl<'lab> ControlPlane<'lab> {
     /// Hands `step` to the tracker in place of `previous`; when `changed`, waits for the
     /// tracker to apply it: its revision moves past `before`, then stays still (the directory
     /// is read again after each burst of file events). Returns the revision the step is at.
-    pub(super) async fn next_step(
+    pub async fn next_step(
         &self,
         previous: &Step,
         step: &Step,
@@ -271,7 +271,7 @@ impl<'lab> ControlPlane<'lab> {
 
     /// Waits for every node agent to be ready at `revision` with exactly `clusterset`'s
     /// policies of its cluster.
-    pub(super) async fn wait_nodes(
+    pub async fn wait_nodes(
         &self,
         clusterset: &ClusterSet,
         revision: u64,
@@ -296,15 +296,15 @@ struct ConfigDump {
 
 /// A policy as `/config_dump` names it.
 #[derive(Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) struct PolicyName {
+pub struct PolicyName {
     /// `NetworkPolicy` or `IdentityPolicy`.
-    pub(super) kind: String,
+    pub kind: String,
     /// Its cluster.
-    pub(super) cluster: String,
+    pub cluster: String,
     /// Its namespace.
-    pub(super) namespace: String,
+    pub namespace: String,
     /// Its name.
-    pub(super) name: String,
+    pub name: String,
 }
 
 /// The demo's children log at the demo's level (RUST_LOG, else info).
@@ -316,7 +316,7 @@ fn child_log_filter() -> String {
 }
 
 /// The NetworkPolicies and IdentityPolicies of every cluster of a step.
-pub(super) fn step_policies(clusterset: &ClusterSet) -> Vec<PolicyName> {
+pub fn step_policies(clusterset: &ClusterSet) -> Vec<PolicyName> {
     let mut names: Vec<PolicyName> = clusterset
         .policies()
         .map(|p| PolicyName {

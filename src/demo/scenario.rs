@@ -29,11 +29,13 @@ pub(super) struct Scenario {
 
 /// One step: a clusterset's files by path (`CLUSTER/…`).
 #[derive(Debug)]
-pub(super) struct Step {
-    pub(super) name: String,
-    pub(super) files: BTreeMap<PathBuf, Vec<u8>>,
+pub struct Step {
+    /// Its name (a directory's name, for a scenario read from one).
+    pub name: String,
+    /// Its files' contents by path below the clusterset directory (`CLUSTER/…`).
+    pub files: BTreeMap<PathBuf, Vec<u8>>,
     /// The directory it was read from, loaded as is so that errors name the user's files.
-    pub(super) origin: Option<PathBuf>,
+    pub origin: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -159,11 +161,7 @@ fn collect_files(
 
 /// Makes `dir` hold exactly `step`'s files, given that it holds `previous`'s: changed files
 /// are renamed into place (the tracker never reads half a file), others removed.
-pub(super) fn write_step(
-    dir: &Path,
-    previous: Option<&Step>,
-    step: &Step,
-) -> Result<(), DemoError> {
+pub fn write_step(dir: &Path, previous: Option<&Step>, step: &Step) -> Result<(), DemoError> {
     let io = |what: String| move |error| DemoError::Io { what, error };
     let old = previous.map(|p| &p.files);
     for (relative, contents) in &step.files {

@@ -1,0 +1,363 @@
+//! The data-plane benchmark: a client pod behind cluster-1's node and a server pod behind
+//! cluster-2's (the lab of `tests/dataplane_lab/`), measured through weft (captured at node A,
+//! an HBONE mTLS tunnel to node B, delivered to the server) and then directly between the same
+//! two pod namespaces with capture off (node agents stopped, `weft node --cleanup` in each node
+//! namespace): bulk throughput with 1 and 8 streams, 1 KiB request/response latency on one kept
+//! connection, new connections per second with a 1 KiB exchange each, and the idle RSS of a
+//! node agent. Needs root, `ip` and `nft`; `WEFT_BENCH_SECONDS` sets each timed run (3 s).
+//!
+//! The `weft` the control plane runs is this build's (`CARGO_BIN_EXE_weft`: `cargo bench`
+//! builds it with the bench profile, i.e. release).
+
+#[path = "../tests/dataplane_lab/mod.rs"]
+mod dataplane_lab;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dataplane_lab::{ECHO_PORT, SINK_PORT};
+use weft::lab::{LabNode, Netns};
+
+const EXCHANGE: usize = 1024;
+const RR_WARMUP: usize = 500;
+const RR_ROUNDS: usize = 5_000;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One side's figures.
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    gbps_1: f64,
+    gbps_8: f64,
+    p50_us: f64,
+    p99_us: f64,
+    conns_per_s: f64,
+    failed_conns: usize,
+}
+
+fn main() {
+    let missing = weft::lab::missing_prerequisites();
+    if !missing.is_empty() {
+        eprintln!("the dataplane benchmark needs {}", missing.join(", "));
+        std::process::exit(1);
+    }
+    let seconds: f64 = std::env::var("WEFT_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let run = Duration::from_secs_f64(seconds);
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let _entered = runtime.enter();
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let (lab, set, step) = dataplane_lab::build_lab(work.path());
+    let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
+    // Tens of thousands of short connections from one address to one port: reuse TIME_WAIT
+    // ports for the client and the nodes' own connections rather than run out of them.
+    for netns in [&client.netns, &node_a.netns, &node_b.netns, &server.netns] {
+        netns
+            .sysctl(&[
+                ("net/ipv4/ip_local_port_range".to_owned(), "1024 65535"),
+                ("net/ipv4/tcp_tw_reuse".to_owned(), "1"),
+            ])
+            .expect("sysctl in a lab namespace");
+    }
+    serve(
+        &server.netns,
+        SocketAddr::new(server.ip.into(), SINK_PORT),
+        sink,
+    );
+    serve(
+        &server.netns,
+        SocketAddr::new(server.ip.into(), ECHO_PORT),
+        echo,
+    );
+    let sink_at = dataplane_lab::server_addr(&lab, SINK_PORT);
+    let echo_at = dataplane_lab::server_addr(&lab, ECHO_PORT);
+
+    let plane = runtime.block_on(dataplane_lab::start_plane(
+        &lab,
+        weft,
+        work.path(),
+        &set,
+        &step,
+    ));
+    println!(
+        "lab {}: client {} behind {} (cluster-1), server {} behind {} (cluster-2); {seconds} s runs",
+        lab.prefix(),
+        client.ip,
+        node_a.name,
+        server.ip,
+        node_b.name
+    );
+
+    let decided_before = runtime.block_on(decided(node_b));
+    let through = measure("weft", &client.netns, sink_at, echo_at, run);
+    let decided_after = runtime.block_on(decided(node_b));
+    println!(
+        "  node B decided {} connections during the weft run (the traffic went through weft)",
+        decided_after - decided_before
+    );
+    assert!(
+        decided_after - decided_before >= through.conns_per_s * seconds,
+        "node B did not see the connections: the traffic bypassed weft"
+    );
+
+    std::thread::sleep(Duration::from_secs(5));
+    let rss: Vec<(String, f64)> = plane
+        .nodes
+        .iter()
+        .map(|n| {
+            let pid = n.process.pid().expect("a node agent's pid");
+            (n.node.name.clone(), vm_rss_mb(pid))
+        })
+        .collect();
+
+    // Capture off: the agents stopped, weft's table removed from each node namespace.
+    runtime.block_on(async {
+        for node in &plane.nodes {
+            lab.kill(&node.process).await;
+        }
+    });
+    for node in lab.nodes() {
+        cleanup(weft, node);
+        assert!(
+            dataplane_lab::nft(node, &["list", "table", "inet", "weft"]).is_err(),
+            "weft's table is still in {}",
+            node.name
+        );
+    }
+    let direct = measure("direct", &client.netns, sink_at, echo_at, run);
+    drop(plane);
+    drop(lab);
+
+    report(&through, &direct, &rss, seconds);
+}
+
+/// Every figure of one side, printed as it is measured.
+fn measure(
+    side: &str,
+    client: &Netns,
+    sink_at: SocketAddr,
+    echo_at: SocketAddr,
+    run: Duration,
+) -> Figures {
+    client
+        .run(|| {
+            // Warm-up: a first connection (tunnel and certificates on the weft side).
+            round_trips(echo_at, 100);
+            let gbps_1 = bulk(sink_at, 1, run);
+            let gbps_8 = bulk(sink_at, 8, run);
+            let mut all = round_trips(echo_at, RR_WARMUP + RR_ROUNDS);
+            let mut rtts = all.split_off(RR_WARMUP);
+            rtts.sort_unstable_by(f64::total_cmp);
+            let (conns_per_s, failed_conns) = new_connections(echo_at, run);
+            let f = Figures {
+                gbps_1,
+                gbps_8,
+                p50_us: percentile(&rtts, 0.50),
+                p99_us: percentile(&rtts, 0.99),
+                conns_per_s,
+                failed_conns,
+            };
+            eprintln!("  {side}: {f:?}");
+            f
+        })
+        .expect("entering the client's namespace")
+}
+
+/// Bulk throughput in Gbit/s of `streams` connections writing for `run`: the bytes the
+/// server counted, over the time until its count came back.
+fn bulk(to: SocketAddr, streams: usize, run: Duration) -> f64 {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..streams)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).expect("connect");
+                let buf = vec![0x5au8; 128 * 1024];
+                while start.elapsed() < run {
+                    s.write_all(&buf).expect("write");
+                }
+                s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+                let mut count = [0u8; 8];
+                s.read_exact(&mut count).expect("the server's count");
+                (u64::from_be_bytes(count), start.elapsed())
+            })
+        })
+        .collect();
+    let mut bytes = 0u64;
+    let mut took = Duration::ZERO;
+    for t in threads {
+        let (n, at) = t.join().expect("a stream");
+        bytes += n;
+        took = took.max(at);
+    }
+    bytes as f64 * 8.0 / took.as_secs_f64() / 1e9
+}
+
+/// `n` round trips of 1 KiB on one kept connection (TCP_NODELAY), each in µs.
+fn round_trips(to: SocketAddr, n: usize) -> Vec<f64> {
+    let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    let out = [0x42u8; EXCHANGE];
+    let mut back = [0u8; EXCHANGE];
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            s.write_all(&out).expect("write");
+            s.read_exact(&mut back).expect("read");
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect()
+}
+
+/// New connections per second, one at a time, each with a 1 KiB exchange; and how many failed.
+fn new_connections(to: SocketAddr, run: Duration) -> (f64, usize) {
+    let start = Instant::now();
+    let (mut done, mut failed) = (0usize, 0usize);
+    let out = [0x43u8; EXCHANGE];
+    let mut back = [0u8; EXCHANGE];
+    while start.elapsed() < run {
+        let ok = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).and_then(|mut s| {
+            s.set_nodelay(true)?;
+            s.write_all(&out)?;
+            s.read_exact(&mut back)
+        });
+        match ok {
+            Ok(()) => done += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (done as f64 / start.elapsed().as_secs_f64(), failed)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// Accepts on `addr` inside `netns`, a thread per connection running `handle`.
+fn serve(netns: &Netns, addr: SocketAddr, handle: fn(TcpStream)) {
+    let listener = netns
+        .run(|| TcpListener::bind(addr))
+        .expect("entering the server's namespace")
+        .expect("the server listens");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || handle(stream));
+        }
+    });
+}
+
+/// Reads to the end, then answers with the byte count.
+fn sink(mut s: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(&n.to_be_bytes());
+}
+
+/// Sends back every 1 KiB it reads.
+fn echo(mut s: TcpStream) {
+    let _ = s.set_nodelay(true);
+    let mut buf = [0u8; EXCHANGE];
+    while s.read_exact(&mut buf).is_ok() {
+        if s.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+/// The connections node `node` has decided (`weft_node_connections_decided_total`, summed).
+async fn decided(node: &LabNode) -> f64 {
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let answer = weft::lab::http_get(&node.netns, admin, "/metrics", Duration::from_secs(2))
+        .await
+        .expect("the node's metrics");
+    String::from_utf8_lossy(&answer.body)
+        .lines()
+        .filter(|l| l.starts_with("weft_node_connections_decided_total"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn vm_rss_mb(pid: u32) -> f64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "weft", "pid {pid} is not weft");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .expect("VmRSS")
+        / 1024.0
+}
+
+/// `weft node --cleanup` inside `node`'s namespace.
+fn cleanup(weft: &Path, node: &LabNode) {
+    let status = node
+        .netns
+        .run(|| {
+            std::process::Command::new(weft)
+                .args(["node", "--cleanup"])
+                .status()
+        })
+        .expect("entering the node's namespace")
+        .expect("weft node --cleanup runs");
+    assert!(status.success(), "weft node --cleanup in {}", node.name);
+}
+
+fn report(weft: &Figures, direct: &Figures, rss: &[(String, f64)], seconds: f64) {
+    let pct = |a: f64, b: f64| 100.0 * a / b;
+    println!();
+    println!("dataplane (weft through two node agents, HBONE mTLS, vs direct; {seconds} s runs):");
+    println!(
+        "throughput, 1 stream:  weft {:.2} Gbit/s, direct {:.2} Gbit/s, ratio {:.0}%  (target >= 50%; ztunnel 6.25 vs 16.3 = 38%)",
+        weft.gbps_1,
+        direct.gbps_1,
+        pct(weft.gbps_1, direct.gbps_1)
+    );
+    println!(
+        "throughput, 8 streams: weft {:.2} Gbit/s, direct {:.2} Gbit/s, ratio {:.0}%",
+        weft.gbps_8,
+        direct.gbps_8,
+        pct(weft.gbps_8, direct.gbps_8)
+    );
+    println!(
+        "1 KiB round trip p50:  weft {:.0} µs, direct {:.0} µs, +{:.0} µs  (target <= +50 µs; ztunnel 147 vs 69 = +78)",
+        weft.p50_us,
+        direct.p50_us,
+        weft.p50_us - direct.p50_us
+    );
+    println!(
+        "1 KiB round trip p99:  weft {:.0} µs, direct {:.0} µs, +{:.0} µs  (ztunnel 233 vs 122 = +111)",
+        weft.p99_us,
+        direct.p99_us,
+        weft.p99_us - direct.p99_us
+    );
+    println!(
+        "new connections/s (sequential, 1 KiB exchange each): weft {:.0}, direct {:.0}, ratio {:.0}%  (target >= 40%; ztunnel 1,645 vs 8,404 = 20%){}",
+        weft.conns_per_s,
+        direct.conns_per_s,
+        pct(weft.conns_per_s, direct.conns_per_s),
+        if weft.failed_conns + direct.failed_conns > 0 {
+            format!(
+                "; failed: weft {}, direct {}",
+                weft.failed_conns, direct.failed_conns
+            )
+        } else {
+            String::new()
+        }
+    );
+    for (node, mb) in rss {
+        println!("idle RSS of weft node {node}: {mb:.1} MB  (target <= 15 MB; ztunnel 13.5 MB)");
+    }
+}

@@ -1,0 +1,181 @@
+//! The data-plane lab the benchmark (`benches/dataplane.rs`) and the fault tests
+//! (`tests/dataplane.rs`) share: two clusters with one node each, a client pod behind
+//! cluster-1's node and a server pod behind cluster-2's, no NetworkPolicy; brought up with
+//! `weft demo`'s lab and control plane (the real `weft tracker`, `weft ca` and `weft node`).
+#![allow(dead_code)] // each user takes its share
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use weft::demo::plane::ControlPlane;
+use weft::demo::scenario::{Step, write_step};
+use weft::lab::{Lab, LabNode, LabOptions, LabPod};
+use weft::model::ClusterSet;
+use weft::model::loader;
+
+/// The ports the server pod serves.
+pub const SINK_PORT: u16 = 5201;
+pub const ECHO_PORT: u16 = 5202;
+pub const LINE_PORT: u16 = 5203;
+
+const CLUSTER_1: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: bench
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+status:
+  addresses:
+    - type: InternalIP
+      address: 192.168.1.11
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: bench
+  labels:
+    app: client
+spec:
+  nodeName: node-a
+  containers:
+    - name: client
+      image: busybox
+status:
+  phase: Running
+  podIPs:
+    - ip: 10.1.1.10
+";
+
+const CLUSTER_2: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: bench
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-b
+status:
+  addresses:
+    - type: InternalIP
+      address: 192.168.1.21
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: server
+  namespace: bench
+  labels:
+    app: server
+spec:
+  nodeName: node-b
+  containers:
+    - name: server
+      image: busybox
+      ports:
+        - containerPort: 5201
+        - containerPort: 5202
+        - containerPort: 5203
+status:
+  phase: Running
+  podIPs:
+    - ip: 10.2.1.10
+";
+
+/// Denies every ingress to the server (a default deny in its namespace).
+const DENY_SERVER: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-all
+  namespace: bench
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+";
+
+/// The topology as a step: with `deny`, the server's namespace denies all ingress.
+pub fn step(deny: bool) -> Step {
+    let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
+    files.insert("cluster-1/bench.yaml".into(), CLUSTER_1.into());
+    files.insert("cluster-2/bench.yaml".into(), CLUSTER_2.into());
+    if deny {
+        files.insert("cluster-2/deny.yaml".into(), DENY_SERVER.into());
+    }
+    Step {
+        name: if deny { "deny" } else { "allow" }.into(),
+        files,
+        origin: None,
+    }
+}
+
+/// `step` loaded as the tracker will load it (written into `staging` first).
+pub fn clusterset(step: &Step, staging: &Path) -> ClusterSet {
+    write_step(staging, None, step).expect("the step is written");
+    loader::load_clusterset(staging)
+        .expect("the topology loads")
+        .clusterset
+}
+
+/// The lab of the allow step.
+pub fn build_lab(work: &Path) -> (Lab, ClusterSet, Step) {
+    weft::lab::sweep().expect("sweeping dead labs");
+    let step = step(false);
+    let set = clusterset(&step, &work.join("staging-allow"));
+    let lab = Lab::build(&set, &LabOptions::default()).expect("the lab is built");
+    (lab, set, step)
+}
+
+/// Starts the control plane and the node agents on `lab`, and waits for every node to be
+/// ready at the tracker's revision.
+pub async fn start_plane<'lab>(
+    lab: &'lab Lab,
+    weft: &Path,
+    work: &Path,
+    set: &ClusterSet,
+    step: &Step,
+) -> ControlPlane<'lab> {
+    let plane = ControlPlane::start(lab, weft, work, set, step, Duration::from_secs(30))
+        .await
+        .expect("the control plane starts");
+    let revision = plane.revision().await.expect("the tracker's revision");
+    plane
+        .wait_nodes(set, revision)
+        .await
+        .expect("the nodes are ready");
+    plane
+}
+
+/// The client pod, the server pod and their nodes.
+pub fn ends(lab: &Lab) -> (&LabPod, &LabPod, &LabNode, &LabNode) {
+    let client = lab.pod("cluster-1", "bench", "client").expect("client pod");
+    let server = lab.pod("cluster-2", "bench", "server").expect("server pod");
+    (client, server, lab.node_of(client), lab.node_of(server))
+}
+
+/// The server's address at `port`.
+pub fn server_addr(lab: &Lab, port: u16) -> SocketAddr {
+    SocketAddr::new(ends(lab).1.ip.into(), port)
+}
+
+/// Runs `nft ARGS…` inside `node`'s namespace; its stdout, or its stderr as the error.
+pub fn nft(node: &LabNode, args: &[&str]) -> Result<String, String> {
+    let out = node
+        .netns
+        .run(|| std::process::Command::new("nft").args(args).output())
+        .expect("entering the node's namespace")
+        .map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
