@@ -421,10 +421,15 @@ impl Agent {
                             .await;
                     }
                     Err(error) => {
-                        self.refuse(
-                            stream,
-                            decision.settled(false, Layer::Transport, error.to_string()),
-                        );
+                        let layer = match &error {
+                            proxy::ClientError::Refused { status, .. }
+                                if status.is_client_error() =>
+                            {
+                                Layer::Destination
+                            }
+                            _ => Layer::Transport,
+                        };
+                        self.refuse(stream, decision.settled(false, layer, error.to_string()));
                     }
                 }
             }

@@ -31,7 +31,10 @@ pub enum Layer {
     NetworkPolicy,
     /// The IdentityPolicies of the destination's cluster.
     Identity,
-    /// Carrying it failed after it was allowed (tunnel refused, destination unreachable).
+    /// The destination's node refused the tunnel (its NetworkPolicy, identity rules or
+    /// admission; its own decision log says which).
+    Destination,
+    /// Carrying it failed after it was allowed (destination unreachable, TLS failed).
     Transport,
 }
 
@@ -43,6 +46,7 @@ impl Layer {
             Layer::Admission => "admission",
             Layer::NetworkPolicy => "networkpolicy",
             Layer::Identity => "identity",
+            Layer::Destination => "destination",
             Layer::Transport => "transport",
         }
     }

@@ -120,7 +120,15 @@ pub fn route_explained(
             ingress: why.ingress.to_string(),
         });
     }
-    let allowed = format!("egress {}; ingress {}", why.egress, why.ingress);
+    // A node holds its own cluster's policies only: another cluster's pod is judged for
+    // ingress by its own node.
+    let ingress = match dst {
+        Endpoint::Pod { pod, .. } if engine.pod_cluster(pod) != Some(cluster) => {
+            "judged at the destination's node".to_owned()
+        }
+        _ => why.ingress.to_string(),
+    };
+    let allowed = format!("egress {}; ingress {ingress}", why.egress);
     let direct = Route::Direct { target: original };
     let Endpoint::Pod { pod: to, .. } = dst else {
         return Ok((direct, allowed));

@@ -953,6 +953,12 @@ impl Engine {
                 .is_some_and(|n| self.expired.get(n.cluster as usize) == Some(&true))
     }
 
+    /// The cluster of `pod`, if it is live.
+    pub fn pod_cluster(&self, pod: PodId) -> Option<&ClusterId> {
+        let p = self.pods.get(pod.0)?;
+        self.clusters.get(p.about.cluster as usize)
+    }
+
     /// `cluster/namespace/name` of every NetworkPolicy, then of every IdentityPolicy, each
     /// with its kind, sorted within each kind.
     pub fn policy_list(&self) -> Vec<(&'static str, String)> {
