@@ -203,6 +203,9 @@ struct NodeArgs {
     /// The `nft` program.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     nft: PathBuf,
+    /// Threads carrying traffic (as ztunnel's worker threads).
+    #[arg(long, value_name = "N", env = "WEFT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    worker_threads: u16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -730,7 +733,12 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
             ..crate::proxy::ClientSettings::default()
         },
     };
-    runtime()?.block_on(async {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.worker_threads))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
         let channel = ca::client::lazy(
             &ca_url,
             tonic::transport::Certificate::from_pem(root),

@@ -229,3 +229,42 @@ fn ctrl_c_tears_everything_down() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_nothing_left(pid);
 }
+
+#[test]
+fn two_clusters_of_two_nodes_decide_across_nodes_at_the_source_and_by_identity() {
+    if !netns::prerequisites() {
+        return;
+    }
+    // tests/scenarios/two-by-two: same-cluster cross-node, egress denied at the source's node,
+    // identity rules allowing, denying and only audited, plaintext from an unmeshed source.
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/two-by-two");
+    let child = weft()
+        .arg("demo")
+        .arg("--clusters")
+        .arg(&scenario)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("weft demo starts");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("weft demo ends");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("10 probes made: 10 as expected, 0 not; 0 not probed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("c1-node-2 outbound: deny by networkpolicy: cluster-1/shop/batch -> 10.2.1.10:5432: egress denied"),
+        "egress is denied at the source's node: {stdout}"
+    );
+    assert!(
+        stdout.contains("c2-node-1 inbound: deny by identity"),
+        "the identity layer decided at the destination: {stdout}"
+    );
+    assert!(
+        stdout.contains("c2-node-1 plaintext: deny by identity"),
+        "a source without identity matches no identity rule: {stdout}"
+    );
+    assert_nothing_left(pid);
+}

@@ -98,6 +98,8 @@ pub struct Decision {
     pub layer: Layer,
     /// Why, naming the deciding policies.
     pub reason: String,
+    /// What identity rules in Audit mode would have done, when they would deny.
+    pub audit: Option<String>,
 }
 
 impl Decision {
@@ -114,6 +116,7 @@ impl Decision {
             allowed: false,
             layer: Layer::View,
             reason: String::new(),
+            audit: None,
         }
     }
 
@@ -145,6 +148,7 @@ impl Decision {
             verdict = self.verdict(),
             layer = self.layer.as_str(),
             reason = %self.reason,
+            audit = text(&self.audit),
             "decision"
         );
     }

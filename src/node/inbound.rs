@@ -230,8 +230,11 @@ impl NodeAdmission {
             return decision.settled(false, Layer::NetworkPolicy, reason);
         }
         let identity = engine.decide_identity(local, to.port(), Protocol::Tcp, peer);
-        if !identity.audited.passes() {
-            tracing::info!(peer = ?peer.map(ToString::to_string), destination = %to, verdict = ?identity.audited, "identity rules in audit mode would deny");
+        if let IdentityVerdict::Denied { policies } = &identity.audited {
+            decision.audit = Some(format!(
+                "identity rules in Audit mode ({}) would deny",
+                policies.join(", ")
+            ));
         }
         match identity.enforced {
             IdentityVerdict::NotSelected => decision.settled(true, Layer::NetworkPolicy, reason),

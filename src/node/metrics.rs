@@ -46,6 +46,7 @@ pub struct Metrics {
     denied: Family<Denied, Counter>,
     closed: Family<Closed, Counter>,
     bytes: Family<Carried, Counter>,
+    audit_denials: Counter,
 }
 
 /// Why a carried connection ended.
@@ -69,6 +70,9 @@ impl Metrics {
                 verdict: decision.verdict(),
             })
             .inc();
+        if decision.audit.is_some() {
+            self.audit_denials.inc();
+        }
         if !decision.allowed {
             self.denied
                 .get_or_create(&Denied {
@@ -115,6 +119,11 @@ impl Metrics {
             self.closed.clone(),
         );
         registry.register(
+            "identity_audit_denials",
+            "Connections that identity rules in Audit mode would have denied (never enforced).",
+            self.audit_denials.clone(),
+        );
+        registry.register(
             "bytes",
             "Bytes carried, by direction and flow (sent to the destination, received from it).",
             self.bytes.clone(),
@@ -136,6 +145,9 @@ mod tests {
             "10.0.0.2:80".parse().expect("addr"),
         );
         m.decided(&d.clone().settled(true, Layer::NetworkPolicy, "ok"));
+        let mut audited = d.clone().settled(true, Layer::NetworkPolicy, "ok");
+        audited.audit = Some("identity rules in Audit mode (c/ns/p) would deny".into());
+        m.decided(&audited);
         m.decided(&d.settled(false, Layer::Identity, "no"));
         m.closed(Direction::Outbound, CloseCause::Done, 10, 20);
         let mut registry = Registry::with_prefix("weft_node");
@@ -143,8 +155,12 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
         assert!(
+            text.contains("weft_node_identity_audit_denials_total 1"),
+            "{text}"
+        );
+        assert!(
             text.contains(
-                r#"weft_node_connections_decided_total{direction="outbound",verdict="allow"} 1"#
+                r#"weft_node_connections_decided_total{direction="outbound",verdict="allow"} 2"#
             ),
             "{text}"
         );
