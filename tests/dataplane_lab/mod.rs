@@ -127,9 +127,13 @@ pub fn clusterset(step: &Step, staging: &Path) -> ClusterSet {
 
 /// The lab of the allow step.
 pub fn build_lab(work: &Path) -> (Lab, ClusterSet, Step) {
+    build_lab_of(work, step(false))
+}
+
+/// The lab of `step` (the allow step with more manifests, say).
+pub fn build_lab_of(work: &Path, step: Step) -> (Lab, ClusterSet, Step) {
     weft::lab::sweep().expect("sweeping dead labs");
-    let step = step(false);
-    let set = clusterset(&step, &work.join("staging-allow"));
+    let set = clusterset(&step, &work.join(format!("staging-{}", step.name)));
     let lab = Lab::build(&set, &LabOptions::default()).expect("the lab is built");
     (lab, set, step)
 }
