@@ -401,12 +401,14 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
     let metadata = exchange(&client.netns, None, at(METADATA, TRAP_PORT), "x", SHORT).await;
     assert!(!metadata.outcome.allowed(), "{}", metadata.outcome);
     // The pod's connections to weft's own ports at its node's address get no answer from
-    // them: the admin port is on loopback only (weft's dial is refused); the outbound,
-    // plaintext and HBONE listeners refuse what weft dials to them from the node's own
-    // address (no pod of this node; no local pod's address; no certificate for it), so
-    // nothing loops. 127.0.0.1 from a pod is the pod's own loopback, never captured: no
-    // case to test there. (15020 and 15021 listen on every address and do answer — see
-    // the report of the commit that added this test.)
+    // them. Node A's outbound does not refuse them itself (the node's own address is no
+    // forbidden destination): it allows and dials each, with its mark, from the node. The
+    // admin port is on loopback only, so that dial is refused; the outbound, plaintext and
+    // HBONE listeners refuse what arrives from the node's own address (no pod of this node;
+    // not addressed to a local pod; no certificate for that address), so nothing loops.
+    // 15020 (metrics) and 15021 (readiness) listen on every address and do answer the pod,
+    // through weft, as coming from the node: not asserted here either way.
+    // 127.0.0.1 from a pod is the pod's own loopback, never captured: nothing to test there.
     for port in [15000, 15001, 15006, 15008] {
         let to = at(node_a.ip, port);
         let answer = http_get(&client.netns, to, "/", SHORT).await;
