@@ -517,6 +517,38 @@ impl Lab {
         }
     }
 
+    /// Stops `process` with SIGTERM and waits up to `grace` for it to exit; kills it if it
+    /// has not. How it ended when it exited by itself within the grace.
+    pub async fn terminate(&self, process: &Process, grace: Duration) -> Option<ExitStatus> {
+        let child = self.children().get_mut(process.slot).and_then(Option::take);
+        let mut child = child?;
+        // The child is ours and not yet reaped, so its pid is not reused by another process.
+        let pid = child.id().and_then(|pid| i32::try_from(pid).ok());
+        if let Some(pid) = pid
+            && let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM)
+        {
+            tracing::warn!(name = process.name(), error = %e, "could not send SIGTERM");
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            Ok(Err(e)) => {
+                tracing::warn!(name = process.name(), error = %e, "could not wait");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    name = process.name(),
+                    ?grace,
+                    "no exit after SIGTERM; killing"
+                );
+                if let Err(e) = child.kill().await {
+                    tracing::warn!(name = process.name(), error = %e, "could not kill");
+                }
+                None
+            }
+        }
+    }
+
     /// Serves [`respond`] on `addr` inside `netns`, answering as `who`, until the lab is
     /// dropped. Call it inside a tokio runtime.
     pub fn serve_responder(

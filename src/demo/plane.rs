@@ -48,6 +48,29 @@ pub struct RunningNode<'lab> {
     pub node: &'lab LabNode,
     /// Its process, with its decision log.
     pub process: Process,
+    /// How it was started, to start it again ([`ControlPlane::start_node`]).
+    command: Command,
+}
+
+/// Extra arguments for the processes a [`ControlPlane`] starts; none by default.
+#[derive(Debug, Clone, Default)]
+pub struct PlaneOptions {
+    /// Appended to every `weft ca`'s command line (e.g. `--min-ttl 4s`).
+    pub ca_args: Vec<String>,
+    /// Appended to every `weft node`'s command line (e.g. `--certificate-ttl 4s`).
+    pub node_args: Vec<String>,
+}
+
+/// How [`ControlPlane::stop_node`] stops an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM, as a DaemonSet's pod is stopped; SIGKILL if it has not exited after the grace.
+    Terminate {
+        /// How long it may take to exit.
+        grace: Duration,
+    },
+    /// SIGKILL (kill -9): no chance to clean up.
+    Kill,
 }
 
 /// The tracker, the CAs and the node agents, running in a lab.
@@ -74,6 +97,20 @@ impl<'lab> ControlPlane<'lab> {
         clusterset: &ClusterSet,
         first: &Step,
         timeout: Duration,
+    ) -> Result<Self, DemoError> {
+        let options = PlaneOptions::default();
+        Self::start_with(lab, weft, work, clusterset, first, timeout, &options).await
+    }
+
+    /// [`ControlPlane::start`] with `options`' extra arguments for the CAs and node agents.
+    pub async fn start_with(
+        lab: &'lab Lab,
+        weft: &Path,
+        work: &Path,
+        clusterset: &ClusterSet,
+        first: &Step,
+        timeout: Duration,
+        options: &PlaneOptions,
     ) -> Result<Self, DemoError> {
         let io = |what: &Path| {
             let what = what.display().to_string();
@@ -166,7 +203,8 @@ impl<'lab> ControlPlane<'lab> {
                 .args(["--tracker", &tracker_url, "--insecure", "--listen"])
                 .arg(listen.to_string())
                 .arg("--admin")
-                .arg(admin.to_string());
+                .arg(admin.to_string())
+                .args(&options.ca_args);
             let ca = lab.spawn(lab.wire(), &format!("weft ca {id}"), &command)?;
             cas.insert(id.clone(), (ca, listen, admin));
         }
@@ -199,13 +237,18 @@ impl<'lab> ControlPlane<'lab> {
                 .arg("--token-file")
                 .arg(token)
                 .arg("--bundles")
-                .arg(&bundles);
+                .arg(&bundles)
+                .args(&options.node_args);
             let process = lab.spawn(
                 &node.netns,
                 &format!("weft node {}/{}", node.cluster, node.name),
                 &command,
             )?;
-            nodes.push(RunningNode { node, process });
+            nodes.push(RunningNode {
+                node,
+                process,
+                command,
+            });
         }
         Ok(Self {
             lab,
@@ -267,6 +310,31 @@ impl<'lab> ControlPlane<'lab> {
             }
             tokio::time::sleep(DEBOUNCE).await;
         }
+    }
+
+    /// Stops node agent `index` (of [`ControlPlane::nodes`]) as `how` says and waits for it
+    /// to be gone; how it ended, if it exited by itself. Panics if there is no agent `index`.
+    pub async fn stop_node(&self, index: usize, how: Stop) -> Option<std::process::ExitStatus> {
+        let process = &self.nodes[index].process;
+        match how {
+            Stop::Terminate { grace } => self.lab.terminate(process, grace).await,
+            Stop::Kill => {
+                self.lab.kill(process).await;
+                None
+            }
+        }
+    }
+
+    /// Starts node agent `index` again with the command line it was first started with (after
+    /// [`ControlPlane::stop_node`]); does not wait for it to be ready
+    /// ([`ControlPlane::wait_nodes`] does). Panics if there is no agent `index`.
+    pub fn start_node(&mut self, index: usize) -> Result<(), DemoError> {
+        let running = &mut self.nodes[index];
+        let name = running.process.name().to_owned();
+        running.process = self
+            .lab
+            .spawn(&running.node.netns, &name, &running.command)?;
+        Ok(())
     }
 
     /// Waits for every node agent to be ready at `revision` with exactly `clusterset`'s

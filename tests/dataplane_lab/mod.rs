@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use weft::demo::plane::ControlPlane;
+use weft::demo::plane::{ControlPlane, PlaneOptions};
 use weft::demo::scenario::{Step, write_step};
 use weft::lab::{Lab, LabNode, LabOptions, LabPod};
 use weft::model::ClusterSet;
@@ -102,16 +102,49 @@ spec:
   policyTypes: [Ingress]
 ";
 
+/// Admits ingress to the server on [`LINE_PORT`] only: [`ECHO_PORT`] and [`SINK_PORT`] are
+/// denied.
+const LINE_PORT_ONLY: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: line-port-only
+  namespace: bench
+spec:
+  podSelector:
+    matchLabels:
+      app: server
+  policyTypes: [Ingress]
+  ingress:
+    - ports:
+        - port: 5203
+          protocol: TCP
+";
+
 /// The topology as a step: with `deny`, the server's namespace denies all ingress.
 pub fn step(deny: bool) -> Step {
+    if deny {
+        step_with("deny", Some(DENY_SERVER))
+    } else {
+        step_with("allow", None)
+    }
+}
+
+/// The topology as a step in which the server admits [`LINE_PORT`] and nothing else.
+pub fn line_port_only() -> Step {
+    step_with("line-port-only", Some(LINE_PORT_ONLY))
+}
+
+/// The topology named `name`, with `policy` in the server's cluster.
+fn step_with(name: &str, policy: Option<&str>) -> Step {
     let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
     files.insert("cluster-1/bench.yaml".into(), CLUSTER_1.into());
     files.insert("cluster-2/bench.yaml".into(), CLUSTER_2.into());
-    if deny {
-        files.insert("cluster-2/deny.yaml".into(), DENY_SERVER.into());
+    if let Some(policy) = policy {
+        files.insert("cluster-2/policy.yaml".into(), policy.into());
     }
     Step {
-        name: if deny { "deny" } else { "allow" }.into(),
+        name: name.into(),
         files,
         origin: None,
     }
@@ -147,7 +180,20 @@ pub async fn start_plane<'lab>(
     set: &ClusterSet,
     step: &Step,
 ) -> ControlPlane<'lab> {
-    let plane = ControlPlane::start(lab, weft, work, set, step, Duration::from_secs(30))
+    start_plane_with(lab, weft, work, set, step, &PlaneOptions::default()).await
+}
+
+/// [`start_plane`] with `options`' extra arguments for the CAs and node agents.
+pub async fn start_plane_with<'lab>(
+    lab: &'lab Lab,
+    weft: &Path,
+    work: &Path,
+    set: &ClusterSet,
+    step: &Step,
+    options: &PlaneOptions,
+) -> ControlPlane<'lab> {
+    let timeout = Duration::from_secs(30);
+    let plane = ControlPlane::start_with(lab, weft, work, set, step, timeout, options)
         .await
         .expect("the control plane starts");
     let revision = plane.revision().await.expect("the tracker's revision");
