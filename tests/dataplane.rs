@@ -420,10 +420,9 @@ async fn keep_connecting(
 /// THREATS 11, rotation half: certificates of 4 s (the CA's minimum lowered to match),
 /// renewed at about half of it, for about three lifetimes of traffic — a connection
 /// exchanging a line every 100 ms and a new connection every 100 ms: the open one stays
-/// open, every new one succeeds, and both agents renewed their certificates meanwhile.
-/// Not shown: that new connections present the rotated leaf — the pool keeps reusing the
-/// HBONE connection it opened first, whose certificates have long expired (pool keys carry no
-/// certificate generation).
+/// open, every new one succeeds, both agents renewed their certificates meanwhile, and new
+/// tunnels went on new HBONE connections presenting the renewed certificate (pool keys carry
+/// the certificate's generation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_load_without_breaking_a_connection() {
     if !netns::prerequisites() {
@@ -482,6 +481,15 @@ async fn certificates_rotate_under_load_without_breaking_a_connection() {
         outcomes.len() >= 20,
         "only {} new connections",
         outcomes.len()
+    );
+    // A renewed certificate is presented by new tunnels at once: they go on new HBONE
+    // connections (the old ones idle out), so node A holds more than one.
+    let pooled = config_dump(node_a).await["pool_connections"]
+        .as_u64()
+        .expect("pool_connections");
+    assert!(
+        pooled >= 3,
+        "{pooled} pooled connections: new tunnels kept presenting the first certificate"
     );
     for ((node, before), after) in [node_a, node_b].iter().zip(&before).zip(&after) {
         for (identity, renewed) in after {

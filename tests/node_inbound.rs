@@ -131,6 +131,7 @@ async fn a_nodes_admission_decides_tunnels_before_any_dial() {
         source: id(CLIENT),
         node,
         destination: id(WEB),
+        generation: 0,
     };
     let client_tls = Arc::new(
         trust

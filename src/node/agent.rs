@@ -27,6 +27,7 @@ use crate::identity::verify::Expected;
 use crate::identity::{TrustStore, WorkloadId};
 use crate::model::ClusterId;
 use crate::policy::Endpoint;
+use crate::proxy::pool::certificate_generation;
 use crate::proxy::{self, ClientSettings, Pool, PoolKey, Server, ServerSettings, ServerTls};
 use crate::redirect::{PodAddr, Redirect, original_destination};
 use crate::tracker::client::{ClientError, Follower, Target, follow};
@@ -408,10 +409,17 @@ impl Agent {
                 target,
             } => {
                 let tls = self.client_config(&source, &destination);
+                // THREATS 11: a renewed certificate is presented by new connections at once.
+                let generation = self
+                    .identities
+                    .certificate(&source)
+                    .and_then(|key| key.cert.first().map(|leaf| certificate_generation(leaf)))
+                    .unwrap_or(0);
                 let key = PoolKey {
                     source,
                     node,
                     destination,
+                    generation,
                 };
                 match self.pool.connect(&key, tls, target, from.ip()).await {
                     Ok(tunnel) => {
@@ -625,6 +633,7 @@ impl Agent {
                 "mark": s.mark,
             },
             "open_connections": self.connections.len(),
+            "pool_connections": self.pool.len(),
             "server": s.server,
             "client": s.client,
         })

@@ -86,6 +86,18 @@ pub struct PoolKey {
     pub node: SocketAddr,
     /// The identity the server must present.
     pub destination: WorkloadId,
+    /// Which certificate of the source's the connection presents (see [`certificate_generation`]):
+    /// once it is renewed, new tunnels go on new connections, and the old ones idle out.
+    pub generation: u64,
+}
+
+/// A number that changes when `leaf` (a DER certificate) does: its signature's last 8 bytes,
+/// which a CA's signature makes unique per certificate.
+pub fn certificate_generation(leaf: &[u8]) -> u64 {
+    let mut tail = [0u8; 8];
+    let n = leaf.len().min(8);
+    tail[8 - n..].copy_from_slice(&leaf[leaf.len() - n..]);
+    u64::from_be_bytes(tail)
 }
 
 /// Why a tunnel could not be opened.
@@ -420,6 +432,19 @@ impl AsyncWrite for Tunnel {
 mod tests {
     use super::*;
     use crate::proxy::forwarded_for;
+
+    #[test]
+    fn a_certificate_generation_is_its_signature_tail() {
+        assert_eq!(certificate_generation(&[1, 2, 3]), 0x010203);
+        assert_eq!(
+            certificate_generation(&[9, 1, 2, 3, 4, 5, 6, 7, 8]),
+            0x0102030405060708
+        );
+        assert_ne!(
+            certificate_generation(b"a certificate ending in one signature"),
+            certificate_generation(b"a certificate ending in another signatur")
+        );
+    }
 
     #[test]
     fn the_forwarded_header_sent_is_the_one_accepted() {

@@ -139,6 +139,7 @@ impl Fixture {
             source: id(CLIENT),
             node: self.node,
             destination: id(SERVER),
+            generation: 0,
         }
     }
 
