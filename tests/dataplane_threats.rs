@@ -261,13 +261,16 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
     lab.serve_responder(&server.netns, line, "server")
         .expect("the server's responder");
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
-    let b_log = plane
-        .nodes
-        .iter()
-        .find(|n| n.node.name == node_b.name)
-        .expect("node B's agent")
-        .process
-        .output();
+    let log_of = |node: &LabNode| {
+        plane
+            .nodes
+            .iter()
+            .find(|n| n.node.name == node.name)
+            .expect("the node's agent")
+            .process
+            .output()
+    };
+    let (a_log, b_log) = (log_of(node_a), log_of(node_b));
 
     let client_id = spiffe("cluster-1", "default");
     let impostor_id = spiffe("cluster-1", "impostor");
@@ -400,20 +403,26 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
     a_metadata.arm(&node_a.netns, at(METADATA, TRAP_PORT)).await;
     let metadata = exchange(&client.netns, None, at(METADATA, TRAP_PORT), "x", SHORT).await;
     assert!(!metadata.outcome.allowed(), "{}", metadata.outcome);
-    // The pod's connections to weft's own ports at its node's address get no answer from
-    // them. Node A's outbound does not refuse them itself (the node's own address is no
-    // forbidden destination): it allows and dials each, with its mark, from the node. The
-    // admin port is on loopback only, so that dial is refused; the outbound, plaintext and
-    // HBONE listeners refuse what arrives from the node's own address (no pod of this node;
-    // not addressed to a local pod; no certificate for that address), so nothing loops.
-    // 15020 (metrics) and 15021 (readiness) listen on every address and do answer the pod,
-    // through weft, as coming from the node: not asserted here either way.
+    // The pod's connections to weft's own ports at its node's address — listeners, admin,
+    // metrics, readiness — are refused by node A's outbound before any dial: nothing loops
+    // and no pod reads the node's metrics through weft.
     // 127.0.0.1 from a pod is the pod's own loopback, never captured: nothing to test there.
-    for port in [15000, 15001, 15006, 15008] {
+    let mark = a_log.mark();
+    for port in [15000, 15001, 15006, 15008, 15020, 15021] {
         let to = at(node_a.ip, port);
         let answer = http_get(&client.netns, to, "/", SHORT).await;
         assert!(answer.is_err(), "client pod -> node A {to}: {answer:?}");
     }
+    let refused = a_log
+        .wait_for(mark, WAIT, |l| {
+            l.contains("addressed to weft's own listener") && l.contains(":15020")
+        })
+        .await;
+    assert!(
+        refused.is_some(),
+        "node A refuses its own metrics port for a pod: {:#?}",
+        a_log.since(mark)
+    );
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     for trap in [&b_trap, &client_trap, &server_trap, &server_2_trap] {

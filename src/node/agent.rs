@@ -498,6 +498,7 @@ impl Agent {
             Ok(original) => {
                 // THREATS 15: a connection to weft's own listeners would loop.
                 tracing::info!(%from, %original, "refused: addressed to weft's own listener");
+                let _ = stream.set_zero_linger();
                 None
             }
             Err(error) => {
@@ -507,12 +508,33 @@ impl Agent {
         }
     }
 
+    /// Whether `addr` is one of weft's own listeners on this node: dialled for a pod, it would
+    /// loop, or hand a pod the node's metrics and admin (THREATS 15).
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
         let s = &self.settings;
-        (addr.ip().is_loopback() || addr.ip().is_unspecified())
-            && [s.outbound, s.inbound, s.hbone]
-                .iter()
-                .any(|l| l.port() == addr.port())
+        let ours = [
+            s.outbound,
+            s.inbound,
+            s.hbone,
+            s.admin,
+            s.metrics,
+            s.readiness,
+        ]
+        .iter()
+        .any(|l| l.port() == addr.port());
+        if !ours {
+            return false;
+        }
+        let ip = addr.ip();
+        ip.is_loopback()
+            || ip.is_unspecified()
+            || self
+                .view
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .engine()
+                .node_addresses(&s.cluster, &s.node)
+                .contains(&ip)
     }
 
     /// Logs and counts a refusal, and resets the connection.

@@ -953,6 +953,14 @@ impl Engine {
                 .is_some_and(|n| self.expired.get(n.cluster as usize) == Some(&true))
     }
 
+    /// The addresses of node `node` of `cluster`, as its Node object has them.
+    pub fn node_addresses(&self, cluster: &ClusterId, node: &str) -> &[IpAddr] {
+        self.cluster_index
+            .get(cluster)
+            .and_then(|&c| self.nodes.get(&(c, node.into())))
+            .map_or(&[], |ips| ips.as_slice())
+    }
+
     /// The cluster of `pod`, if it is live.
     pub fn pod_cluster(&self, pod: PodId) -> Option<&ClusterId> {
         let p = self.pods.get(pod.0)?;
