@@ -29,4 +29,5 @@ bench:
 
 ## bench-dataplane: weft's data plane against direct TCP in a network-namespace lab (as root).
 bench-dataplane:
-	cargo bench --locked --bench dataplane
+	cargo build --locked --profile dist --bin weft
+	WEFT_BIN=target/dist/weft cargo bench --locked --bench dataplane

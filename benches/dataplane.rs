@@ -47,7 +47,13 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
     let run = Duration::from_secs_f64(seconds);
-    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    // WEFT_BIN: the agent as shipped (`make bench-dataplane` builds the `dist` profile);
+    // otherwise this build's.
+    let shipped = std::env::var_os("WEFT_BIN").map(std::path::PathBuf::from);
+    let weft = shipped
+        .as_deref()
+        .unwrap_or(Path::new(env!("CARGO_BIN_EXE_weft")));
+    eprintln!("agent: {}", weft.display());
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let _entered = runtime.enter();
     let work = tempfile::tempdir().expect("a temporary directory");
