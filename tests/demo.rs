@@ -51,19 +51,27 @@ fn assert_nothing_left(pid: u32) {
     assert!(processes.is_empty(), "processes left: {processes:?}");
 }
 
-#[test]
-fn the_built_in_demo_observes_what_the_engine_expects_and_leaves_nothing() {
-    if !netns::prerequisites() {
-        return;
-    }
+/// Runs `weft demo ARGS…` to its end and checks that it left nothing behind.
+fn demo_leaving_nothing(args: &[&std::ffi::OsStr]) -> std::process::Output {
     let child = weft()
         .arg("demo")
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("weft demo starts");
     let pid = child.id();
     let out = child.wait_with_output().expect("weft demo ends");
+    assert_nothing_left(pid);
+    out
+}
+
+#[test]
+fn the_built_in_demo_observes_what_the_engine_expects_and_leaves_nothing() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let out = demo_leaving_nothing(&[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -85,7 +93,6 @@ fn the_built_in_demo_observes_what_the_engine_expects_and_leaves_nothing() {
         !stdout.contains("no decision logged"),
         "every probe is explained: {stdout}"
     );
-    assert_nothing_left(pid);
 }
 
 #[test]
@@ -238,16 +245,7 @@ fn two_clusters_of_two_nodes_decide_across_nodes_at_the_source_and_by_identity()
     // tests/scenarios/two-by-two: same-cluster cross-node, egress denied at the source's node,
     // identity rules allowing, denying and only audited, plaintext from an unmeshed source.
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/two-by-two");
-    let child = weft()
-        .arg("demo")
-        .arg("--clusters")
-        .arg(&scenario)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("weft demo starts");
-    let pid = child.id();
-    let out = child.wait_with_output().expect("weft demo ends");
+    let out = demo_leaving_nothing(&["--clusters".as_ref(), scenario.as_os_str()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
@@ -266,5 +264,4 @@ fn two_clusters_of_two_nodes_decide_across_nodes_at_the_source_and_by_identity()
         stdout.contains("c2-node-1 plaintext: deny by identity"),
         "a source without identity matches no identity rule: {stdout}"
     );
-    assert_nothing_left(pid);
 }
