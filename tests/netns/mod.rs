@@ -12,11 +12,9 @@
 //!   [`Netns::block_on`] does the same for a future, on a runtime of its own.
 #![allow(dead_code)] // each test file uses its own share of the helpers
 
-use std::fs::File;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nix::sched::{CloneFlags, setns};
 
 /// Whether namespaces can be made here: root, with `ip` and `nft` on PATH. Under `CI=true` a
 /// missing prerequisite panics; elsewhere it is printed and the test should return.
@@ -33,26 +31,10 @@ pub fn prerequisites() -> bool {
     false
 }
 
-/// Runs `program args`, panicking with its stderr if it fails.
-fn checked(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A network namespace made for one test, deleted when dropped.
+/// A network namespace made for one test, deleted when dropped: the lab's, with panics for
+/// errors (a test has nothing better to do with them).
 #[derive(Debug)]
-pub struct Netns {
-    name: String,
-}
+pub struct Netns(weft::lab::Netns);
 
 impl Netns {
     /// Makes a namespace named after `role`, the process and a counter, with loopback up.
@@ -60,31 +42,26 @@ impl Netns {
         static COUNT: AtomicUsize = AtomicUsize::new(0);
         let n = COUNT.fetch_add(1, Ordering::Relaxed);
         let name = format!("weft-{role}-{}-{n}", std::process::id());
-        checked("ip", &["netns", "add", &name]);
-        let netns = Self { name };
-        netns.ip(&["link", "set", "lo", "up"]);
-        netns
+        Self(weft::lab::Netns::create(&name).unwrap_or_else(|e| panic!("{e}")))
     }
 
     /// The namespace's name (as `ip netns` knows it).
     pub fn name(&self) -> &str {
-        &self.name
+        self.0.name()
     }
 
     /// Runs `ip -n NAME args…`, panicking with ip's message if it fails.
-    pub fn ip(&self, args: &[&str]) -> Output {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        checked("ip", &all)
+    pub fn ip(&self, args: &[&str]) {
+        self.0.ip(args).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Runs `command…` inside the namespace and returns its output, whatever its exit status.
     pub fn exec(&self, command: &[&str]) -> Output {
         Command::new("ip")
-            .args(["netns", "exec", &self.name])
+            .args(["netns", "exec", self.name()])
             .args(command)
             .output()
-            .unwrap_or_else(|e| panic!("cannot run ip netns exec {}: {e}", self.name))
+            .unwrap_or_else(|e| panic!("cannot run ip netns exec {}: {e}", self.name()))
     }
 
     /// Runs `command…` inside the namespace, panicking if it fails; returns its stdout.
@@ -94,7 +71,7 @@ impl Netns {
             out.status.success(),
             "{} in {} failed: {}",
             command.join(" "),
-            self.name,
+            self.name(),
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -102,19 +79,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered the namespace, and returns what it returns.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        let ns = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-        std::thread::scope(|scope| {
-            let thread = scope.spawn(move || {
-                // setns moves only this thread; it ends with the scope, so no other code runs here.
-                setns(&ns, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("cannot enter {path}: {e}"));
-                f()
-            });
-            thread
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        self.0.run(f).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs `future` to completion inside the namespace, on a current-thread runtime.
@@ -122,25 +87,7 @@ impl Netns {
     where
         F::Output: Send,
     {
-        self.run(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a tokio runtime")
-                .block_on(future)
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting the namespace also removes its veth ends and everything nft put in it.
-        let out = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        if !out.is_ok_and(|out| out.status.success()) {
-            eprintln!("could not delete network namespace {}", self.name);
-        }
+        self.0.block_on(future).unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
