@@ -15,7 +15,6 @@
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-
 /// Whether namespaces can be made here: root, with `ip` and `nft` on PATH. Under `CI=true` a
 /// missing prerequisite panics; elsewhere it is printed and the test should return.
 pub fn prerequisites() -> bool {
