@@ -229,19 +229,21 @@ mod tests {
         s.parse().expect("ip")
     }
 
+    /// The tunnel from the client pod to the web pod at `target`.
+    fn client_to_web(target: &str) -> Route {
+        Route::Tunnel {
+            source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
+            node: addr("10.0.0.2:15008"),
+            destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
+            target: addr(target),
+        }
+    }
+
     #[test]
     fn allowed_connections_tunnel_to_pods_and_go_direct_elsewhere() {
         let r = view(true);
         let go = |to: &str| route(&r, &c(), "node-a", ip("10.0.0.1"), addr(to), 15008);
-        assert_eq!(
-            go("10.0.0.2:80"),
-            Ok(Route::Tunnel {
-                source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
-                node: addr("10.0.0.2:15008"),
-                destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
-                target: addr("10.0.0.2:80"),
-            })
-        );
+        assert_eq!(go("10.0.0.2:80"), Ok(client_to_web("10.0.0.2:80")));
         assert_eq!(
             go("203.0.113.9:443"),
             Ok(Route::Direct {
@@ -384,12 +386,7 @@ mod tests {
         );
         assert_eq!(
             go("10.96.0.11:80"),
-            Ok(Route::Tunnel {
-                source: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id"),
-                node: addr("10.0.0.2:15008"),
-                destination: WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/web").expect("id"),
-                target: addr("10.0.0.2:8080"),
-            }),
+            Ok(client_to_web("10.0.0.2:8080")),
             "a named target port resolved to 8080: the endpoint, tunnelled to its node"
         );
         // A port the Service does not declare is no Service: the raw address is judged (the
