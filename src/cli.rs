@@ -707,11 +707,13 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let bundles = args.bundles.ok_or_else(|| missing("--bundles"))?;
 
     let target = client::Target::new(&tracker, args.tls.load("weft node --tracker")?)?;
+    // main prints an error's outer message: each names its flag and carries its cause.
     let bundle_set = crate::identity::BundleSet::load_dir(&bundles)
-        .with_context(|| format!("--bundles {}", bundles.display()))?;
-    let trust = crate::identity::TrustStore::new(bundle_set).context("--bundles")?;
-    let root =
-        std::fs::read(&ca_root).with_context(|| format!("--ca-root {}", ca_root.display()))?;
+        .map_err(|e| anyhow::anyhow!("--bundles {}: {e}", bundles.display()))?;
+    let trust = crate::identity::TrustStore::new(bundle_set)
+        .map_err(|e| anyhow::anyhow!("--bundles {}: {e}", bundles.display()))?;
+    let root = std::fs::read(&ca_root)
+        .map_err(|e| anyhow::anyhow!("--ca-root {}: {e}", ca_root.display()))?;
     let settings = Settings {
         cluster,
         node,

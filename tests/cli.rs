@@ -310,3 +310,72 @@ fn a_bad_flag_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("xml"));
 }
+
+#[test]
+fn weft_node_refuses_bad_flags_naming_the_culprit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_text = dir.path().to_string_lossy().into_owned();
+    let base = |extra: &[&str]| -> Output {
+        let mut args = vec![
+            "node",
+            "--cluster",
+            "cluster-1",
+            "--node",
+            "n1",
+            "--tracker",
+            "http://127.0.0.1:1",
+            "--insecure",
+            "--ca",
+            "https://127.0.0.1:2",
+            "--ca-root",
+            "/nonexistent/root.pem",
+            "--token-file",
+            "/nonexistent/token",
+            "--bundles",
+            &dir_text,
+        ];
+        args.extend_from_slice(extra);
+        weft(&args)
+    };
+    let refused = |out: &Output, culprit: &str| {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {stderr}");
+        assert!(stderr.contains(culprit), "{culprit} not named: {stderr}");
+    };
+    refused(&base(&["--mark", "0"]), "mark 0");
+    refused(&base(&["--mark", "0xzz"]), "0xzz");
+    refused(&base(&["--worker-threads", "0"]), "worker-threads");
+    refused(&base(&["--table-check-interval", "soon"]), "soon");
+    refused(&base(&["--hbone", "15008"]), "15008");
+    refused(&base(&["--inbound", "0.0.0.0:15001"]), "capture");
+    // An empty bundle directory holds no trust domain: named, with why.
+    refused(&base(&[]), &format!("--bundles {dir_text}: "));
+    refused(&weft(&["node", "--node", "n1"]), "--cluster");
+    refused(
+        &weft(&["node", "--cleanup", "--nft", "/nonexistent/nft"]),
+        "/nonexistent/nft",
+    );
+}
+
+#[test]
+fn an_address_in_use_is_named_with_its_cause() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("c1")).expect("mkdir");
+    let clusters = dir.path().to_string_lossy().into_owned();
+    let out = weft(&[
+        "tracker",
+        "--clusters",
+        &clusters,
+        "--insecure",
+        "--admin",
+        &addr,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--admin {addr}: ")) && stderr.to_lowercase().contains("in use"),
+        "the flag and why: {stderr}"
+    );
+}
