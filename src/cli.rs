@@ -195,7 +195,7 @@ struct NodeArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
     /// Tunnels one HBONE connection carries at once.
-    #[arg(long, value_name = "N", default_value_t = crate::proxy::pool::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    #[arg(long, value_name = "N", env = "WEFT_MAX_STREAMS_PER_CONNECTION", default_value_t = crate::proxy::pool::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: usize,
     /// HBONE connections one source address may hold at once (past it, new ones are reset).
     #[arg(long, value_name = "N", default_value_t = crate::proxy::hbone::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
