@@ -310,6 +310,15 @@ impl Agent {
             }
         }
         self.identities.set_identities(&next.identities);
+        // TLS configurations of identities no pod here runs as any more are not needed again.
+        self.client_configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(source, _), _| next.identities.contains(source));
+        self.server_configs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|identity, _| next.identities.contains(identity));
         for closed in self.connections.recheck(|r| self.still_allowed(r)) {
             tracing::info!(connection = ?closed, "closing: no longer allowed");
         }
