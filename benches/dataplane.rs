@@ -47,6 +47,12 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
     let run = Duration::from_secs_f64(seconds);
+    // Medians of several runs, as ztunnel's reference figures are: this VM is noisy.
+    let runs: usize = std::env::var("WEFT_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(3);
     // WEFT_BIN: the agent as shipped (`make bench-dataplane` builds the `dist` profile);
     // otherwise this build's.
     let shipped = std::env::var_os("WEFT_BIN").map(std::path::PathBuf::from);
@@ -99,7 +105,9 @@ fn main() {
     );
 
     let decided_before = runtime.block_on(decided(node_b));
-    let through = measure("weft", &client.netns, sink_at, echo_at, run);
+    let through = median_of(runs, || {
+        measure("weft", &client.netns, sink_at, echo_at, run)
+    });
     let decided_after = runtime.block_on(decided(node_b));
     println!(
         "  node B decided {} connections during the weft run (the traffic went through weft)",
@@ -134,11 +142,13 @@ fn main() {
             node.name
         );
     }
-    let direct = measure("direct", &client.netns, sink_at, echo_at, run);
+    let direct = median_of(runs, || {
+        measure("direct", &client.netns, sink_at, echo_at, run)
+    });
     drop(plane);
     drop(lab);
 
-    report(&through, &direct, &rss, seconds);
+    report(&through, &direct, &rss, seconds, runs);
 }
 
 /// Every figure of one side, printed as it is measured.
@@ -171,6 +181,24 @@ fn measure(
             f
         })
         .expect("entering the client's namespace")
+}
+
+/// Each figure's median over `runs` measurements.
+fn median_of(runs: usize, mut measure: impl FnMut() -> Figures) -> Figures {
+    let all: Vec<Figures> = (0..runs).map(|_| measure()).collect();
+    let median = |field: fn(&Figures) -> f64| {
+        let mut values: Vec<f64> = all.iter().map(field).collect();
+        values.sort_unstable_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Figures {
+        gbps_1: median(|f| f.gbps_1),
+        gbps_8: median(|f| f.gbps_8),
+        p50_us: median(|f| f.p50_us),
+        p99_us: median(|f| f.p99_us),
+        conns_per_s: median(|f| f.conns_per_s),
+        failed_conns: all.iter().map(|f| f.failed_conns).sum(),
+    }
 }
 
 /// Bulk throughput in Gbit/s of `streams` connections writing for `run`: the bytes the
@@ -321,10 +349,12 @@ fn cleanup(weft: &Path, node: &LabNode) {
     assert!(status.success(), "weft node --cleanup in {}", node.name);
 }
 
-fn report(weft: &Figures, direct: &Figures, rss: &[(String, f64)], seconds: f64) {
+fn report(weft: &Figures, direct: &Figures, rss: &[(String, f64)], seconds: f64, runs: usize) {
     let pct = |a: f64, b: f64| 100.0 * a / b;
     println!();
-    println!("dataplane (weft through two node agents, HBONE mTLS, vs direct; {seconds} s runs):");
+    println!(
+        "dataplane (weft through two node agents, HBONE mTLS, vs direct; medians of {runs} runs of {seconds} s):"
+    );
     println!(
         "throughput, 1 stream:  weft {:.2} Gbit/s, direct {:.2} Gbit/s, ratio {:.0}%  (target >= 50%; ztunnel 6.25 vs 16.3 = 38%)",
         weft.gbps_1,
