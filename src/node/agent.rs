@@ -132,6 +132,8 @@ pub struct Agent {
     captured: AtomicBool,
     client_configs: Mutex<HashMap<(WorkloadId, WorkloadId), Arc<ClientConfig>>>,
     server_configs: Mutex<HashMap<WorkloadId, Arc<ServerConfig>>>,
+    /// The HBONE server, once running (for its counters).
+    hbone: std::sync::OnceLock<Arc<Server<NodeAdmission>>>,
 }
 
 impl Agent {
@@ -170,6 +172,7 @@ impl Agent {
             captured: AtomicBool::new(false),
             client_configs: Mutex::default(),
             server_configs: Mutex::default(),
+            hbone: std::sync::OnceLock::new(),
         })
     }
 
@@ -235,6 +238,7 @@ impl Agent {
             },
             self.admission.clone(),
         ));
+        let _ = self.hbone.set(server.clone());
         tasks.spawn(server.run(hbone));
         for (listener, dump) in [(admin, true), (metrics, false), (readiness, false)] {
             let report = NodeReport {
@@ -721,6 +725,14 @@ impl Agent {
             "pool_connections",
             "HBONE connections in the client pool.",
             self.pool.len() as f64,
+        );
+        gauge(
+            &mut registry,
+            "hbone_connections_refused_over_cap",
+            "HBONE connections reset at once because their source held --max-connections-per-source.",
+            self.hbone
+                .get()
+                .map_or(0.0, |s| s.refused_over_cap() as f64),
         );
         gauge(
             &mut registry,

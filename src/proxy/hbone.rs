@@ -363,6 +363,11 @@ impl<A: Admission> Server<A> {
         }
     }
 
+    /// Connections refused so far because their source held its cap.
+    pub fn refused_over_cap(&self) -> u64 {
+        self.sources.lock().refused_total
+    }
+
     /// Serves one accepted connection from `from` until it closes (not counted against the
     /// per-source cap: [`Server::run`] counts).
     pub async fn serve(&self, tcp: TcpStream, from: SocketAddr) -> Result<(), ServerError> {
@@ -450,6 +455,8 @@ struct SourceCounts {
     open: HashMap<IpAddr, usize>,
     /// Connections refused since the last log line (a burst's tail is told by the next one).
     refused: u64,
+    /// Connections refused since the server started.
+    refused_total: u64,
     logged_at: Option<Instant>,
 }
 
@@ -480,6 +487,7 @@ impl Sources {
             });
         }
         counts.refused += 1;
+        counts.refused_total += 1;
         let now = Instant::now();
         if counts
             .logged_at
@@ -743,6 +751,7 @@ mod tests {
             assert!(sources.take(source).is_none());
         }
         assert_eq!(sources.lock().refused, 3);
+        assert_eq!(sources.lock().refused_total, 3);
         tokio::time::advance(CAP_LOG_INTERVAL).await;
         assert!(sources.take(ip("10.0.0.2")).is_none());
         assert_eq!(sources.lock().refused, 0, "told, with the 3 before it");
