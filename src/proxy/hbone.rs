@@ -751,9 +751,10 @@ mod tests {
             assert!(sources.take(source).is_none());
         }
         assert_eq!(sources.lock().refused, 3);
-        assert_eq!(sources.lock().refused_total, 3);
+        assert_eq!(sources.lock().refused_total, 4, "every refusal is counted");
         tokio::time::advance(CAP_LOG_INTERVAL).await;
         assert!(sources.take(ip("10.0.0.2")).is_none());
         assert_eq!(sources.lock().refused, 0, "told, with the 3 before it");
+        assert_eq!(sources.lock().refused_total, 5);
     }
 }
