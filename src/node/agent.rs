@@ -485,8 +485,7 @@ impl Agent {
         });
         match proxy::connect(original, Some(self.settings.mark)).await {
             Ok(upstream) => {
-                decision.log();
-                self.metrics.decided(&decision);
+                decision.record(Some(&self.metrics));
                 pipe(
                     stream,
                     upstream,
@@ -552,8 +551,7 @@ impl Agent {
 
     /// Logs and counts a refusal, and resets the connection.
     fn refuse(&self, stream: TcpStream, decision: Decision) {
-        decision.log();
-        self.metrics.decided(&decision);
+        decision.record(Some(&self.metrics));
         // A reset, not a FIN: the client sees a refusal, not an empty answer.
         let _ = stream.set_zero_linger();
     }
@@ -567,8 +565,7 @@ impl Agent {
         source: std::net::IpAddr,
         target: SocketAddr,
     ) {
-        decision.log();
-        self.metrics.decided(&decision);
+        decision.record(Some(&self.metrics));
         let tracked = self.connections.track(Recheck::Outbound { source, target });
         pipe(
             stream,

@@ -133,8 +133,16 @@ impl Decision {
         if self.allowed { "allow" } else { "deny" }
     }
 
+    /// Writes the decision to the decision log and counts it in `metrics`.
+    pub fn record(&self, metrics: Option<&super::metrics::Metrics>) {
+        self.log();
+        if let Some(metrics) = metrics {
+            metrics.decided(self);
+        }
+    }
+
     /// Writes the decision to the decision log.
-    pub fn log(&self) {
+    fn log(&self) {
         let text = |o: &Option<String>| o.clone().unwrap_or_default();
         tracing::info!(
             target: "weft::decision",

@@ -262,10 +262,7 @@ impl NodeAdmission {
 impl Admission for NodeAdmission {
     fn admit(&self, inbound: &Inbound) -> impl Future<Output = Result<(), Refusal>> + Send {
         let (decision, status) = self.judge(inbound);
-        decision.log();
-        if let Some(metrics) = &self.metrics {
-            metrics.decided(&decision);
-        }
+        decision.record(self.metrics.as_deref());
         std::future::ready(if decision.allowed {
             Ok(())
         } else {
