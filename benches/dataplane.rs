@@ -22,7 +22,6 @@ use weft::lab::{LabNode, Netns};
 
 const EXCHANGE: usize = 1024;
 const RR_WARMUP: usize = 500;
-const RR_ROUNDS: usize = 5_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One side's figures.
@@ -162,11 +161,10 @@ fn measure(
     client
         .run(|| {
             // Warm-up: a first connection (tunnel and certificates on the weft side).
-            round_trips(echo_at, 100);
+            round_trips(echo_at, Rounds::Count(100));
             let gbps_1 = bulk(sink_at, 1, run);
             let gbps_8 = bulk(sink_at, 8, run);
-            let mut all = round_trips(echo_at, RR_WARMUP + RR_ROUNDS);
-            let mut rtts = all.split_off(RR_WARMUP);
+            let mut rtts = round_trips(echo_at, Rounds::For(run));
             rtts.sort_unstable_by(f64::total_cmp);
             let (conns_per_s, failed_conns) = new_connections(echo_at, run);
             let f = Figures {
@@ -230,20 +228,37 @@ fn bulk(to: SocketAddr, streams: usize, run: Duration) -> f64 {
     bytes as f64 * 8.0 / took.as_secs_f64() / 1e9
 }
 
-/// `n` round trips of 1 KiB on one kept connection (TCP_NODELAY), each in µs.
-fn round_trips(to: SocketAddr, n: usize) -> Vec<f64> {
+/// How many round trips to make.
+#[derive(Clone, Copy)]
+enum Rounds {
+    /// This many, all kept.
+    Count(usize),
+    /// As many as fit in this time after a warm-up of `RR_WARMUP`, which is dropped.
+    For(Duration),
+}
+
+/// Round trips of 1 KiB on one kept connection (TCP_NODELAY), each in µs.
+fn round_trips(to: SocketAddr, rounds: Rounds) -> Vec<f64> {
     let mut s = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     let out = [0x42u8; EXCHANGE];
     let mut back = [0u8; EXCHANGE];
-    (0..n)
-        .map(|_| {
-            let t = Instant::now();
-            s.write_all(&out).expect("write");
-            s.read_exact(&mut back).expect("read");
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .collect()
+    let mut one = || {
+        let t = Instant::now();
+        s.write_all(&out).expect("write");
+        s.read_exact(&mut back).expect("read");
+        t.elapsed().as_secs_f64() * 1e6
+    };
+    match rounds {
+        Rounds::Count(n) => (0..n).map(|_| one()).collect(),
+        Rounds::For(run) => {
+            (0..RR_WARMUP).for_each(|_| {
+                one();
+            });
+            let start = Instant::now();
+            std::iter::from_fn(|| (start.elapsed() < run).then(&mut one)).collect()
+        }
+    }
 }
 
 /// New connections per second, one at a time, each with a 1 KiB exchange; and how many failed.
