@@ -639,6 +639,73 @@ mod tests {
     }
 
     #[test]
+    fn block_ranges_are_exactly_the_addresses_it_contains_whatever_its_exceptions() {
+        // Odd exceptions the loader refuses, should one ever get here: outside the CIDR, of
+        // the other family, covering it, overlapping each other. None may widen the block.
+        let cases = [
+            (
+                "10.0.0.0/8",
+                vec!["10.1.0.0/16", "10.1.2.0/24", "10.255.255.0/24"],
+            ),
+            ("10.0.0.0/8", vec!["11.0.0.0/8", "fd00::/8"]),
+            ("10.1.0.0/16", vec!["10.0.0.0/8"]),
+            ("10.0.0.0/8", vec!["10.0.0.0/9", "10.64.0.0/10"]),
+            ("0.0.0.0/0", vec!["0.0.0.0/32", "255.255.255.255/32"]),
+            ("fd00::/16", vec!["fd00::/17", "fd00:ffff::/32"]),
+            ("::/0", vec![]),
+        ];
+        let ips = [
+            "0.0.0.0",
+            "9.255.255.255",
+            "10.0.0.0",
+            "10.0.255.255",
+            "10.1.0.0",
+            "10.1.2.3",
+            "10.1.255.255",
+            "10.2.0.0",
+            "10.63.255.255",
+            "10.64.0.0",
+            "10.127.255.255",
+            "10.128.0.0",
+            "10.255.254.255",
+            "10.255.255.0",
+            "10.255.255.255",
+            "11.0.0.0",
+            "255.255.255.255",
+            "::",
+            "fd00::",
+            "fd00:7fff::",
+            "fd00:8000::",
+            "fd00:fffe::1",
+            "fd00:ffff::1",
+            "fd01::",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for (cidr, except) in cases {
+            let block = Block {
+                cidr: Cidr::new(&cidr.parse().expect("cidr")),
+                except: except
+                    .iter()
+                    .map(|e| Cidr::new(&e.parse().expect("cidr")))
+                    .collect(),
+            };
+            let ranges = block.ranges();
+            for w in ranges.windows(2) {
+                assert!(w[0].1 < w[1].0, "{cidr}: sorted and disjoint: {ranges:?}");
+            }
+            for ip in ips {
+                let ip: IpAddr = ip.parse().expect("ip");
+                let in_ranges = ranges.iter().any(|&(a, b)| (a..=b).contains(&ip));
+                assert_eq!(
+                    in_ranges,
+                    block.contains(ip),
+                    "{cidr} minus {except:?}: {ip}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn ops_stay_small() {
         assert!(std::mem::size_of::<Op>() <= 12);
     }
