@@ -17,4 +17,4 @@ pub use decision::{
     Connection, Decision, Direction, DirectionExplanation, Endpoint, Explanation, PolicyId,
     RuleRef, Verdict, Why,
 };
-pub use engine::{EndpointError, Engine, PodId};
+pub use engine::{AddrRange, EndpointError, Engine, Grant, PacketPolicy, PodId, PodPackets};

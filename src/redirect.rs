@@ -4,20 +4,25 @@
 //! Everything here runs `nft` in the calling thread's network namespace ([`nft::Nft`]).
 
 pub mod nft;
+pub mod packets;
 pub mod ruleset;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::Mutex;
 
+use crate::policy::PacketPolicy;
+
 pub use nft::{Nft, NftError};
+pub use packets::{Packets, Way};
 pub use ruleset::{Drift, TableState};
 
 /// The nftables table weft owns; it never touches any other.
@@ -152,6 +157,7 @@ pub struct Capture {
     ports: Ports,
     mark: u32,
     pods: BTreeSet<PodAddr>,
+    packets: Arc<Packets>,
 }
 
 impl Capture {
@@ -176,6 +182,7 @@ impl Capture {
             ports,
             mark,
             pods: BTreeSet::new(),
+            packets: Arc::default(),
         })
     }
 
@@ -203,6 +210,16 @@ impl Capture {
     pub fn pods(&self) -> &BTreeSet<PodAddr> {
         &self.pods
     }
+
+    /// The packet layer: NetworkPolicy for the traffic the proxy does not carry.
+    pub fn packets(&self) -> &Packets {
+        &self.packets
+    }
+
+    /// Makes `packets` the packet layer; the one it replaces is returned.
+    pub fn set_packets(&mut self, packets: Arc<Packets>) -> Arc<Packets> {
+        std::mem::replace(&mut self.packets, packets)
+    }
 }
 
 /// A node's capture, installed through `nft`: the desired state and the table that carries it.
@@ -213,6 +230,47 @@ pub struct Redirect {
     nft: Nft,
     capture: Mutex<Capture>,
     restores: AtomicU64,
+    /// weft's table has been installed by this process (so changes can be applied to it).
+    installed: AtomicBool,
+    /// The packet layer's drops, as its counters were last read.
+    dropped: std::sync::Mutex<DropTally>,
+    /// The packet layer as the capture has it, for readers that cannot wait on its lock.
+    packets: std::sync::Mutex<Arc<Packets>>,
+}
+
+/// The packet layer's drop counters, per [`Way`], kept monotonic across table installs (each
+/// starts the kernel's counters at zero again).
+#[derive(Debug, Default)]
+struct DropTally {
+    /// What earlier tables counted.
+    before: [u64; 2],
+    /// What the current table counted when last read.
+    current: [u64; 2],
+}
+
+impl DropTally {
+    /// Takes a reading of the current table's counters.
+    fn read(&mut self, now: [u64; 2]) {
+        for (i, n) in now.into_iter().enumerate() {
+            // Lower than before: the table was made again under us (a flush, a restore).
+            if n < self.current[i] {
+                self.before[i] += self.current[i];
+            }
+            self.current[i] = n;
+        }
+    }
+
+    /// The current table is about to be replaced: what it counted is kept.
+    fn replaced(&mut self) {
+        for i in 0..2 {
+            self.before[i] += std::mem::take(&mut self.current[i]);
+        }
+    }
+
+    fn total(&self, way: Way) -> u64 {
+        let i = way as usize;
+        self.before[i] + self.current[i]
+    }
 }
 
 impl Redirect {
@@ -222,6 +280,9 @@ impl Redirect {
             nft,
             capture: Mutex::new(capture),
             restores: AtomicU64::new(0),
+            installed: AtomicBool::new(false),
+            dropped: std::sync::Mutex::default(),
+            packets: std::sync::Mutex::default(),
         }
     }
 
@@ -239,6 +300,11 @@ impl Redirect {
                 action: format!("installing table {FAMILY} {TABLE}"),
                 source,
             })?;
+        self.dropped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replaced();
+        self.installed.store(true, Ordering::Relaxed);
         tracing::info!(
             table = TABLE,
             pods = capture.pods.len(),
@@ -246,9 +312,62 @@ impl Redirect {
             inbound = capture.ports.inbound,
             hbone = capture.ports.hbone,
             mark = capture.mark,
+            ingress_isolated = capture.packets().isolated(Way::Ingress).len(),
+            egress_isolated = capture.packets().isolated(Way::Egress).len(),
             "capture installed"
         );
         Ok(())
+    }
+
+    /// Makes `policy` the packet layer, applying only what changed (elements added and
+    /// deleted in one transaction) once the table is installed; before, it is kept for the
+    /// install.
+    pub async fn set_packets(&self, policy: &PacketPolicy) -> Result<(), RedirectError> {
+        let next = Packets::new(policy);
+        let mut capture = self.capture.lock().await;
+        let Some(batch) = capture.packets().changes(&next) else {
+            return Ok(());
+        };
+        // Kept even if nft fails: a later check sees the difference and the watch restores it.
+        let next = Arc::new(next);
+        capture.set_packets(next.clone());
+        *self.packets.lock().unwrap_or_else(PoisonError::into_inner) = next;
+        if !self.installed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.nft
+            .apply(&batch)
+            .await
+            .map_err(|source| RedirectError::Nft {
+                action: format!("updating the packet layer of table {FAMILY} {TABLE}"),
+                source,
+            })?;
+        let packets = capture.packets();
+        tracing::info!(
+            ingress_isolated = packets.isolated(Way::Ingress).len(),
+            egress_isolated = packets.isolated(Way::Egress).len(),
+            ingress_allowed = packets.allowed(Way::Ingress).len(),
+            egress_allowed = packets.allowed(Way::Egress).len(),
+            "packet layer updated"
+        );
+        Ok(())
+    }
+
+    /// The packet layer as it should be installed now.
+    pub fn packets(&self) -> Arc<Packets> {
+        self.packets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Packets the packet layer has dropped in `way` since this process installed weft's
+    /// table, as of the last check ([`Redirect::check`], which [`Redirect::watch`] runs).
+    pub fn packets_dropped(&self, way: Way) -> u64 {
+        self.dropped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total(way)
     }
 
     /// Makes `pods` the local pods and installs the table as the capture then says, in one
@@ -320,7 +439,15 @@ impl Redirect {
                 })?;
         Ok(match listing {
             None => TableState::Missing,
-            Some(json) => ruleset::compare(capture, &json),
+            Some(json) => {
+                if let Some(now) = packets::dropped(&json) {
+                    self.dropped
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .read(now);
+                }
+                ruleset::compare(capture, &json)
+            }
         })
     }
 

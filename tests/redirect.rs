@@ -332,7 +332,11 @@ fn applying_twice_yields_the_same_table() {
         .iter()
         .filter(|o| o.get("rule").is_some())
         .count();
-    assert_eq!(rules, 11, "no rule duplicated");
+    assert_eq!(
+        rules,
+        11 + 29,
+        "no rule duplicated (capture, then the packet layer)"
+    );
     assert_eq!(
         t.node.block_on(redirect.check()).expect("check"),
         TableState::Intact

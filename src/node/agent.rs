@@ -29,7 +29,7 @@ use crate::model::ClusterId;
 use crate::policy::Endpoint;
 use crate::proxy::pool::certificate_generation;
 use crate::proxy::{self, ClientSettings, Pool, PoolKey, Server, ServerSettings, ServerTls};
-use crate::redirect::{PodAddr, Redirect, original_destination};
+use crate::redirect::{PodAddr, Redirect, Way, original_destination};
 use crate::tracker::client::{ClientError, Follower, Target, follow};
 use crate::tracker::replica::Replica;
 use crate::tracker::sequence::ReplicaError;
@@ -261,13 +261,27 @@ impl Agent {
     /// view of this node's cluster is complete (before that, capture stays as it was and
     /// every captured connection is refused).
     async fn reconcile(&self) {
-        let next = {
+        let (next, packets) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
-            if view_complete(&view, &self.settings.cluster).is_err() {
+            let s = &self.settings;
+            if view_complete(&view, &s.cluster).is_err() {
                 return;
             }
-            Local::of(&view, &self.settings.cluster, &self.settings.node)
+            let engine = view.engine();
+            let pods: Vec<_> = view
+                .pods_on_node(&s.cluster, &s.node)
+                .filter_map(|p| engine.pod_by_name(s.cluster.as_str(), &p.namespace, &p.name))
+                .collect();
+            (
+                Local::of(&view, &s.cluster, &s.node),
+                engine.packet_policy(pods),
+            )
         };
+        // Before the table is installed this only records it: the install carries it.
+        if let Err(error) = self.redirect.set_packets(&packets).await {
+            // The desired state has it: the table watch restores it.
+            tracing::error!(%error, "updating the packet layer");
+        }
         let previous = std::mem::replace(
             &mut *self.local.write().unwrap_or_else(PoisonError::into_inner),
             next.clone(),
@@ -617,6 +631,22 @@ impl Agent {
             .pods_on_node(&s.cluster, &s.node)
             .map(|p| format!("{}/{}/{}", s.cluster, p.namespace, p.name))
             .collect();
+        let mut packets = serde_json::Map::new();
+        let installed = self.redirect.packets();
+        for way in Way::BOTH {
+            let name = way.name();
+            let allowed: Vec<String> = installed
+                .allowed(way)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            packets.insert(format!("{name}_isolated"), json!(installed.isolated(way)));
+            packets.insert(format!("{name}_allowed"), json!(allowed));
+            packets.insert(
+                format!("{name}_dropped"),
+                json!(self.redirect.packets_dropped(way)),
+            );
+        }
         json!({
             "cluster": s.cluster.as_str(),
             "node": s.node,
@@ -655,6 +685,7 @@ impl Agent {
                 "last_error": st.last_error,
             })).collect::<Vec<_>>(),
             "trust_domains": self.trust.bundles().iter().map(|b| b.trust_domain().to_string()).collect::<Vec<_>>(),
+            "packets": packets,
             "capture": {
                 "table": format!("{} {}", crate::redirect::FAMILY, crate::redirect::TABLE),
                 "installed": self.captured.load(Ordering::Relaxed),
@@ -683,6 +714,8 @@ impl Agent {
     }
 
     fn metrics_text(&self) -> String {
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
         use prometheus_client::metrics::gauge::Gauge;
         let mut registry = prometheus_client::registry::Registry::with_prefix("weft_node");
         self.metrics.register(&mut registry);
@@ -731,6 +764,19 @@ impl Agent {
                 .get()
                 .map_or(0.0, |s| s.refused_over_cap() as f64),
         );
+        let dropped: Family<PacketLabels, Counter> = Family::default();
+        for way in Way::BOTH {
+            dropped
+                .get_or_create(&PacketLabels {
+                    direction: way.name(),
+                })
+                .inc_by(self.redirect.packets_dropped(way));
+        }
+        registry.register(
+            "packets_dropped",
+            "Packets the packet layer dropped (NetworkPolicy on traffic the proxy does not carry: UDP, SCTP, ICMP and the rest), by direction; as of the last table check.",
+            dropped,
+        );
         gauge(
             &mut registry,
             "capture_restores",
@@ -765,6 +811,12 @@ async fn pipe(
             metrics.closed(direction, CloseCause::Policy, 0, 0);
         }
     }
+}
+
+/// The label of the packet layer's drops: `ingress` or `egress`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+struct PacketLabels {
+    direction: &'static str,
 }
 
 /// Presents, on each HBONE connection, the certificate of the local pod it was addressed to.

@@ -320,6 +320,48 @@ impl Program {
         }
     }
 
+    /// The rules of a direction, in order: each one's port ops (none: every port of every
+    /// protocol) and peer ops (none: every peer), to read with [`Program::peers`].
+    pub(crate) fn rules(&self, ingress: bool) -> impl Iterator<Item = (&[Op], &[Op])> {
+        let ops = self.ops(ingress);
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let &Op::Rule { ports, len, .. } = ops.get(at)? else {
+                return None;
+            };
+            let rule = ops.get(at + 1..at + len as usize).unwrap_or_default();
+            at += (len as usize).max(1);
+            Some(rule.split_at((ports as usize).min(rule.len())))
+        })
+    }
+
+    /// The peers of a rule's peer ops, in order; a malformed op ends them.
+    pub(crate) fn peers<'a>(&'a self, ops: &'a [Op]) -> impl Iterator<Item = PeerOp<'a>> {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let (len, peer) = match *ops.get(at)? {
+                Op::Block { block } => (0, PeerOp::Block(self.blocks.get(block as usize))),
+                Op::Local { ns, len } => (
+                    len,
+                    PeerOp::Local {
+                        ns,
+                        reqs: reqs(ops, at, len),
+                    },
+                ),
+                Op::Namespaces { sel, len } => (
+                    len,
+                    PeerOp::Namespaces {
+                        sel,
+                        reqs: reqs(ops, at, len),
+                    },
+                ),
+                _ => return None,
+            };
+            at += 1 + len as usize;
+            Some(peer)
+        })
+    }
+
     /// Calls `allow(rule, peer)` for every rule of the direction that admits the connection,
     /// with the index of its first matching peer ([`RuleRef::EVERY_PEER`] for a rule without
     /// peers).
@@ -335,14 +377,8 @@ impl Program {
         if !span.is_some_and(|s| s.admits(port, protocol)) {
             return;
         }
-        let ops = self.ops(q.ingress);
-        let mut at = 0;
-        let mut index = 0;
-        while let Some(&Op::Rule { ports, peers, len }) = ops.get(at) {
-            let rule = ops.get(at + 1..at + len as usize).unwrap_or_default();
-            at += (len as usize).max(1);
-            let (port_ops, peer_ops) = rule.split_at((ports as usize).min(rule.len()));
-            let port_ok = ports == 0
+        for (index, (port_ops, peer_ops)) in (0u32..).zip(self.rules(q.ingress)) {
+            let port_ok = port_ops.is_empty()
                 || port_ops.iter().any(|op| match *op {
                     Op::Ports {
                         protocol: p,
@@ -353,99 +389,97 @@ impl Program {
                     Op::NamedPort { protocol: p, name } => {
                         p == protocol
                             && q.dst_ports.is_some_and(|named| {
-                                named
-                                    .iter()
-                                    .find(|&&(n, pr, _)| n == name && pr == protocol)
-                                    .is_some_and(|&(_, _, number)| number == port)
+                                named_port(named, name, protocol) == Some(port)
                             })
                     }
                     _ => false,
                 });
             if port_ok {
-                let matched = if peers == 0 {
+                let matched = if peer_ops.is_empty() {
                     Some(RuleRef::EVERY_PEER)
                 } else {
-                    self.matching_peer(peer_ops, q, &ns_selected)
+                    (0u32..)
+                        .zip(self.peers(peer_ops))
+                        .find(|(_, peer)| peer.admits(q.peer_ip, q.peer_pod, &ns_selected))
+                        .map(|(k, _)| k)
                 };
                 if let Some(k) = matched {
                     allow(index, k);
                 }
             }
-            index += 1;
         }
-    }
-
-    /// The index of the first peer in `ops` (a rule's peers) matching `peer`.
-    #[inline]
-    fn matching_peer(
-        &self,
-        ops: &[Op],
-        q: &Query<'_>,
-        ns_selected: &impl Fn(u32, u32) -> bool,
-    ) -> Option<u32> {
-        let mut at = 0;
-        let mut k = 0;
-        while let Some(op) = ops.get(at) {
-            let (len, ok) = match *op {
-                Op::Block { block } => (
-                    0,
-                    self.blocks
-                        .get(block as usize)
-                        .is_some_and(|b| b.contains(q.peer_ip)),
-                ),
-                Op::Local { ns, len } => (
-                    len,
-                    q.peer_pod.is_some_and(|(pod_ns, labels)| {
-                        pod_ns == ns && selector_matches(reqs(ops, at, len), labels)
-                    }),
-                ),
-                Op::Namespaces { sel, len } => (
-                    len,
-                    q.peer_pod.is_some_and(|(pod_ns, labels)| {
-                        ns_selected(pod_ns, sel) && selector_matches(reqs(ops, at, len), labels)
-                    }),
-                ),
-                _ => return None,
-            };
-            if ok {
-                return Some(k);
-            }
-            at += 1 + len as usize;
-            k += 1;
-        }
-        None
     }
 
     /// What peer `peer` of rule `rule` of a direction is, for explanations.
     pub(crate) fn peer_kind(&self, ingress: bool, rule: u32, peer: u32) -> Option<PeerKind> {
-        let ops = self.ops(ingress);
-        let mut at = 0;
-        for _ in 0..rule {
-            let Op::Rule { len, .. } = ops.get(at)? else {
-                return None;
-            };
-            at += (*len as usize).max(1);
-        }
-        let Op::Rule { ports, peers, .. } = ops.get(at)? else {
-            return None;
-        };
-        if *peers == 0 {
+        let (_, peer_ops) = self.rules(ingress).nth(rule as usize)?;
+        if peer_ops.is_empty() {
             return Some(PeerKind::Every);
         }
-        let mut at = at + 1 + *ports as usize;
-        for k in 0..=peer {
-            let (len, kind) = match ops.get(at)? {
-                Op::Block { .. } => (0, PeerKind::Block),
-                Op::Local { len, .. } => (*len, PeerKind::Local),
-                Op::Namespaces { sel, len } => (*len, PeerKind::Namespaces(*sel)),
-                _ => return None,
-            };
-            if k == peer {
-                return Some(kind);
+        Some(match self.peers(peer_ops).nth(peer as usize)? {
+            PeerOp::Block(_) => PeerKind::Block,
+            PeerOp::Local { .. } => PeerKind::Local,
+            PeerOp::Namespaces { sel, .. } => PeerKind::Namespaces(sel),
+        })
+    }
+}
+
+/// The number of the port called `name` over `protocol` among a pod's named ports.
+#[inline]
+pub(crate) fn named_port(
+    named: &[(Sym, Protocol, u16)],
+    name: Sym,
+    protocol: Protocol,
+) -> Option<u16> {
+    named
+        .iter()
+        .find(|&&(n, pr, _)| n == name && pr == protocol)
+        .map(|&(_, _, number)| number)
+}
+
+/// One peer of a rule, read from its ops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PeerOp<'a> {
+    /// An ipBlock (`None`: a dangling index, which matches nothing).
+    Block(Option<&'a Block>),
+    /// Pods of namespace `ns` (of the policy's cluster) matching `reqs`.
+    Local { ns: u32, reqs: &'a [Op] },
+    /// Pods of namespaces matching namespace selector `sel` (of every cluster) and `reqs`.
+    Namespaces { sel: u32, reqs: &'a [Op] },
+}
+
+impl PeerOp<'_> {
+    /// Whether the peer admits a pod of namespace `ns` with `labels` (an ipBlock admits
+    /// addresses, never a pod as such).
+    #[inline]
+    pub(crate) fn admits_pod(
+        &self,
+        ns: u32,
+        labels: &LabelSet,
+        ns_selected: &impl Fn(u32, u32) -> bool,
+    ) -> bool {
+        match *self {
+            PeerOp::Block(_) => false,
+            PeerOp::Local { ns: own, reqs } => ns == own && selector_matches(reqs, labels),
+            PeerOp::Namespaces { sel, reqs } => {
+                ns_selected(ns, sel) && selector_matches(reqs, labels)
             }
-            at += 1 + len as usize;
         }
-        None
+    }
+
+    /// Whether the peer admits the end at `ip`, which is the pod `pod` (its namespace and
+    /// labels) when it is one.
+    #[inline]
+    fn admits(
+        &self,
+        ip: IpAddr,
+        pod: Option<(u32, &LabelSet)>,
+        ns_selected: &impl Fn(u32, u32) -> bool,
+    ) -> bool {
+        match self {
+            PeerOp::Block(block) => block.is_some_and(|b| b.contains(ip)),
+            _ => pod.is_some_and(|(ns, labels)| self.admits_pod(ns, labels, ns_selected)),
+        }
     }
 }
 
@@ -493,11 +527,20 @@ impl Cidr {
         let (v6, bits, _) = Self::bits(ip);
         v6 == self.v6 && bits & self.mask == self.net
     }
+
+    /// The first and last address of the CIDR, as integers.
+    fn range(&self) -> (u128, u128) {
+        let width = if self.v6 { 128 } else { 32 };
+        (
+            self.net,
+            self.net | (!self.mask & (u128::MAX >> (128 - width))),
+        )
+    }
 }
 
 /// A compiled ipBlock: a CIDR minus exceptions, tested with integer masks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Block {
+pub(crate) struct Block {
     cidr: Cidr,
     except: Box<[Cidr]>,
 }
@@ -513,6 +556,30 @@ impl Block {
     #[inline]
     fn contains(&self, ip: IpAddr) -> bool {
         self.cidr.contains(ip) && !self.except.iter().any(|e| e.contains(ip))
+    }
+
+    /// The block as sorted, disjoint (first, last) address ranges: the CIDR with every
+    /// exception cut out. Exact whatever the exceptions are: one outside the CIDR or of the
+    /// other family removes nothing, one covering it removes everything.
+    pub(crate) fn ranges(&self) -> Vec<(IpAddr, IpAddr)> {
+        let mut ranges = vec![self.cidr.range()];
+        for except in self.except.iter().filter(|e| e.v6 == self.cidr.v6) {
+            let (lo, hi) = except.range();
+            ranges = ranges
+                .into_iter()
+                .flat_map(|(a, b)| {
+                    let below = (a < lo).then(|| (a, b.min(lo - 1)));
+                    let above = (b > hi).then(|| (a.max(hi + 1), b));
+                    below.into_iter().chain(above)
+                })
+                .collect();
+        }
+        let ip = |bits: u128| match self.cidr.v6 {
+            true => IpAddr::V6(bits.into()),
+            // An IPv4 CIDR's range stays within 32 bits.
+            false => IpAddr::V4(u32::try_from(bits).unwrap_or(u32::MAX).into()),
+        };
+        ranges.into_iter().map(|(a, b)| (ip(a), ip(b))).collect()
     }
 }
 
@@ -567,6 +634,73 @@ mod tests {
             for ip in ips {
                 let ip: IpAddr = ip.parse().expect("ip");
                 assert_eq!(compiled.contains(ip), block.contains(ip), "{cidr} {ip}");
+            }
+        }
+    }
+
+    #[test]
+    fn block_ranges_are_exactly_the_addresses_it_contains_whatever_its_exceptions() {
+        // Odd exceptions the loader refuses, should one ever get here: outside the CIDR, of
+        // the other family, covering it, overlapping each other. None may widen the block.
+        let cases = [
+            (
+                "10.0.0.0/8",
+                vec!["10.1.0.0/16", "10.1.2.0/24", "10.255.255.0/24"],
+            ),
+            ("10.0.0.0/8", vec!["11.0.0.0/8", "fd00::/8"]),
+            ("10.1.0.0/16", vec!["10.0.0.0/8"]),
+            ("10.0.0.0/8", vec!["10.0.0.0/9", "10.64.0.0/10"]),
+            ("0.0.0.0/0", vec!["0.0.0.0/32", "255.255.255.255/32"]),
+            ("fd00::/16", vec!["fd00::/17", "fd00:ffff::/32"]),
+            ("::/0", vec![]),
+        ];
+        let ips = [
+            "0.0.0.0",
+            "9.255.255.255",
+            "10.0.0.0",
+            "10.0.255.255",
+            "10.1.0.0",
+            "10.1.2.3",
+            "10.1.255.255",
+            "10.2.0.0",
+            "10.63.255.255",
+            "10.64.0.0",
+            "10.127.255.255",
+            "10.128.0.0",
+            "10.255.254.255",
+            "10.255.255.0",
+            "10.255.255.255",
+            "11.0.0.0",
+            "255.255.255.255",
+            "::",
+            "fd00::",
+            "fd00:7fff::",
+            "fd00:8000::",
+            "fd00:fffe::1",
+            "fd00:ffff::1",
+            "fd01::",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+        ];
+        for (cidr, except) in cases {
+            let block = Block {
+                cidr: Cidr::new(&cidr.parse().expect("cidr")),
+                except: except
+                    .iter()
+                    .map(|e| Cidr::new(&e.parse().expect("cidr")))
+                    .collect(),
+            };
+            let ranges = block.ranges();
+            for w in ranges.windows(2) {
+                assert!(w[0].1 < w[1].0, "{cidr}: sorted and disjoint: {ranges:?}");
+            }
+            for ip in ips {
+                let ip: IpAddr = ip.parse().expect("ip");
+                let in_ranges = ranges.iter().any(|&(a, b)| (a..=b).contains(&ip));
+                assert_eq!(
+                    in_ranges,
+                    block.contains(ip),
+                    "{cidr} minus {except:?}: {ip}"
+                );
             }
         }
     }

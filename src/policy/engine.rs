@@ -7,10 +7,14 @@
 //! namespace (plus, for a new namespace selector, every namespace); a namespace update every
 //! namespace selector.
 
+mod packets;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use smallvec::SmallVec;
+
+pub use packets::{AddrRange, Grant, PacketPolicy, PodPackets};
 
 use super::compile::{PeerKind, PortSpan, Program, Query, Selector};
 use super::decision::{

@@ -15,7 +15,7 @@ use nftables::schema::{
 use nftables::stmt::{Counter, Drop, Match, NAT, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use super::{Capture, PodAddr, TABLE};
+use super::{Capture, PodAddr, TABLE, packets};
 
 /// nat chains run at dstnat priority, where REDIRECT is allowed.
 const NAT_PRIORITY: i32 = -100;
@@ -42,16 +42,16 @@ const CHAINS: [(&str, NfHook, NfChainType, i32); 3] = [
 ];
 
 /// The address families weft captures, each with its own set (nft sets hold one type).
-#[derive(Debug, Clone, Copy)]
-enum Family {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Family {
     V4,
     V6,
 }
 
 impl Family {
-    const ALL: [Family; 2] = [Family::V4, Family::V6];
+    pub(super) const ALL: [Family; 2] = [Family::V4, Family::V6];
 
-    fn of(addr: IpAddr) -> Self {
+    pub(super) fn of(addr: IpAddr) -> Self {
         match addr {
             IpAddr::V4(_) => Family::V4,
             IpAddr::V6(_) => Family::V6,
@@ -65,7 +65,7 @@ impl Family {
         }
     }
 
-    fn protocol(self) -> &'static str {
+    pub(super) fn protocol(self) -> &'static str {
         match self {
             Family::V4 => "ip",
             Family::V6 => "ip6",
@@ -86,7 +86,7 @@ impl Family {
             .map(PodAddr::to_string)
     }
 
-    fn set_type(self) -> SetType {
+    pub(super) fn set_type(self) -> SetType {
         match self {
             Family::V4 => SetType::Ipv4Addr,
             Family::V6 => SetType::Ipv6Addr,
@@ -183,7 +183,8 @@ fn table() -> NfListObject<'static> {
     })
 }
 
-/// The batch that replaces weft's table with the capture, in one transaction.
+/// The batch that replaces weft's table with the capture and the packet layer, in one
+/// transaction.
 pub fn install(capture: &Capture) -> Nftables<'static> {
     let mut batch = Batch::new();
     // add, delete, add: works whether or not the table exists, drops stale chains, rules and
@@ -227,6 +228,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Rule::default()
         }));
     }
+    packets::install(&mut batch, capture.packets());
     batch.to_nftables()
 }
 
@@ -256,7 +258,7 @@ pub fn remove() -> Nftables<'static> {
     batch.to_nftables()
 }
 
-fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+pub(super) fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(
         PayloadField {
             protocol: protocol.into(),
@@ -265,7 +267,7 @@ fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
     )))
 }
 
-fn matches(
+pub(super) fn matches(
     left: Expression<'static>,
     op: Operator,
     right: Expression<'static>,
@@ -433,9 +435,10 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
                     .push(rule.comment.as_deref().unwrap_or("(no comment)").to_owned());
             }
             NfObject::ListObject(NfListObject::Set(set))
-                if Family::ALL.iter().any(|f| f.set() == set.name) =>
+                if Family::ALL.iter().any(|f| f.set() == set.name)
+                    || packets::owns_set(&set.name) =>
             {
-                sets.insert(set.name.to_string(), set);
+                sets.insert(set.name.to_string(), &**set);
             }
             other => drifts.push(Drift::UnexpectedObject {
                 json: serde_json::to_string(other).unwrap_or_else(|e| e.to_string()),
@@ -473,6 +476,12 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
             }
         }
     }
+    drifts.extend(packets::compare(
+        capture.packets(),
+        &mut chains,
+        &mut listed_rules,
+        &sets,
+    ));
     drifts.extend(
         chains
             .into_keys()

@@ -365,7 +365,65 @@ impl Fixture {
         )
         .unwrap_or_else(|e| panic!("reference cannot evaluate {probe}: {e}"));
         assert_eq!(got, want, "engine and reference differ on {probe}");
+        if protocol != Protocol::Tcp {
+            let src = Self::endpoint(&self.engine, from, v6);
+            let dst = Self::endpoint(&self.engine, to, v6);
+            self.check_packets(&got, src, dst, port, protocol, &probe);
+        }
         got
+    }
+
+    /// Checks that the packet layer compiled for every pod (`Engine::packet_policy`) admits
+    /// exactly what the decision does, direction by direction, with the identity layer on
+    /// ingress (no identity is proven off the proxy).
+    fn check_packets(
+        &self,
+        decided: &Explanation,
+        src: Endpoint,
+        dst: Endpoint,
+        port: u16,
+        protocol: Protocol,
+        probe: &str,
+    ) {
+        if let (Endpoint::Pod { pod: a, .. }, Endpoint::Pod { pod: b, .. }) = (src, dst)
+            && a == b
+        {
+            return; // a pod's traffic to itself never reaches the node
+        }
+        let pods = self.pod_names().into_iter().filter_map(|name| {
+            let parts: Vec<&str> = name.split('/').collect();
+            self.engine.pod_by_name(parts[0], parts[1], parts[2])
+        });
+        let packets = self.engine.packet_policy(pods.collect::<Vec<_>>());
+        let admits = |grants: Option<&Option<Vec<weft::policy::Grant>>>, peer: IpAddr| match grants
+        {
+            None | Some(None) => true,
+            Some(Some(grants)) => grants.iter().any(|g| {
+                g.protocol == protocol
+                    && (g.ports.0..=g.ports.1).contains(&port)
+                    && (g.peers.first..=g.peers.last).contains(&peer)
+            }),
+        };
+        let egress = admits(packets.pods.get(&src.ip()).map(|p| &p.egress), dst.ip());
+        let ingress = admits(packets.pods.get(&dst.ip()).map(|p| &p.ingress), src.ip());
+        let identity = match dst {
+            Endpoint::Pod { pod, .. } => self
+                .engine
+                .decide_identity(pod, port, protocol, None)
+                .enforced
+                .passes(),
+            _ => true,
+        };
+        assert_eq!(
+            egress,
+            decided.egress.verdict == Verdict::Allow,
+            "packet layer and decision differ on egress of {probe}"
+        );
+        assert_eq!(
+            ingress,
+            decided.ingress.verdict == Verdict::Allow && identity,
+            "packet layer and decision differ on ingress of {probe}"
+        );
     }
 
     /// The verdict of `from` → `to` (checked as [`Fixture::check`]).
