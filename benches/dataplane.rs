@@ -326,11 +326,8 @@ fn echo(mut s: TcpStream) {
 
 /// The connections node `node` has decided (`weft_node_connections_decided_total`, summed).
 async fn decided(node: &LabNode) -> f64 {
-    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
-    let answer = weft::lab::http_get(&node.netns, admin, "/metrics", Duration::from_secs(2))
+    dataplane_lab::metrics(node)
         .await
-        .expect("the node's metrics");
-    String::from_utf8_lossy(&answer.body)
         .lines()
         .filter(|l| l.starts_with("weft_node_connections_decided_total"))
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())

@@ -12,7 +12,7 @@ mod dataplane_lab;
 mod netns;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use weft::demo::plane::{ControlPlane, PlaneOptions, Stop};
-use weft::lab::{ExchangeOutcome, Lab, LabNode, LabPod, exchange, http_get};
+use weft::lab::{ExchangeOutcome, Lab, LabNode, LabPod, exchange};
 
-use dataplane_lab::{ECHO_PORT, LINE_PORT, nft};
+use dataplane_lab::{ECHO_PORT, LINE_PORT, config_dump, nft};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -222,16 +222,6 @@ async fn prober(
         }
     }
     attempts
-}
-
-/// The `/config_dump` of the agent in `node`'s namespace.
-async fn config_dump(node: &LabNode) -> serde_json::Value {
-    let admin = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15000);
-    let answer = http_get(&node.netns, admin, "/config_dump", PROBE_TIMEOUT)
-        .await
-        .expect("/config_dump answers");
-    assert_eq!(answer.status, 200, "/config_dump");
-    serde_json::from_slice(&answer.body).expect("/config_dump is JSON")
 }
 
 /// Each certificate of the agent in `node`, by identity, with its renewals so far.

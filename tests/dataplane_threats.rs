@@ -24,7 +24,7 @@ use weft::identity::{BundleSet, Expected, TrustStore, WorkloadId, trust_domain_f
 use weft::lab::{LabNode, Netns, exchange, http_get};
 use weft::model::ClusterId;
 
-use dataplane_lab::LINE_PORT;
+use dataplane_lab::{FROM_CLUSTER_1_CLIENT, LINE_PORT, SELECT_SERVER};
 use hbone_fixture::status_of;
 use hbone_fixture::testpki::{Leaf, leaf_params, uri};
 
@@ -57,8 +57,7 @@ status:
     - ip: 10.1.1.11
 ";
 
-/// `server-2` on node B, and the server admitting only cluster-1's `app: client` pods, on
-/// the line port.
+/// `server-2` on node B.
 const CLUSTER_2_MORE: &str = "\
 apiVersion: v1
 kind: Pod
@@ -76,28 +75,23 @@ status:
   phase: Running
   podIPs:
     - ip: 10.2.1.11
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: server-from-client
-  namespace: bench
-spec:
-  podSelector:
-    matchLabels:
-      app: server
-  policyTypes: [Ingress]
-  ingress:
-    - from:
-        - namespaceSelector:
-            matchLabels:
-              cluster.clusterset.k8s.io: cluster-1
-          podSelector:
-            matchLabels:
-              app: client
-      ports:
-        - port: 5203
 ";
+
+/// The server admitting only cluster-1's `app: client` pods, on the line port.
+fn server_from_client() -> String {
+    dataplane_lab::network_policy(
+        "server-from-client",
+        SELECT_SERVER,
+        &format!(
+            "\
+policyTypes: [Ingress]
+ingress:
+  - from: [{FROM_CLUSTER_1_CLIENT}]
+    ports: [{{port: {LINE_PORT}}}]
+"
+        ),
+    )
+}
 
 /// The SPIFFE id of service account `sa` in namespace `bench` of `cluster`.
 fn spiffe(cluster: &str, sa: &str) -> String {
@@ -248,12 +242,14 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
     let started = Instant::now();
     let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
     let work = tempfile::tempdir().expect("a temporary directory");
-    let mut step = dataplane_lab::step(false);
-    step.name = "threats".into();
-    step.files
-        .insert("cluster-1/threats.yaml".into(), CLUSTER_1_MORE.into());
-    step.files
-        .insert("cluster-2/threats.yaml".into(), CLUSTER_2_MORE.into());
+    let step = dataplane_lab::step_with(
+        "threats",
+        &[
+            ("cluster-1/threats.yaml", CLUSTER_1_MORE),
+            ("cluster-2/threats.yaml", CLUSTER_2_MORE),
+            ("cluster-2/policy.yaml", &server_from_client()),
+        ],
+    );
     let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
     let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
     let server_2 = lab.pod("cluster-2", "bench", "server-2").expect("server-2");

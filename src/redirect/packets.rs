@@ -718,6 +718,37 @@ pub(super) fn install(batch: &mut Batch<'static>, packets: &Packets) {
     }
 }
 
+/// A chain's type, hook, priority and policy (all `None` for a regular chain).
+pub(super) type ChainShape = (
+    Option<NfChainType>,
+    Option<NfHook>,
+    Option<i32>,
+    Option<NfChainPolicy>,
+);
+
+/// Adds to `drifts` how listed chain `name` differs from the shape `want` and from the rules
+/// (by comment) `expected`, `found` being the rules listed in it. Weft's table and the packet
+/// layer judge their chains alike.
+pub(super) fn compare_chain(
+    drifts: &mut Vec<Drift>,
+    name: &'static str,
+    chain: &Chain<'_>,
+    want: ChainShape,
+    found: Vec<String>,
+    expected: Vec<String>,
+) {
+    if (chain._type, chain.hook, chain.prio, chain.policy) != want {
+        drifts.push(Drift::ChainChanged { chain: name });
+    }
+    if found != expected {
+        drifts.push(Drift::Rules {
+            chain: name,
+            expected,
+            found,
+        });
+    }
+}
+
 /// How the packet layer in a listing differs from `packets`: its chains, their rules (by
 /// comment) and its sets' elements. Takes its chains and rules out of `chains` and `rules`,
 /// so that what is left there is someone else's.
@@ -747,18 +778,9 @@ pub(super) fn compare(
             hook.map(|_| FILTER_PRIORITY),
             hook.map(|_| NfChainPolicy::Accept),
         );
-        if (chain._type, chain.hook, chain.prio, chain.policy) != want {
-            drifts.push(Drift::ChainChanged { chain: name });
-        }
         let found = rules.remove(name).unwrap_or_default();
         let expected = expected.remove(name).unwrap_or_default();
-        if found != expected {
-            drifts.push(Drift::Rules {
-                chain: name,
-                expected,
-                found,
-            });
-        }
+        compare_chain(&mut drifts, name, chain, want, found, expected);
     }
     for (name, way, family, interval) in sets() {
         let Some(set) = listed_sets.get(name) else {

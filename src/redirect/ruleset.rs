@@ -454,25 +454,15 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
         match chains.remove(name) {
             None => drifts.push(Drift::ChainMissing { chain: name }),
             Some(chain) => {
-                let shape = (chain._type, chain.hook, chain.prio, chain.policy);
                 let want = (
                     Some(kind),
                     Some(hook),
                     Some(priority),
                     Some(NfChainPolicy::Accept),
                 );
-                if shape != want {
-                    drifts.push(Drift::ChainChanged { chain: name });
-                }
                 let found = listed_rules.remove(name).unwrap_or_default();
                 let expected = expected_rules.remove(name).unwrap_or_default();
-                if found != expected {
-                    drifts.push(Drift::Rules {
-                        chain: name,
-                        expected,
-                        found,
-                    });
-                }
+                packets::compare_chain(&mut drifts, name, chain, want, found, expected);
             }
         }
     }

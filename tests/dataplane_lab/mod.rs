@@ -1,24 +1,31 @@
-//! The data-plane lab the benchmark (`benches/dataplane.rs`) and the fault tests
-//! (`tests/dataplane.rs`) share: two clusters with one node each, a client pod behind
-//! cluster-1's node and a server pod behind cluster-2's, no NetworkPolicy; brought up with
-//! `weft demo`'s lab and control plane (the real `weft tracker`, `weft ca` and `weft node`).
+//! The data-plane lab the benchmark (`benches/dataplane.rs`) and the tests on the real agents
+//! (`tests/dataplane*.rs`) share: two clusters with one node each, a client pod and an `other`
+//! pod behind cluster-1's node and a server pod behind cluster-2's, no NetworkPolicy; brought
+//! up with `weft demo`'s lab and control plane (the real `weft tracker`, `weft ca` and
+//! `weft node`).
 #![allow(dead_code)] // each user takes its share
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use weft::demo::plane::{ControlPlane, PlaneOptions};
 use weft::demo::scenario::{Step, write_step};
-use weft::lab::{Lab, LabNode, LabOptions, LabPod};
+use weft::lab::{Lab, LabNode, LabOptions, LabPod, http_get};
 use weft::model::ClusterSet;
 use weft::model::loader;
 
-/// The ports the server pod serves.
+/// The ports the server pod serves over TCP.
 pub const SINK_PORT: u16 = 5201;
 pub const ECHO_PORT: u16 = 5202;
 pub const LINE_PORT: u16 = 5203;
+/// The server's UDP ports: `dns` (named) and another.
+pub const DNS_PORT: u16 = 5300;
+pub const UDP_PORT: u16 = 5301;
+
+/// How long an agent's admin endpoint may take to answer.
+const ANSWER: Duration = Duration::from_secs(2);
 
 const CLUSTER_1: &str = "\
 apiVersion: v1
@@ -51,6 +58,23 @@ status:
   phase: Running
   podIPs:
     - ip: 10.1.1.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: other
+  namespace: bench
+  labels:
+    app: other
+spec:
+  nodeName: node-a
+  containers:
+    - name: other
+      image: busybox
+status:
+  phase: Running
+  podIPs:
+    - ip: 10.1.1.12
 ";
 
 const CLUSTER_2: &str = "\
@@ -84,6 +108,8 @@ spec:
         - containerPort: 5201
         - containerPort: 5202
         - containerPort: 5203
+        - {name: dns, containerPort: 5300, protocol: UDP}
+        - {containerPort: 5301, protocol: UDP}
 status:
   phase: Running
   podIPs:
@@ -121,27 +147,60 @@ spec:
           protocol: TCP
 ";
 
+/// Picks the server pod: a pod selector, as a YAML flow mapping.
+pub const SELECT_SERVER: &str = "{matchLabels: {app: server}}";
+
+/// An item of an ingress rule's `from:` (a YAML flow mapping) that picks cluster-1's
+/// `app: client` pods: a namespace selector naming the cluster, for selectors are global.
+pub const FROM_CLUSTER_1_CLIENT: &str = "{namespaceSelector: {matchLabels: \
+     {cluster.clusterset.k8s.io: cluster-1}}, podSelector: {matchLabels: {app: client}}}";
+
+/// A NetworkPolicy `name` in namespace `bench` on the pods `selector` picks (a YAML flow
+/// mapping, `{}` for all of them), the rest of its spec being `spec` (YAML, each line indented
+/// here as below `spec:`).
+pub fn network_policy(name: &str, selector: &str, spec: &str) -> String {
+    let mut policy = format!(
+        "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {name}
+  namespace: bench
+spec:
+  podSelector: {selector}
+"
+    );
+    for line in spec.lines() {
+        policy.push_str(&format!("  {line}\n"));
+    }
+    policy
+}
+
 /// The topology as a step: with `deny`, the server's namespace denies all ingress.
 pub fn step(deny: bool) -> Step {
     if deny {
-        step_with("deny", Some(DENY_SERVER))
+        step_with("deny", &[("cluster-2/policy.yaml", DENY_SERVER)])
     } else {
-        step_with("allow", None)
+        step_with("allow", &[])
     }
 }
 
 /// The topology as a step in which the server admits [`LINE_PORT`] and nothing else.
 pub fn line_port_only() -> Step {
-    step_with("line-port-only", Some(LINE_PORT_ONLY))
+    step_with(
+        "line-port-only",
+        &[("cluster-2/policy.yaml", LINE_PORT_ONLY)],
+    )
 }
 
-/// The topology named `name`, with `policy` in the server's cluster.
-fn step_with(name: &str, policy: Option<&str>) -> Step {
+/// The topology as a step named `name`, with `manifests` (path below the clusterset, text):
+/// policies, more pods.
+pub fn step_with(name: &str, manifests: &[(&str, &str)]) -> Step {
     let mut files: BTreeMap<PathBuf, Vec<u8>> = BTreeMap::new();
     files.insert("cluster-1/bench.yaml".into(), CLUSTER_1.into());
     files.insert("cluster-2/bench.yaml".into(), CLUSTER_2.into());
-    if let Some(policy) = policy {
-        files.insert("cluster-2/policy.yaml".into(), policy.into());
+    for (path, text) in manifests {
+        files.insert((*path).into(), (*text).into());
     }
     Step {
         name: name.into(),
@@ -228,4 +287,24 @@ pub fn nft(node: &LabNode, args: &[&str]) -> Result<String, String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
+}
+
+/// The `/config_dump` of the agent in `node`'s namespace (its admin endpoint, 15000).
+pub async fn config_dump(node: &LabNode) -> serde_json::Value {
+    let admin = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15000);
+    let answer = http_get(&node.netns, admin, "/config_dump", ANSWER)
+        .await
+        .expect("/config_dump answers");
+    assert_eq!(answer.status, 200, "/config_dump");
+    serde_json::from_slice(&answer.body).expect("/config_dump is JSON")
+}
+
+/// The `/metrics` of the agent in `node`'s namespace (its metrics endpoint, 15020), as text.
+pub async fn metrics(node: &LabNode) -> String {
+    let endpoint = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15020);
+    let answer = http_get(&node.netns, endpoint, "/metrics", ANSWER)
+        .await
+        .expect("/metrics answers");
+    assert_eq!(answer.status, 200, "/metrics");
+    String::from_utf8_lossy(&answer.body).into_owned()
 }
