@@ -317,7 +317,10 @@ async fn udp_across_clusters_obeys_network_policy_at_both_nodes() {
         strings(&p["egress_isolated"]) == ["10.1.1.12"]
     })
     .await;
-    let (a_before, b_before) = (dropped(node_a).await, dropped(node_b).await);
+    // Node B's counters lag its drops by up to a table check: wait for the two drops of
+    // each of steps 2 to 4, lest one of them land after the baseline.
+    let b_before = dropped_at_least(node_b, (before.0 + 6, before.1)).await;
+    let a_before = dropped(node_a).await;
     expect(&[(&from_other, &dns, "egress denied", (false, false))]);
     dropped_at_least(node_a, (a_before.0, a_before.1 + 1)).await;
     assert_eq!(dropped(node_b).await, b_before, "node B never saw it");
