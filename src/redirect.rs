@@ -1,5 +1,6 @@
 //! A node's traffic capture in nftables: which pod connections go to weft's listeners, kept in
-//! weft's own table (`inet weft`) and in sets of the node's pod addresses.
+//! weft's own table (`inet weft`) and in sets of the node's pod addresses; before the node knows
+//! its pods, a hold that sends every connection it forwards to a listener that refuses it.
 //!
 //! Everything here runs `nft` in the calling thread's network namespace ([`nft::Nft`]).
 
@@ -52,6 +53,33 @@ pub fn original_destination(
             "original destination is not an IP socket address",
         )
     })
+}
+
+/// What weft's table does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Before the node knows its pods: every TCP connection it forwards goes to the outbound
+    /// listener, which refuses it, and nothing else is forwarded (fail closed).
+    Hold,
+    /// Its local pods' traffic goes to weft's listeners.
+    Captured,
+}
+
+impl Mode {
+    /// The mode's name in logs, readiness and `/config_dump`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Hold => "hold",
+            Mode::Captured => "captured",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What went wrong describing or installing the capture.
@@ -146,16 +174,18 @@ impl fmt::Display for PodAddr {
     }
 }
 
-/// The capture a node should have: its listeners' ports, weft's mark and its local pods.
+/// The capture a node should have: its mode, its listeners' ports, weft's mark and its local
+/// pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capture {
+    mode: Mode,
     ports: Ports,
     mark: u32,
     pods: BTreeSet<PodAddr>,
 }
 
 impl Capture {
-    /// A capture with no local pods yet.
+    /// A capture (mode [`Mode::Captured`]) with no local pods yet.
     pub fn new(ports: Ports, mark: u32) -> Result<Self, RedirectError> {
         let Ports {
             outbound,
@@ -173,10 +203,16 @@ impl Capture {
             return Err(RedirectError::ZeroMark);
         }
         Ok(Self {
+            mode: Mode::Captured,
             ports,
             mark,
             pods: BTreeSet::new(),
         })
+    }
+
+    /// What the table does.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The listeners' ports.
@@ -241,6 +277,7 @@ impl Redirect {
             })?;
         tracing::info!(
             table = TABLE,
+            mode = %capture.mode,
             pods = capture.pods.len(),
             outbound = capture.ports.outbound,
             inbound = capture.ports.inbound,
@@ -251,14 +288,23 @@ impl Redirect {
         Ok(())
     }
 
-    /// Makes `pods` the local pods and installs the table as the capture then says, in one
-    /// transaction.
+    /// Makes `pods` the local pods and installs the table in mode [`Mode::Captured`] for them,
+    /// replacing whatever it held (the hold among them), in one transaction.
     pub async fn install(
         &self,
         pods: impl IntoIterator<Item = PodAddr>,
     ) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
         capture.pods = pods.into_iter().collect();
+        capture.mode = Mode::Captured;
+        self.apply_locked(&capture).await
+    }
+
+    /// Installs the table in mode [`Mode::Hold`], replacing whatever it held, in one
+    /// transaction: until [`Redirect::install`], every connection the node forwards is refused.
+    pub async fn hold(&self) -> Result<(), RedirectError> {
+        let mut capture = self.capture.lock().await;
+        capture.mode = Mode::Hold;
         self.apply_locked(&capture).await
     }
 
@@ -270,7 +316,8 @@ impl Redirect {
     /// Adds a local pod's address to weft's sets (the rules stay as they are).
     pub async fn add_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
-        if !capture.insert(pod) {
+        // A held table has no pod sets: the next install brings them.
+        if !capture.insert(pod) || capture.mode == Mode::Hold {
             return Ok(());
         }
         // The pod stays in the desired state even if nft fails: a later check sees the
@@ -289,7 +336,7 @@ impl Redirect {
     /// Removes a local pod's address from weft's sets (the rules stay as they are).
     pub async fn remove_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
-        if !capture.remove(pod) {
+        if !capture.remove(pod) || capture.mode == Mode::Hold {
             return Ok(());
         }
         self.nft

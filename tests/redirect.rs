@@ -318,6 +318,75 @@ fn weft_marked_sockets_are_not_captured() {
     assert!(pending(&inbound).is_none());
 }
 
+/// Issue 5 §1: before the agent knows its pods, the hold sends every TCP connection the node
+/// forwards (either way, whichever pod) to the outbound listener and drops the rest of what it
+/// would forward; the node's own traffic to its pods and traffic to the node itself pass.
+/// Capture of the pods then replaces it.
+#[test]
+fn the_hold_takes_every_forwarded_connection_until_capture_replaces_it() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[]);
+    t.node.block_on(redirect.hold()).expect("hold");
+    let outbound = bind(&t.node, "0.0.0.0:15001");
+    let peer_service = bind(&t.peer, &format!("{PEER}:8080"));
+    let pod_service = bind(&t.pod, &format!("{POD}:8080"));
+    let node_service = bind(&t.node, "198.18.1.1:9090");
+
+    for (from, to) in [(&t.pod, PEER), (&t.peer, POD)] {
+        let to: SocketAddr = format!("{to}:8080").parse().expect("an address");
+        let _client = dial(from, to);
+        let (_, source) = pending(&outbound).expect("a forwarded connection on 15001");
+        assert_ne!(source.ip(), IpAddr::from([198, 18, 1, 1]), "not the node's");
+    }
+    assert!(pending(&peer_service).is_none() && pending(&pod_service).is_none());
+
+    let datagrams = t
+        .peer
+        .run(|| std::net::UdpSocket::bind(format!("{PEER}:5353")))
+        .expect("a UDP socket");
+    datagrams
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("a timeout");
+    t.pod
+        .run(|| {
+            std::net::UdpSocket::bind(format!("{POD}:0"))?.send_to(b"held", format!("{PEER}:5353"))
+        })
+        .expect("sent");
+    assert!(
+        datagrams.recv(&mut [0; 16]).is_err(),
+        "UDP forwarded in hold"
+    );
+
+    // kubelet probes, and the node's own services.
+    let _probe = dial(&t.node, format!("{POD}:8080").parse().expect("an address"));
+    assert!(pending(&pod_service).is_some(), "the node reached its pod");
+    let _to_node = dial(&t.pod, "198.18.1.1:9090".parse().expect("an address"));
+    assert!(pending(&node_service).is_some(), "the pod reached the node");
+    assert!(pending(&outbound).is_none());
+
+    t.node
+        .block_on(redirect.install([pod(POD)]))
+        .expect("capture replaces the hold");
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+    let chains: Vec<String> = listing(&t.node)["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| Some(o.get("chain")?["name"].as_str()?.to_owned()))
+        .collect();
+    assert_eq!(chains, ["antispoof", "prerouting", "output"]);
+    let inbound = bind(&t.node, "0.0.0.0:15006");
+    let _client = dial(&t.peer, format!("{POD}:8080").parse().expect("an address"));
+    assert!(
+        pending(&inbound).is_some(),
+        "plaintext to the pod is inbound now"
+    );
+    assert!(pending(&outbound).is_none());
+}
+
 #[test]
 fn applying_twice_yields_the_same_table() {
     let Some(t) = topology() else { return };

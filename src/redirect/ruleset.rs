@@ -15,7 +15,7 @@ use nftables::schema::{
 use nftables::stmt::{Counter, Drop, Match, NAT, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use super::{Capture, PodAddr, TABLE};
+use super::{Capture, Mode, PodAddr, TABLE};
 
 /// nat chains run at dstnat priority, where REDIRECT is allowed.
 const NAT_PRIORITY: i32 = -100;
@@ -40,6 +40,34 @@ const CHAINS: [(&str, NfHook, NfChainType, i32); 3] = [
     ),
     ("output", NfHook::Output, NfChainType::NAT, NAT_PRIORITY),
 ];
+
+/// The chains of the hold ([`Mode::Hold`]): forwarded TCP to the outbound listener, the rest of
+/// what the node forwards dropped. Named apart from the captured mode's chains.
+const HOLD_CHAINS: [(&str, NfHook, NfChainType, i32); 2] = [
+    (
+        "hold_prerouting",
+        NfHook::Prerouting,
+        NfChainType::NAT,
+        NAT_PRIORITY,
+    ),
+    ("hold_forward", NfHook::Forward, NfChainType::Filter, 0),
+];
+
+/// The base chains of `mode`.
+fn base_chains(mode: Mode) -> &'static [(&'static str, NfHook, NfChainType, i32)] {
+    match mode {
+        Mode::Hold => &HOLD_CHAINS,
+        Mode::Captured => &CHAINS,
+    }
+}
+
+/// The pod sets of `mode`: a hold knows no pods.
+fn families(mode: Mode) -> &'static [Family] {
+    match mode {
+        Mode::Hold => &[],
+        Mode::Captured => &Family::ALL,
+    }
+}
 
 /// The address families weft captures, each with its own set (nft sets hold one type).
 #[derive(Debug, Clone, Copy)]
@@ -191,7 +219,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
     batch.add(table());
     batch.delete(table());
     batch.add(table());
-    for family in Family::ALL {
+    for &family in families(capture.mode()) {
         let elem: Vec<_> = family
             .pods(capture)
             .map(|pod| Expression::String(pod.into()))
@@ -205,7 +233,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Set::default()
         })));
     }
-    for (name, hook, kind, priority) in CHAINS {
+    for &(name, hook, kind, priority) in base_chains(capture.mode()) {
         batch.add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
             table: TABLE.into(),
@@ -217,7 +245,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Chain::default()
         }));
     }
-    for (chain, comment, expr) in rules(capture) {
+    for (chain, comment, expr) in rules_of(capture) {
         batch.add(NfListObject::Rule(Rule {
             family: NfFamily::INet,
             table: TABLE.into(),
@@ -318,6 +346,54 @@ fn inbound(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
             Expression::String("tcp".into()),
         ),
         redirect(capture.ports().inbound),
+    ]
+}
+
+/// The rules of the capture's mode.
+fn rules_of(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
+    match capture.mode() {
+        Mode::Hold => hold_rules(capture),
+        Mode::Captured => rules(capture),
+    }
+}
+
+/// The hold's rules: whatever pod sends it, a new TCP connection the node forwards (not
+/// addressed to the node itself, so the node's own services and its replies from pods stay
+/// reachable) goes to the outbound listener, which refuses it until capture replaces the
+/// hold; anything else the node would forward is dropped. The node's own traffic to its
+/// pods (kubelet probes) leaves by the output hook, which the hold leaves alone.
+fn hold_rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
+    vec![
+        (
+            "hold_prerouting",
+            "weft hold: forwarded tcp to the outbound listener, which refuses it".to_owned(),
+            vec![
+                matches(
+                    Expression::Named(NamedExpression::Fib(Fib {
+                        result: FibResult::Type,
+                        flags: [FibFlag::Daddr].into_iter().collect(),
+                    })),
+                    Operator::NEQ,
+                    Expression::String("local".into()),
+                ),
+                matches(
+                    Expression::Named(NamedExpression::Meta(Meta {
+                        key: MetaKey::L4proto,
+                    })),
+                    Operator::EQ,
+                    Expression::String("tcp".into()),
+                ),
+                redirect(capture.ports().outbound),
+            ],
+        ),
+        (
+            "hold_forward",
+            "weft hold: nothing else is forwarded".to_owned(),
+            vec![
+                Statement::Counter(Counter::Anonymous(None)),
+                Statement::Drop(Some(Drop {})),
+            ],
+        ),
     ]
 }
 
@@ -433,7 +509,7 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
                     .push(rule.comment.as_deref().unwrap_or("(no comment)").to_owned());
             }
             NfObject::ListObject(NfListObject::Set(set))
-                if Family::ALL.iter().any(|f| f.set() == set.name) =>
+                if families(capture.mode()).iter().any(|f| f.set() == set.name) =>
             {
                 sets.insert(set.name.to_string(), set);
             }
@@ -444,10 +520,10 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
     }
 
     let mut expected_rules: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (chain, comment, _) in rules(capture) {
+    for (chain, comment, _) in rules_of(capture) {
         expected_rules.entry(chain).or_default().push(comment);
     }
-    for (name, hook, kind, priority) in CHAINS {
+    for &(name, hook, kind, priority) in base_chains(capture.mode()) {
         match chains.remove(name) {
             None => drifts.push(Drift::ChainMissing { chain: name }),
             Some(chain) => {
@@ -479,7 +555,7 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
             .map(|chain| Drift::UnexpectedChain { chain }),
     );
 
-    for family in Family::ALL {
+    for &family in families(capture.mode()) {
         let name = family.set();
         let Some(set) = sets.get(name) else {
             drifts.push(Drift::SetMissing { set: name });
@@ -580,6 +656,100 @@ mod tests {
             "{json}"
         );
         assert!(!json.contains(r#""op":"<""#) && !json.contains(r#""op":">""#));
+    }
+
+    fn held() -> Capture {
+        let mut capture = capture();
+        capture.mode = Mode::Hold;
+        capture
+    }
+
+    #[test]
+    fn the_hold_sends_forwarded_tcp_to_the_outbound_listener_and_drops_the_rest() {
+        let json = serde_json::to_value(install(&held())).expect("json");
+        let objects = json["nftables"].as_array().expect("objects");
+        // The same add, delete, add: a hold replaces any table, a captured one among them.
+        let table = json!({"family": "inet", "name": "weft"});
+        assert_eq!(
+            objects[..3],
+            [
+                json!({"add": {"table": table.clone()}}),
+                json!({"delete": {"table": table.clone()}}),
+                json!({"add": {"table": table}})
+            ]
+        );
+        assert!(
+            objects.iter().all(|o| o["add"].get("set").is_none()),
+            "no pod sets"
+        );
+        let chains: Vec<(&str, &str, &str)> = objects
+            .iter()
+            .filter_map(|o| o["add"].get("chain"))
+            .map(|c| {
+                let field = |k: &str| c[k].as_str().expect(k);
+                (field("name"), field("type"), field("hook"))
+            })
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                ("hold_prerouting", "nat", "prerouting"),
+                ("hold_forward", "filter", "forward")
+            ]
+        );
+        let rules: Vec<&Value> = objects
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .collect();
+        assert_eq!(rules.len(), 2, "{rules:?}");
+        // Everything not addressed to the node itself, whichever pod sends it.
+        assert_eq!(
+            rules[0]["expr"],
+            json!([
+                {"match": {"left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local", "op": "!="}},
+                {"match": {"left": {"meta": {"key": "l4proto"}}, "right": "tcp", "op": "=="}},
+                {"redirect": {"port": 15001}}
+            ])
+        );
+        assert_eq!(rules[1]["expr"], json!([{"counter": null}, {"drop": {}}]));
+        assert!(
+            rules.iter().all(|r| r["chain"] != "output"),
+            "the node's own traffic"
+        );
+    }
+
+    #[test]
+    fn a_hold_and_a_capture_are_each_other_s_drift() {
+        let (held, captured) = (held(), capture());
+        assert_eq!(
+            compare_listing(&held, &listing_of(&held)),
+            TableState::Intact
+        );
+        // The watch restores whichever mode is wanted.
+        let TableState::Drifted(drifts) = compare_listing(&held, &listing_of(&captured)) else {
+            panic!("a captured table is not a hold");
+        };
+        assert!(
+            drifts.contains(&Drift::ChainMissing {
+                chain: "hold_prerouting"
+            }),
+            "{drifts:?}"
+        );
+        assert!(
+            drifts
+                .iter()
+                .any(|d| matches!(d, Drift::UnexpectedObject { json } if json.contains("pods_v4"))),
+            "{drifts:?}"
+        );
+        let TableState::Drifted(drifts) = compare_listing(&captured, &listing_of(&held)) else {
+            panic!("a hold is not a captured table");
+        };
+        assert!(
+            drifts.contains(&Drift::UnexpectedChain {
+                chain: "hold_forward".into()
+            }),
+            "{drifts:?}"
+        );
     }
 
     #[test]
