@@ -2,9 +2,16 @@
 //! weft's own table (`inet weft`) and in sets of the node's pod addresses; before the node knows
 //! its pods, a hold that sends every connection it forwards to a listener that refuses it.
 //!
-//! Everything here runs `nft` in the calling thread's network namespace ([`nft::Nft`]).
+//! Capture is TPROXY: a captured packet keeps its addresses, is marked, and the mark's policy
+//! routing ([`routing`]) delivers it to weft's listener, which accepts it as the original
+//! destination. Unlike REDIRECT it needs no address on the interface the packet came in by
+//! (Calico's host-side veths have none).
+//!
+//! Everything here runs `nft` ([`nft::Nft`]) and netlink in the calling thread's network
+//! namespace.
 
 pub mod nft;
+pub mod routing;
 pub mod ruleset;
 
 use std::collections::BTreeSet;
@@ -37,22 +44,34 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// Default HBONE tunnel port (as ztunnel).
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 
-/// The destination a captured connection was addressed to before REDIRECT sent it to one of
-/// weft's listeners (`SO_ORIGINAL_DST`); a connection that was not redirected has none.
+/// The destination a captured connection was addressed to: TPROXY keeps it as the accepted
+/// socket's local address (a connection made to a listener directly names the listener).
 pub fn original_destination(
     stream: &tokio::net::TcpStream,
 ) -> std::io::Result<std::net::SocketAddr> {
-    let socket = socket2::SockRef::from(stream);
-    let original = match stream.local_addr()? {
-        std::net::SocketAddr::V4(_) => socket.original_dst_v4()?,
-        std::net::SocketAddr::V6(_) => socket.original_dst_v6()?,
-    };
-    original.as_socket().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "original destination is not an IP socket address",
-        )
-    })
+    stream.local_addr()
+}
+
+/// A listener for captured connections at `addr`: transparent, so that TPROXY can hand it
+/// connections to any address, and carrying weft's `mark`, which its accepted connections
+/// inherit, so that their packets are never captured again. Non-blocking, for tokio.
+pub fn transparent_listener(
+    addr: std::net::SocketAddr,
+    mark: u32,
+) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// What weft's table does.
@@ -97,6 +116,14 @@ pub enum RedirectError {
     /// Mark 0 would exempt every unmarked packet from capture.
     #[error("weft's socket mark must not be 0 (every unmarked packet carries 0)")]
     ZeroMark,
+    /// A socket mark that the policy routing of captured packets would take for its own:
+    /// every packet weft sends would be delivered back to the node.
+    #[error(
+        "weft's socket mark {mark:#x} must not match capture's {:#x}/{:#x}",
+        routing::TPROXY_MARK,
+        routing::MARK_MASK
+    )]
+    MarkClash { mark: u32 },
     /// `nft` failed while doing `action`.
     #[error("{action}: {source}")]
     Nft {
@@ -104,16 +131,19 @@ pub enum RedirectError {
         #[source]
         source: NftError,
     },
+    /// The policy routing of captured packets could not be read or changed.
+    #[error("policy routing of captured packets: {0}")]
+    Routing(#[from] routing::RoutingError),
 }
 
 /// The ports weft's listeners use on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ports {
-    /// Where outbound connections of local pods are redirected.
+    /// Where outbound connections of local pods are captured to.
     pub outbound: u16,
-    /// Where plaintext connections to local pods are redirected.
+    /// Where plaintext connections to local pods are captured to.
     pub inbound: u16,
-    /// Where HBONE tunnels arrive; connections to this port are never redirected.
+    /// Where HBONE tunnels to local pods are captured to.
     pub hbone: u16,
 }
 
@@ -202,6 +232,9 @@ impl Capture {
         if mark == 0 {
             return Err(RedirectError::ZeroMark);
         }
+        if mark & routing::MARK_MASK == routing::TPROXY_MARK {
+            return Err(RedirectError::MarkClash { mark });
+        }
         Ok(Self {
             mode: Mode::Captured,
             ports,
@@ -275,6 +308,9 @@ impl Redirect {
                 action: format!("installing table {FAMILY} {TABLE}"),
                 source,
             })?;
+        // After the table: until the routes are there, a marked packet is not forwarded
+        // either (the kernel drops forwarded packets TPROXY gave a socket).
+        routing::install().await?;
         tracing::info!(
             table = TABLE,
             mode = %capture.mode,
@@ -365,13 +401,23 @@ impl Redirect {
                     action: format!("listing table {FAMILY} {TABLE}"),
                     source,
                 })?;
-        Ok(match listing {
-            None => TableState::Missing,
-            Some(json) => ruleset::compare(capture, &json),
+        let missing = routing::missing().await?;
+        Ok(match (listing, missing.is_empty()) {
+            (None, _) => TableState::Missing,
+            (Some(json), true) => ruleset::compare(capture, &json),
+            (Some(json), false) => {
+                let mut drifts = match ruleset::compare(capture, &json) {
+                    TableState::Drifted(drifts) => drifts,
+                    _ => Vec::new(),
+                };
+                drifts.push(Drift::Routing { missing });
+                TableState::Drifted(drifts)
+            }
         })
     }
 
-    /// Removes weft's table, and so all of weft's capture; other tables are left alone.
+    /// Removes weft's table and its policy routing, and so all of weft's capture; other
+    /// tables, rules and routes are left alone.
     pub async fn cleanup(&self) -> Result<(), RedirectError> {
         let _serialised = self.capture.lock().await;
         self.nft
@@ -381,6 +427,7 @@ impl Redirect {
                 action: format!("removing table {FAMILY} {TABLE}"),
                 source,
             })?;
+        routing::remove().await?;
         tracing::info!(table = TABLE, "capture removed");
         Ok(())
     }
@@ -458,6 +505,19 @@ mod tests {
             Capture::new(Ports::default(), 0),
             Err(RedirectError::ZeroMark)
         ));
+    }
+
+    #[test]
+    fn a_mark_the_policy_routing_takes_for_capture_s_is_refused() {
+        for mark in [routing::TPROXY_MARK, 0x4000 | routing::TPROXY_MARK] {
+            let error = Capture::new(Ports::default(), mark).expect_err("a clashing mark");
+            assert!(
+                matches!(error, RedirectError::MarkClash { .. }),
+                "{mark:#x}"
+            );
+            assert!(error.to_string().contains("0x111/0xfff"), "{error}");
+        }
+        assert!(Capture::new(Ports::default(), 0x112).is_ok());
     }
 
     #[test]

@@ -309,6 +309,86 @@ async fn before_its_first_complete_view_a_node_refuses_what_it_forwards() {
     drop_lab(lab);
 }
 
+/// A neighbour of the client on node A (the allow step otherwise).
+const NEIGHBOUR: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: neighbour
+  namespace: bench
+  labels:
+    app: neighbour
+spec:
+  nodeName: node-a
+  containers:
+    - name: neighbour
+      image: busybox
+status:
+  phase: Running
+  podIPs:
+    - ip: 10.1.1.11
+";
+
+/// Two pods of one node: the client's connection to its neighbour leaves node A's outbound
+/// proxy as a tunnel to the neighbour's HBONE address, which TPROXY cannot take from the
+/// node's own output: capture marks it there, it is routed to the loopback device and node
+/// A's own HBONE listener admits it (both decisions in node A's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let _one_lab = ONE_LAB_AT_A_TIME.lock().await;
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let mut step = dataplane_lab::step(false);
+    step.name = "neighbours".into();
+    step.files
+        .insert("cluster-1/neighbour.yaml".into(), NEIGHBOUR.into());
+    let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
+    let (client, _, node_a, _) = dataplane_lab::ends(&lab);
+    let neighbour = lab
+        .pod("cluster-1", "bench", "neighbour")
+        .expect("the neighbour");
+    let to = SocketAddr::new(neighbour.ip.into(), LINE_PORT);
+    lab.serve_responder(&neighbour.netns, to, "neighbour")
+        .expect("the neighbour's responder");
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let agent = plane
+        .nodes
+        .iter()
+        .find(|n| n.node.name == node_a.name)
+        .expect("node A's agent");
+    let log = agent.process.output().mark();
+    let outcome = exchange(&client.netns, None, to, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        outcome,
+        ExchangeOutcome::Answered {
+            by: "neighbour".into()
+        }
+    );
+    let destination = format!(r#""destination":"{to}""#);
+    let decisions: Vec<String> = agent
+        .process
+        .output()
+        .since(log)
+        .into_iter()
+        .filter(|line| line.contains(&destination) && line.contains(r#""verdict":"allow""#))
+        .collect();
+    for direction in ["outbound", "inbound"] {
+        assert!(
+            decisions
+                .iter()
+                .any(|line| line.contains(&format!(r#""direction":"{direction}""#))),
+            "no {direction} decision for {to} in node A's log: {decisions:?}"
+        );
+    }
+    drop(plane);
+    drop_lab(lab);
+}
+
 fn drop_lab(lab: Lab) {
     let prefix = lab.prefix().to_owned();
     drop(lab);

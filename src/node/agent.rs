@@ -194,9 +194,15 @@ impl Agent {
                 .await
                 .map_err(|source| AgentError::Bind { what, addr, source })
         };
-        let outbound = bind("--outbound", s.outbound).await?;
-        let inbound = bind("--inbound", s.inbound).await?;
-        let hbone = bind("--hbone", s.hbone).await?;
+        // Capture's listeners: transparent (TPROXY) and carrying weft's mark.
+        let transparent = |what: &'static str, addr: SocketAddr| {
+            crate::redirect::transparent_listener(addr, s.mark)
+                .and_then(TcpListener::from_std)
+                .map_err(|source| AgentError::Bind { what, addr, source })
+        };
+        let outbound = transparent("--outbound", s.outbound)?;
+        let inbound = transparent("--inbound", s.inbound)?;
+        let hbone = transparent("--hbone", s.hbone)?;
         let admin = bind("--admin", s.admin).await?;
         let metrics = bind("--metrics", s.metrics).await?;
         let readiness = bind("--readiness", s.readiness).await?;
@@ -546,7 +552,7 @@ impl Agent {
     }
 
     /// The original destination of a captured connection; `None` (and the connection
-    /// dropped) when it has none: it was not redirected, so it is not ours to carry.
+    /// dropped) when it is unknown, or one of weft's own listeners.
     fn original(&self, stream: &TcpStream, from: SocketAddr) -> Option<SocketAddr> {
         match original_destination(stream) {
             Ok(original) if !self.is_own_listener(original) => Some(original),
