@@ -133,7 +133,7 @@ struct CaArgs {
 
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
-    /// Remove weft's nftables table from this network namespace and exit.
+    /// Remove weft's nftables table and policy routing from this network namespace and exit.
     #[arg(long)]
     cleanup: bool,
     /// This node's cluster.
@@ -182,7 +182,8 @@ struct NodeArgs {
     /// Readiness endpoint (/healthz/ready).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15021")]
     readiness: SocketAddr,
-    /// The socket mark of weft's own sockets (never captured again); not 0.
+    /// The socket mark of weft's own sockets (never captured again); not 0, and not capture's
+    /// 0x111 in the bits 0xfff.
     #[arg(long, value_name = "MARK", default_value = "0x539", value_parser = parse_mark)]
     mark: u32,
     /// The lifetime asked for workload certificates (renewed at about half of it).

@@ -7,9 +7,9 @@
 //!   every pod of every other node via that node and a default route via the wire.
 //! - Each pod that owns its address is a namespace behind a veth pair to its node: the pod
 //!   side holds the pod's IP/32 and a default route via a link-local gateway the node side
-//!   answers for by proxy ARP (as Calico does); the node side has a /32 route to the pod, and
-//!   the node's address /32 (as the CNI ptp plugin gives it the gateway's): unlike Calico's,
-//!   for nftables REDIRECT drops what arrives on an interface with no address of its own.
+//!   answers for by proxy ARP, and the node side has a /32 route to the pod and no IPv4
+//!   address, as Calico does it (capture is TPROXY, which needs none; REDIRECT would drop
+//!   what arrives on such an interface).
 //!
 //! Names carry the process id (`weft-PID-N-…`), so [`sweep`] can delete what dead runs left.
 //! A [`Lab`] kills the processes it started, then deletes every namespace it made, when
@@ -352,9 +352,6 @@ impl Lab {
                         "link add p{j} type veth peer name eth0 netns {}",
                         pod.netns.name()
                     ));
-                    // REDIRECT sends to the incoming interface's first address: without one,
-                    // the kernel drops what weft would capture (nf_nat_redirect_ipv4).
-                    commands.push(format!("addr add {}/32 dev p{j}", node.ip));
                     commands.push(format!("link set p{j} up"));
                     commands.push(format!("route add {}/32 dev p{j}", pod.ip));
                     sysctls.push((format!("net/ipv4/conf/p{j}/proxy_arp"), "1"));

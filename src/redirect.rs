@@ -1,10 +1,18 @@
 //! A node's traffic capture in nftables: which pod connections go to weft's listeners, kept in
-//! weft's own table (`inet weft`) and in sets of the node's pod addresses.
+//! weft's own table (`inet weft`) and in sets of the node's pod addresses; before the node knows
+//! its pods, a hold that sends every connection it forwards to a listener that refuses it.
 //!
-//! Everything here runs `nft` in the calling thread's network namespace ([`nft::Nft`]).
+//! Capture is TPROXY: a captured packet keeps its addresses, is marked, and the mark's policy
+//! routing ([`routing`]) delivers it to weft's listener, which accepts it as the original
+//! destination. Unlike REDIRECT it needs no address on the interface the packet came in by
+//! (Calico's host-side veths have none).
+//!
+//! Everything here runs `nft` ([`nft::Nft`]) and netlink in the calling thread's network
+//! namespace.
 
 pub mod nft;
 pub mod packets;
+pub mod routing;
 pub mod ruleset;
 
 use std::collections::BTreeSet;
@@ -41,22 +49,61 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// Default HBONE tunnel port (as ztunnel).
 pub const DEFAULT_HBONE_PORT: u16 = 15008;
 
-/// The destination a captured connection was addressed to before REDIRECT sent it to one of
-/// weft's listeners (`SO_ORIGINAL_DST`); a connection that was not redirected has none.
+/// The destination a captured connection was addressed to: TPROXY keeps it as the accepted
+/// socket's local address (a connection made to a listener directly names the listener).
 pub fn original_destination(
     stream: &tokio::net::TcpStream,
 ) -> std::io::Result<std::net::SocketAddr> {
-    let socket = socket2::SockRef::from(stream);
-    let original = match stream.local_addr()? {
-        std::net::SocketAddr::V4(_) => socket.original_dst_v4()?,
-        std::net::SocketAddr::V6(_) => socket.original_dst_v6()?,
-    };
-    original.as_socket().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "original destination is not an IP socket address",
-        )
-    })
+    stream.local_addr()
+}
+
+/// A listener for captured connections at `addr`: transparent, so that TPROXY can hand it
+/// connections to any address, and carrying weft's `mark`, which its accepted connections
+/// inherit, so that their packets are never captured again. Non-blocking, for tokio.
+pub fn transparent_listener(
+    addr: std::net::SocketAddr,
+    mark: u32,
+) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_ip_transparent_v6(true)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// What weft's table does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Before the node knows its pods: every TCP connection it forwards goes to the outbound
+    /// listener, which refuses it, and nothing else is forwarded (fail closed).
+    Hold,
+    /// Its local pods' traffic goes to weft's listeners.
+    Captured,
+}
+
+impl Mode {
+    /// The mode's name in logs, readiness and `/config_dump`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Hold => "hold",
+            Mode::Captured => "captured",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What went wrong describing or installing the capture.
@@ -74,6 +121,14 @@ pub enum RedirectError {
     /// Mark 0 would exempt every unmarked packet from capture.
     #[error("weft's socket mark must not be 0 (every unmarked packet carries 0)")]
     ZeroMark,
+    /// A socket mark that the policy routing of captured packets would take for its own:
+    /// every packet weft sends would be delivered back to the node.
+    #[error(
+        "weft's socket mark {mark:#x} must not match capture's {:#x}/{:#x}",
+        routing::TPROXY_MARK,
+        routing::MARK_MASK
+    )]
+    MarkClash { mark: u32 },
     /// `nft` failed while doing `action`.
     #[error("{action}: {source}")]
     Nft {
@@ -81,16 +136,19 @@ pub enum RedirectError {
         #[source]
         source: NftError,
     },
+    /// The policy routing of captured packets could not be read or changed.
+    #[error("policy routing of captured packets: {0}")]
+    Routing(#[from] routing::RoutingError),
 }
 
 /// The ports weft's listeners use on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ports {
-    /// Where outbound connections of local pods are redirected.
+    /// Where outbound connections of local pods are captured to.
     pub outbound: u16,
-    /// Where plaintext connections to local pods are redirected.
+    /// Where plaintext connections to local pods are captured to.
     pub inbound: u16,
-    /// Where HBONE tunnels arrive; connections to this port are never redirected.
+    /// Where HBONE tunnels to local pods are captured to.
     pub hbone: u16,
 }
 
@@ -151,9 +209,11 @@ impl fmt::Display for PodAddr {
     }
 }
 
-/// The capture a node should have: its listeners' ports, weft's mark and its local pods.
+/// The capture a node should have: its mode, its listeners' ports, weft's mark and its local
+/// pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capture {
+    mode: Mode,
     ports: Ports,
     mark: u32,
     pods: BTreeSet<PodAddr>,
@@ -161,7 +221,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    /// A capture with no local pods yet.
+    /// A capture (mode [`Mode::Captured`]) with no local pods yet.
     pub fn new(ports: Ports, mark: u32) -> Result<Self, RedirectError> {
         let Ports {
             outbound,
@@ -178,12 +238,21 @@ impl Capture {
         if mark == 0 {
             return Err(RedirectError::ZeroMark);
         }
+        if mark & routing::MARK_MASK == routing::TPROXY_MARK {
+            return Err(RedirectError::MarkClash { mark });
+        }
         Ok(Self {
+            mode: Mode::Captured,
             ports,
             mark,
             pods: BTreeSet::new(),
             packets: Arc::default(),
         })
+    }
+
+    /// What the table does.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// The listeners' ports.
@@ -305,8 +374,12 @@ impl Redirect {
             .unwrap_or_else(PoisonError::into_inner)
             .replaced();
         self.installed.store(true, Ordering::Relaxed);
+        // After the table: until the routes are there, a marked packet is not forwarded
+        // either (the kernel drops forwarded packets TPROXY gave a socket).
+        routing::install().await?;
         tracing::info!(
             table = TABLE,
+            mode = %capture.mode,
             pods = capture.pods.len(),
             outbound = capture.ports.outbound,
             inbound = capture.ports.inbound,
@@ -332,7 +405,8 @@ impl Redirect {
         let next = Arc::new(next);
         capture.set_packets(next.clone());
         *self.packets.lock().unwrap_or_else(PoisonError::into_inner) = next;
-        if !self.installed.load(Ordering::Relaxed) {
+        // The hold has no packet layer: the capture's install carries it.
+        if !self.installed.load(Ordering::Relaxed) || capture.mode == Mode::Hold {
             return Ok(());
         }
         self.nft
@@ -370,14 +444,23 @@ impl Redirect {
             .total(way)
     }
 
-    /// Makes `pods` the local pods and installs the table as the capture then says, in one
-    /// transaction.
+    /// Makes `pods` the local pods and installs the table in mode [`Mode::Captured`] for them,
+    /// replacing whatever it held (the hold among them), in one transaction.
     pub async fn install(
         &self,
         pods: impl IntoIterator<Item = PodAddr>,
     ) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
         capture.pods = pods.into_iter().collect();
+        capture.mode = Mode::Captured;
+        self.apply_locked(&capture).await
+    }
+
+    /// Installs the table in mode [`Mode::Hold`], replacing whatever it held, in one
+    /// transaction: until [`Redirect::install`], every connection the node forwards is refused.
+    pub async fn hold(&self) -> Result<(), RedirectError> {
+        let mut capture = self.capture.lock().await;
+        capture.mode = Mode::Hold;
         self.apply_locked(&capture).await
     }
 
@@ -389,7 +472,8 @@ impl Redirect {
     /// Adds a local pod's address to weft's sets (the rules stay as they are).
     pub async fn add_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
-        if !capture.insert(pod) {
+        // A held table has no pod sets: the next install brings them.
+        if !capture.insert(pod) || capture.mode == Mode::Hold {
             return Ok(());
         }
         // The pod stays in the desired state even if nft fails: a later check sees the
@@ -408,7 +492,7 @@ impl Redirect {
     /// Removes a local pod's address from weft's sets (the rules stay as they are).
     pub async fn remove_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
-        if !capture.remove(pod) {
+        if !capture.remove(pod) || capture.mode == Mode::Hold {
             return Ok(());
         }
         self.nft
@@ -437,21 +521,31 @@ impl Redirect {
                     action: format!("listing table {FAMILY} {TABLE}"),
                     source,
                 })?;
-        Ok(match listing {
-            None => TableState::Missing,
-            Some(json) => {
-                if let Some(now) = packets::dropped(&json) {
-                    self.dropped
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .read(now);
-                }
-                ruleset::compare(capture, &json)
-            }
+        let missing = routing::missing().await?;
+        let Some(json) = listing else {
+            return Ok(TableState::Missing);
+        };
+        if let Some(now) = packets::dropped(&json) {
+            self.dropped
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read(now);
+        }
+        let table = ruleset::compare(capture, &json);
+        Ok(if missing.is_empty() {
+            table
+        } else {
+            let mut drifts = match table {
+                TableState::Drifted(drifts) => drifts,
+                _ => Vec::new(),
+            };
+            drifts.push(Drift::Routing { missing });
+            TableState::Drifted(drifts)
         })
     }
 
-    /// Removes weft's table, and so all of weft's capture; other tables are left alone.
+    /// Removes weft's table and its policy routing, and so all of weft's capture; other
+    /// tables, rules and routes are left alone.
     pub async fn cleanup(&self) -> Result<(), RedirectError> {
         let _serialised = self.capture.lock().await;
         self.nft
@@ -461,6 +555,7 @@ impl Redirect {
                 action: format!("removing table {FAMILY} {TABLE}"),
                 source,
             })?;
+        routing::remove().await?;
         tracing::info!(table = TABLE, "capture removed");
         Ok(())
     }
@@ -538,6 +633,19 @@ mod tests {
             Capture::new(Ports::default(), 0),
             Err(RedirectError::ZeroMark)
         ));
+    }
+
+    #[test]
+    fn a_mark_the_policy_routing_takes_for_capture_s_is_refused() {
+        for mark in [routing::TPROXY_MARK, 0x4000 | routing::TPROXY_MARK] {
+            let error = Capture::new(Ports::default(), mark).expect_err("a clashing mark");
+            assert!(
+                matches!(error, RedirectError::MarkClash { .. }),
+                "{mark:#x}"
+            );
+            assert!(error.to_string().contains("0x111/0xfff"), "{error}");
+        }
+        assert!(Capture::new(Ports::default(), 0x112).is_ok());
     }
 
     #[test]

@@ -344,6 +344,8 @@ fn weft_node_refuses_bad_flags_naming_the_culprit() {
     };
     refused(&base(&["--mark", "0"]), "mark 0");
     refused(&base(&["--mark", "0xzz"]), "0xzz");
+    // Capture's own mark bits: weft's packets would be delivered back to the node.
+    refused(&base(&["--mark", "0x1111"]), "0x111/0xfff");
     refused(&base(&["--worker-threads", "0"]), "worker-threads");
     refused(&base(&["--table-check-interval", "soon"]), "soon");
     refused(&base(&["--hbone", "15008"]), "15008");

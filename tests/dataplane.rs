@@ -3,24 +3,24 @@
 //! agents), as root: weft's table flushed or deleted by hand is restored; a node agent killed
 //! fails closed and, restarted, carries traffic again with the same table; a policy tightened
 //! while a connection is open closes it. One lab for the three, in that order, to keep the
-//! run short on CI's two cores. Two more labs, one after the other (never two at once, for
-//! the same cores): node agents stopped and restarted in a loop while a prober sends allowed
-//! and denied traffic (THREATS 29), and certificates rotating every few seconds under
-//! traffic (THREATS 11).
+//! run short on CI's two cores. More labs, one after the other (never two at once, for the
+//! same cores): node agents stopped and restarted in a loop while a prober sends allowed and
+//! denied traffic (THREATS 29), certificates rotating every few seconds under traffic
+//! (THREATS 11), and a node that holds every connection before its first complete view.
 
 mod dataplane_lab;
 mod netns;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use weft::demo::plane::{ControlPlane, PlaneOptions, Stop};
-use weft::lab::{ExchangeOutcome, Lab, LabNode, LabPod, exchange};
+use weft::demo::plane::{ControlPlane, PlaneOptions, Stop, TRACKER_PORT};
+use weft::lab::{ExchangeOutcome, Lab, LabNode, LabPod, exchange, http_get};
 
 use dataplane_lab::{ECHO_PORT, LINE_PORT, config_dump, nft};
 
@@ -178,6 +178,213 @@ async fn the_data_plane_survives_a_flushed_table_a_killed_agent_and_a_tightened_
     assert!(took <= Duration::from_secs(3), "closed after {took:?}");
     eprintln!("the open connection ended {took:?} after the policy was written: {how}");
     assert!(!probe(client, to).await, "a new connection is denied");
+    drop(plane);
+    drop_lab(lab);
+}
+
+/// Issue 5 §1: fresh nodes (no agents, no weft tables) forward the client's connection to the
+/// server unevaluated; node A's agent, started while its tracker is unreachable (node B's
+/// running as usual), holds: the same connection is refused, never passed unevaluated, and
+/// the table is in hold mode; once the tracker is reachable the view completes, capture
+/// replaces the hold and the same connection succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_its_first_complete_view_a_node_refuses_what_it_forwards() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let _one_lab = ONE_LAB_AT_A_TIME.lock().await;
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let started = Instant::now();
+    let (lab, set, step) = dataplane_lab::build_lab(work.path());
+    let (client, server, node_a, _) = dataplane_lab::ends(&lab);
+    let to = dataplane_lab::server_addr(&lab, LINE_PORT);
+    lab.serve_responder(&server.netns, to, "server")
+        .expect("the server's responder");
+    let mut plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let revision = plane.revision().await.expect("the tracker's revision");
+    assert!(probe(client, to).await, "client → server through weft");
+    let captured = table(node_a).expect("weft's table in node A");
+
+    // Fresh nodes: no agents, no tables; the client's traffic passes unevaluated.
+    for index in 0..plane.nodes.len() {
+        plane.stop_node(index, Stop::Kill).await;
+        let node = plane.nodes[index].node;
+        let cleanup = node
+            .netns
+            .run(|| Command::new(weft).args(["node", "--cleanup"]).output())
+            .expect("entering the node's namespace")
+            .expect("weft node --cleanup");
+        assert!(cleanup.status.success(), "{cleanup:?}");
+        assert_eq!(table(node), None, "{} is fresh", node.name);
+    }
+    assert!(probe(client, to).await, "fresh nodes forward unevaluated");
+    let index = plane
+        .nodes
+        .iter()
+        .position(|n| n.node.name == node_a.name)
+        .expect("node A's agent");
+    for other in (0..plane.nodes.len()).filter(|&other| other != index) {
+        plane.start_node(other).expect("node B's agent starts");
+    }
+
+    // Its agent started with the tracker unreachable (node A's connections to it reset).
+    nft(node_a, &["add", "table", "inet", "test_block"]).expect("a table of the test's");
+    let chain = "{ type filter hook output priority 0; policy accept; }";
+    nft(
+        node_a,
+        &["add", "chain", "inet", "test_block", "output", chain],
+    )
+    .expect("its chain");
+    let port = TRACKER_PORT.to_string();
+    let rule = [
+        "add",
+        "rule",
+        "inet",
+        "test_block",
+        "output",
+        "tcp",
+        "dport",
+        &port,
+    ];
+    nft(
+        node_a,
+        &[&rule[..], &["reject", "with", "tcp", "reset"]].concat(),
+    )
+    .expect("its rule");
+    plane.start_node(index).expect("node A's agent starts");
+    let admin = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15000);
+    let held = eventually(Duration::from_secs(10), async || {
+        // Nothing answers until the agent listens.
+        http_get(&node_a.netns, admin, "/config_dump", PROBE_TIMEOUT)
+            .await
+            .ok()
+            .and_then(|answer| serde_json::from_slice::<serde_json::Value>(&answer.body).ok())
+            .is_some_and(|dump| dump["capture"]["mode"] == "hold")
+    })
+    .await;
+    assert!(held.is_some(), "node A's agent never held");
+    let dump = config_dump(node_a).await;
+    assert_eq!(dump["ready"], false);
+    let why = dump["not_ready_because"].as_str().expect("a reason");
+    assert!(why.contains("hold"), "{why}");
+    let hold = table(node_a).expect("weft's table in node A");
+    let chains: Vec<&str> = hold["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o.get("chain")?["name"].as_str())
+        .collect();
+    assert_eq!(chains, ["hold_prerouting", "hold_forward"], "the hold");
+    let log = plane.nodes[index].process.output().mark();
+    for _ in 0..3 {
+        let outcome = exchange(&client.netns, None, to, "held", PROBE_TIMEOUT)
+            .await
+            .outcome;
+        assert!(
+            matches!(outcome, ExchangeOutcome::Refused | ExchangeOutcome::Reset),
+            "held: {outcome}"
+        );
+    }
+    let refusals = plane.nodes[index]
+        .process
+        .output()
+        .since(log)
+        .iter()
+        .filter(|line| line.contains("capture holds every connection"))
+        .count();
+    assert_eq!(refusals, 3, "node A's agent refused each (decision log)");
+
+    // The tracker reachable again: the view completes, capture replaces the hold.
+    nft(node_a, &["delete", "table", "inet", "test_block"]).expect("the block removed");
+    plane
+        .wait_nodes(&set, revision)
+        .await
+        .expect("node A's agent is ready");
+    assert!(probe(client, to).await, "the same connection, captured");
+    assert_eq!(table(node_a), Some(captured), "capture replaced the hold");
+    assert_eq!(config_dump(node_a).await["capture"]["mode"], "captured");
+    eprintln!("held and released in {:?}", started.elapsed());
+    drop(plane);
+    drop_lab(lab);
+}
+
+/// A neighbour of the client on node A (the allow step otherwise).
+const NEIGHBOUR: &str = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: neighbour
+  namespace: bench
+  labels:
+    app: neighbour
+spec:
+  nodeName: node-a
+  containers:
+    - name: neighbour
+      image: busybox
+status:
+  phase: Running
+  podIPs:
+    - ip: 10.1.1.11
+";
+
+/// Two pods of one node: the client's connection to its neighbour leaves node A's outbound
+/// proxy as a tunnel to the neighbour's HBONE address, which TPROXY cannot take from the
+/// node's own output: capture marks it there, it is routed to the loopback device and node
+/// A's own HBONE listener admits it (both decisions in node A's log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let _one_lab = ONE_LAB_AT_A_TIME.lock().await;
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let mut step = dataplane_lab::step(false);
+    step.name = "neighbours".into();
+    step.files
+        .insert("cluster-1/neighbour.yaml".into(), NEIGHBOUR.into());
+    let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
+    let (client, _, node_a, _) = dataplane_lab::ends(&lab);
+    let neighbour = lab
+        .pod("cluster-1", "bench", "neighbour")
+        .expect("the neighbour");
+    let to = SocketAddr::new(neighbour.ip.into(), LINE_PORT);
+    lab.serve_responder(&neighbour.netns, to, "neighbour")
+        .expect("the neighbour's responder");
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let agent = plane
+        .nodes
+        .iter()
+        .find(|n| n.node.name == node_a.name)
+        .expect("node A's agent");
+    let log = agent.process.output().mark();
+    let outcome = exchange(&client.netns, None, to, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        outcome,
+        ExchangeOutcome::Answered {
+            by: "neighbour".into()
+        }
+    );
+    let destination = format!(r#""destination":"{to}""#);
+    let decisions: Vec<String> = agent
+        .process
+        .output()
+        .since(log)
+        .into_iter()
+        .filter(|line| line.contains(&destination) && line.contains(r#""verdict":"allow""#))
+        .collect();
+    for direction in ["outbound", "inbound"] {
+        assert!(
+            decisions
+                .iter()
+                .any(|line| line.contains(&format!(r#""direction":"{direction}""#))),
+            "no {direction} decision for {to} in node A's log: {decisions:?}"
+        );
+    }
     drop(plane);
     drop_lab(lab);
 }

@@ -1,27 +1,32 @@
 //! weft's nftables capture in real network namespaces: a "node" namespace with a "pod" behind
 //! one veth pair and a "peer" (another host) behind another; rules are applied in the node.
+//! The pod's link is Calico's shape: the node side has no IPv4 address and answers for the
+//! pod's link-local gateway by proxy ARP, so capture works only as TPROXY (REDIRECT drops what
+//! arrives there, as the control test shows).
 
 mod netns;
 
 use std::io::ErrorKind;
-use std::net::{
-    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
-};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use netns::{Netns, link, prerequisites};
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockopt, setsockopt, socket, sockopt,
+    AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
 };
 use serde_json::Value;
+use weft::redirect::routing::ROUTE_TABLE;
 use weft::redirect::{
     Capture, Nft, NftError, PodAddr, Ports, Redirect, RedirectError, TableState, WEFT_MARK,
+    transparent_listener,
 };
 
 const POD: &str = "198.18.1.2";
 const POD6: &str = "fd18:1::2";
 const PEER: &str = "198.18.2.2";
+/// The node's only IPv4 address: on its link to the peer.
+const NODE: &str = "198.18.2.1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A node with one pod and one peer host, each its own namespace.
@@ -39,10 +44,10 @@ fn topology() -> Option<Topology> {
     link(
         &node,
         "pod0",
-        &["198.18.1.1/24", "fd18:1::1/64"],
+        &["fd18:1::1/64"],
         &pod,
         "eth0",
-        &["198.18.1.2/24", "fd18:1::2/64"],
+        &["198.18.1.2/32", "fd18:1::2/64"],
     );
     link(
         &node,
@@ -52,7 +57,22 @@ fn topology() -> Option<Topology> {
         "eth0",
         &["198.18.2.2/24"],
     );
-    pod.ip(&["route", "add", "default", "via", "198.18.1.1"]);
+    node.ip(&["route", "add", "198.18.1.2/32", "dev", "pod0"]);
+    // Proxy ARP answers only for an address routed out of another interface.
+    node.ip(&["route", "add", "default", "via", "198.18.2.2"]);
+    node.sysctl("net/ipv4/conf/pod0/proxy_arp", "1");
+    node.sysctl("net/ipv4/neigh/pod0/proxy_delay", "0");
+    node.sysctl("net/ipv4/ip_forward", "1");
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
     pod.ip(&["-6", "route", "add", "default", "via", "fd18:1::1"]);
     peer.ip(&["route", "add", "default", "via", "198.18.2.1"]);
     Some(Topology { node, pod, peer })
@@ -91,24 +111,29 @@ fn pending(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
     }
 }
 
-fn original_dst_v4(stream: &TcpStream) -> SocketAddr {
-    let sa = getsockopt(stream, sockopt::OriginalDst).expect("SO_ORIGINAL_DST");
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
-        u16::from_be(sa.sin_port),
-    )
-    .into()
+/// A listener for captured connections, as the agent opens them (transparent, marked).
+fn capture_listener(ns: &Netns, addr: &str) -> TcpListener {
+    let addr: SocketAddr = addr.parse().expect("an address");
+    ns.run(|| transparent_listener(addr, WEFT_MARK))
+        .unwrap_or_else(|e| panic!("listen on {addr}: {e}"))
 }
 
-fn original_dst_v6(stream: &TcpStream) -> SocketAddr {
-    let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).expect("IP6T_SO_ORIGINAL_DST");
-    SocketAddrV6::new(
-        Ipv6Addr::from(sa.sin6_addr.s6_addr),
-        u16::from_be(sa.sin6_port),
-        0,
-        0,
-    )
-    .into()
+/// The destination a captured connection was made to: TPROXY keeps it as the local address.
+fn original(stream: &TcpStream) -> SocketAddr {
+    stream.local_addr().expect("a local address")
+}
+
+/// `ip [-6] rule` and `ip [-6] route show table all` in `ns`, as text.
+fn routing(ns: &Netns) -> String {
+    [
+        &["ip", "rule"][..],
+        &["ip", "-6", "rule"],
+        &["ip", "route", "show", "table", "all"],
+        &["ip", "-6", "route", "show", "table", "all"],
+    ]
+    .iter()
+    .map(|command| ns.exec_ok(command))
+    .collect()
 }
 
 /// weft's table as nft lists it, without the kernel's handles (new on every install).
@@ -168,12 +193,12 @@ fn outbound_connections_of_local_pods_reach_the_outbound_listener_with_their_des
     let redirect = redirect(Nft::default(), &[POD, POD6]);
     t.node.block_on(redirect.apply()).expect("apply");
 
-    let listener = bind(&t.node, "0.0.0.0:15001");
+    let listener = capture_listener(&t.node, "0.0.0.0:15001");
     let destination: SocketAddr = "203.0.113.7:8080".parse().expect("an address");
     let _client = dial(&t.pod, destination);
     let (accepted, from) = pending(&listener).expect("the pod's connection on 15001");
     assert_eq!(from.ip(), POD.parse::<IpAddr>().expect("an address"));
-    assert_eq!(original_dst_v4(&accepted), destination);
+    assert_eq!(original(&accepted), destination);
 }
 
 #[test]
@@ -192,7 +217,7 @@ fn a_pod_sending_as_another_local_pod_is_dropped() {
     t.pod.ip(&["addr", "add", "198.18.3.2/32", "dev", "eth0"]);
     let redirect = redirect(Nft::default(), &[POD, "198.18.3.2"]);
     t.node.block_on(redirect.apply()).expect("apply");
-    let listener = bind(&t.node, "0.0.0.0:15001");
+    let listener = capture_listener(&t.node, "0.0.0.0:15001");
     let destination: SocketAddr = "203.0.113.7:8080".parse().expect("an address");
 
     let spoofed = t.pod.run(|| {
@@ -236,12 +261,12 @@ fn outbound_ipv6_connections_of_local_pods_reach_the_outbound_listener() {
     let redirect = redirect(Nft::default(), &[POD, POD6]);
     t.node.block_on(redirect.apply()).expect("apply");
 
-    let listener = bind(&t.node, "[::]:15001");
+    let listener = capture_listener(&t.node, "[::]:15001");
     let destination: SocketAddr = "[2001:db8::7]:8080".parse().expect("an address");
     let _client = dial(&t.pod, destination);
     let (accepted, from) = pending(&listener).expect("the pod's IPv6 connection on 15001");
     assert_eq!(from.ip(), POD6.parse::<IpAddr>().expect("an address"));
-    assert_eq!(original_dst_v6(&accepted), destination);
+    assert_eq!(original(&accepted), destination);
 }
 
 #[test]
@@ -250,13 +275,13 @@ fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_and_tunnels_on_hbone()
     let redirect = redirect(Nft::default(), &[POD]);
     t.node.block_on(redirect.apply()).expect("apply");
 
-    let inbound = bind(&t.node, "0.0.0.0:15006");
-    let hbone = bind(&t.node, "0.0.0.0:15008");
+    let inbound = capture_listener(&t.node, "0.0.0.0:15006");
+    let hbone = capture_listener(&t.node, "0.0.0.0:15008");
     let destination: SocketAddr = format!("{POD}:8080").parse().expect("an address");
     let _client = dial(&t.peer, destination);
     let (accepted, from) = pending(&inbound).expect("the peer's connection on 15006");
     assert_eq!(from.ip(), PEER.parse::<IpAddr>().expect("an address"));
-    assert_eq!(original_dst_v4(&accepted), destination);
+    assert_eq!(original(&accepted), destination);
 
     // A tunnel's outer connection names the pod and port 15008: the node's HBONE listener
     // takes it, and the pod's own port 15008 is never reachable around weft.
@@ -264,7 +289,7 @@ fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_and_tunnels_on_hbone()
     let tunnel: SocketAddr = format!("{POD}:15008").parse().expect("an address");
     let _tunnel = dial(&t.peer, tunnel);
     let (accepted, _) = pending(&hbone).expect("the tunnel on the node's 15008");
-    assert_eq!(original_dst_v4(&accepted), tunnel);
+    assert_eq!(original(&accepted), tunnel);
     assert!(
         pending(&pod_hbone).is_none(),
         "port 15008 of the pod was not reached"
@@ -272,13 +297,42 @@ fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_and_tunnels_on_hbone()
     assert!(pending(&inbound).is_none(), "port 15008 is not plaintext");
 }
 
+/// The control for TPROXY: on this topology's pod link, a REDIRECT like weft's former capture
+/// loses what the pod sends (the kernel redirects to the incoming interface's first IPv4
+/// address, and there is none); the same rule takes it once the node side has an address.
+#[test]
+fn redirect_cannot_capture_on_a_link_without_an_address() {
+    let Some(t) = topology() else { return };
+    for command in [
+        "add table ip control",
+        "add chain ip control prerouting { type nat hook prerouting priority -100; }",
+        "add rule ip control prerouting ip saddr 198.18.1.2 tcp dport 8080 redirect to :15001",
+    ] {
+        t.node.exec_ok(&["nft", command]);
+    }
+    let listener = bind(&t.node, "0.0.0.0:15001");
+    let destination: SocketAddr = "203.0.113.7:8080".parse().expect("an address");
+    let attempt = t
+        .pod
+        .run(|| TcpStream::connect_timeout(&destination, Duration::from_millis(500)));
+    assert!(attempt.is_err(), "REDIRECT took it: {attempt:?}");
+    assert!(pending(&listener).is_none(), "nothing reached the listener");
+
+    t.node.ip(&["addr", "add", "198.18.1.1/32", "dev", "pod0"]);
+    let _client = dial(&t.pod, destination);
+    assert!(
+        pending(&listener).is_some(),
+        "with an address, REDIRECT takes it"
+    );
+}
+
 #[test]
 fn weft_marked_sockets_are_not_captured() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD]);
     t.node.block_on(redirect.apply()).expect("apply");
-    let hbone = bind(&t.node, "0.0.0.0:15008");
-    let inbound = bind(&t.node, "0.0.0.0:15006");
+    let hbone = capture_listener(&t.node, "0.0.0.0:15008");
+    let inbound = capture_listener(&t.node, "0.0.0.0:15006");
     let pod_hbone = bind(&t.pod, &format!("{POD}:15008"));
     let service = bind(&t.pod, &format!("{POD}:8080"));
     let destination = SockaddrIn::new(198, 18, 1, 2, 15008);
@@ -318,14 +372,106 @@ fn weft_marked_sockets_are_not_captured() {
     assert!(pending(&inbound).is_none());
 }
 
+/// Issue 5 §1: before the agent knows its pods, the hold sends every TCP connection the node
+/// forwards (either way, whichever pod) to the outbound listener and drops the rest of what it
+/// would forward; the node's own traffic to its pods and traffic to the node itself pass.
+/// Capture of the pods then replaces it.
+#[test]
+fn the_hold_takes_every_forwarded_connection_until_capture_replaces_it() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[]);
+    t.node.block_on(redirect.hold()).expect("hold");
+    let outbound = capture_listener(&t.node, "0.0.0.0:15001");
+    let peer_service = bind(&t.peer, &format!("{PEER}:8080"));
+    let pod_service = bind(&t.pod, &format!("{POD}:8080"));
+    let node_service = bind(&t.node, &format!("{NODE}:9090"));
+
+    for (from, to) in [(&t.pod, PEER), (&t.peer, POD)] {
+        let to: SocketAddr = format!("{to}:8080").parse().expect("an address");
+        let _client = dial(from, to);
+        let (_, source) = pending(&outbound).expect("a forwarded connection on 15001");
+        assert_ne!(
+            source.ip(),
+            NODE.parse::<IpAddr>().expect("an address"),
+            "not the node's"
+        );
+    }
+    assert!(pending(&peer_service).is_none() && pending(&pod_service).is_none());
+
+    let datagrams = t
+        .peer
+        .run(|| std::net::UdpSocket::bind(format!("{PEER}:5353")))
+        .expect("a UDP socket");
+    datagrams
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("a timeout");
+    t.pod
+        .run(|| {
+            std::net::UdpSocket::bind(format!("{POD}:0"))?.send_to(b"held", format!("{PEER}:5353"))
+        })
+        .expect("sent");
+    assert!(
+        datagrams.recv(&mut [0; 16]).is_err(),
+        "UDP forwarded in hold"
+    );
+
+    // kubelet probes, and the node's own services.
+    let _probe = dial(&t.node, format!("{POD}:8080").parse().expect("an address"));
+    assert!(pending(&pod_service).is_some(), "the node reached its pod");
+    let _to_node = dial(&t.pod, format!("{NODE}:9090").parse().expect("an address"));
+    assert!(pending(&node_service).is_some(), "the pod reached the node");
+    assert!(pending(&outbound).is_none());
+
+    t.node
+        .block_on(redirect.install([pod(POD)]))
+        .expect("capture replaces the hold");
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+    let chains: Vec<String> = listing(&t.node)["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| Some(o.get("chain")?["name"].as_str()?.to_owned()))
+        .collect();
+    // Capture's chains, then the packet layer's; nothing of the hold's.
+    assert_eq!(chains[..3], ["antispoof", "prerouting", "output"]);
+    assert!(
+        chains[3..].iter().all(|c| c.starts_with("packets_")),
+        "{chains:?}"
+    );
+    let inbound = capture_listener(&t.node, "0.0.0.0:15006");
+    let _client = dial(&t.peer, format!("{POD}:8080").parse().expect("an address"));
+    assert!(
+        pending(&inbound).is_some(),
+        "plaintext to the pod is inbound now"
+    );
+    assert!(pending(&outbound).is_none());
+}
+
 #[test]
 fn applying_twice_yields_the_same_table() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD, POD6]);
     t.node.block_on(redirect.apply()).expect("apply");
-    let first = listing(&t.node);
+    let (first, routes) = (listing(&t.node), routing(&t.node));
     t.node.block_on(redirect.apply()).expect("apply again");
     assert_eq!(listing(&t.node), first);
+    assert_eq!(routing(&t.node), routes, "no rule or route duplicated");
+    let table = ROUTE_TABLE.to_string();
+    for v in ["-4", "-6"] {
+        let rules = t.node.exec_ok(&["ip", v, "rule"]);
+        assert_eq!(
+            rules
+                .matches(&format!("fwmark 0x111/0xfff lookup {table}"))
+                .count(),
+            1,
+            "{rules}"
+        );
+        let local = t.node.exec_ok(&["ip", v, "route", "show", "table", &table]);
+        assert!(local.starts_with("local default dev lo"), "{local}");
+    }
     let rules = first["nftables"]
         .as_array()
         .expect("nftables array")
@@ -334,7 +480,7 @@ fn applying_twice_yields_the_same_table() {
         .count();
     assert_eq!(
         rules,
-        11 + 29,
+        12 + 29,
         "no rule duplicated (capture, then the packet layer)"
     );
     assert_eq!(
@@ -386,11 +532,14 @@ fn cleanup_removes_weft_table_and_nothing_else() {
         t.node.exec_ok(&["nft", command]);
     }
     let before = t.node.exec_ok(&["nft", "list", "ruleset"]);
+    let routes_before = routing(&t.node);
 
     let redirect = redirect(Nft::default(), &[POD]);
     t.node.block_on(redirect.apply()).expect("apply");
+    assert_ne!(routing(&t.node), routes_before, "policy routing installed");
     t.node.block_on(redirect.cleanup()).expect("cleanup");
     assert_eq!(t.node.exec_ok(&["nft", "list", "ruleset"]), before);
+    assert_eq!(routing(&t.node), routes_before, "policy routing removed");
     assert_eq!(
         t.node.block_on(redirect.check()).expect("check"),
         TableState::Missing
@@ -401,14 +550,35 @@ fn cleanup_removes_weft_table_and_nothing_else() {
 }
 
 #[test]
-fn the_watch_restores_a_table_flushed_deleted_or_added_to() {
+fn the_watch_restores_a_table_flushed_deleted_or_added_to_and_its_routing() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD]);
-    let tampering = [
-        "flush table inet weft",
-        "delete table inet weft",
-        "add rule inet weft prerouting tcp dport 22 accept",
-        "delete element inet weft pods_v4 { 198.18.1.2 }",
+    let table = ROUTE_TABLE.to_string();
+    let tampering: [&[&str]; 7] = [
+        &["nft", "flush table inet weft"],
+        &["nft", "delete table inet weft"],
+        &["nft", "add rule inet weft prerouting tcp dport 22 accept"],
+        &["nft", "delete element inet weft pods_v4 { 198.18.1.2 }"],
+        &[
+            "ip",
+            "rule",
+            "del",
+            "fwmark",
+            "0x111/0xfff",
+            "table",
+            &table,
+        ],
+        &[
+            "ip",
+            "-6",
+            "rule",
+            "del",
+            "fwmark",
+            "0x111/0xfff",
+            "table",
+            &table,
+        ],
+        &["ip", "route", "flush", "table", &table],
     ];
     t.node.block_on(async {
         redirect.apply().await.expect("apply");
@@ -418,12 +588,12 @@ fn the_watch_restores_a_table_flushed_deleted_or_added_to() {
         });
         let tamper = async {
             for (n, command) in (1..).zip(tampering) {
-                let out = tokio::process::Command::new("nft")
-                    .arg(command)
+                let out = tokio::process::Command::new(command[0])
+                    .args(&command[1..])
                     .output()
                     .await
-                    .expect("nft");
-                assert!(out.status.success(), "{command}: {out:?}");
+                    .expect("nft or ip");
+                assert!(out.status.success(), "{command:?}: {out:?}");
                 let restored = async {
                     while redirect.restores() < n {
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -431,14 +601,14 @@ fn the_watch_restores_a_table_flushed_deleted_or_added_to() {
                 };
                 tokio::time::timeout(Duration::from_secs(3), restored)
                     .await
-                    .unwrap_or_else(|_| panic!("not restored after {command}"));
+                    .unwrap_or_else(|_| panic!("not restored after {command:?}"));
                 assert_eq!(redirect.check().await.expect("check"), TableState::Intact);
             }
             let _ = stop.send(());
         };
         tokio::join!(watch, tamper);
     });
-    assert_eq!(redirect.restores(), 4);
+    assert_eq!(redirect.restores(), 7);
 }
 
 #[test]

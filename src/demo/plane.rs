@@ -18,7 +18,7 @@ use crate::lab::{self, Lab, LabNode, Process};
 use crate::model::{ClusterId, ClusterSet};
 
 /// The tracker's gRPC port on the wire.
-const TRACKER_PORT: u16 = 19090;
+pub const TRACKER_PORT: u16 = 19090;
 /// The tracker's admin port on the wire.
 const TRACKER_ADMIN_PORT: u16 = 19091;
 /// The first CA's gRPC port on the wire; CA `i` listens at `+ 2i`, its admin endpoint one up.

@@ -29,7 +29,7 @@ use crate::model::ClusterId;
 use crate::policy::Endpoint;
 use crate::proxy::pool::certificate_generation;
 use crate::proxy::{self, ClientSettings, Pool, PoolKey, Server, ServerSettings, ServerTls};
-use crate::redirect::{PodAddr, Redirect, Way, original_destination};
+use crate::redirect::{Mode, PodAddr, Redirect, Way, original_destination};
 use crate::tracker::client::{ClientError, Follower, Target, follow};
 use crate::tracker::replica::Replica;
 use crate::tracker::sequence::ReplicaError;
@@ -129,6 +129,9 @@ pub struct Agent {
     connections: Connections,
     metrics: Arc<Metrics>,
     local: RwLock<Local>,
+    /// The hold is installed (until capture replaces it).
+    held: AtomicBool,
+    /// Capture of the local pods is installed.
     captured: AtomicBool,
     client_configs: Mutex<HashMap<(WorkloadId, WorkloadId), Arc<ClientConfig>>>,
     server_configs: Mutex<HashMap<WorkloadId, Arc<ServerConfig>>>,
@@ -169,6 +172,7 @@ impl Agent {
             connections,
             metrics,
             local: RwLock::default(),
+            held: AtomicBool::new(false),
             captured: AtomicBool::new(false),
             client_configs: Mutex::default(),
             server_configs: Mutex::default(),
@@ -190,9 +194,15 @@ impl Agent {
                 .await
                 .map_err(|source| AgentError::Bind { what, addr, source })
         };
-        let outbound = bind("--outbound", s.outbound).await?;
-        let inbound = bind("--inbound", s.inbound).await?;
-        let hbone = bind("--hbone", s.hbone).await?;
+        // Capture's listeners: transparent (TPROXY) and carrying weft's mark.
+        let transparent = |what: &'static str, addr: SocketAddr| {
+            crate::redirect::transparent_listener(addr, s.mark)
+                .and_then(TcpListener::from_std)
+                .map_err(|source| AgentError::Bind { what, addr, source })
+        };
+        let outbound = transparent("--outbound", s.outbound)?;
+        let inbound = transparent("--inbound", s.inbound)?;
+        let hbone = transparent("--hbone", s.hbone)?;
         let admin = bind("--admin", s.admin).await?;
         let metrics = bind("--metrics", s.metrics).await?;
         let readiness = bind("--readiness", s.readiness).await?;
@@ -220,12 +230,13 @@ impl Agent {
             let mut retry = tokio::time::interval(agent.settings.table_check_interval);
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                // A change, or a tick: an install that failed is tried again.
+                // At once (the hold, before any view), then on a change, or a tick: an
+                // install that failed is tried again.
+                agent.reconcile().await;
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     _ = retry.tick(), if !agent.captured.load(Ordering::Relaxed) => {}
                 }
-                agent.reconcile().await;
             }
         });
         tasks.spawn(self.clone().accept(outbound, Self::outbound));
@@ -257,25 +268,62 @@ impl Agent {
         Ok(())
     }
 
+    /// What weft's table does now, if the agent has installed it yet.
+    fn mode(&self) -> Option<Mode> {
+        if self.captured.load(Ordering::Relaxed) {
+            Some(Mode::Captured)
+        } else if self.held.load(Ordering::Relaxed) {
+            Some(Mode::Hold)
+        } else {
+            None
+        }
+    }
+
+    /// Records that the table is installed in `mode`; the first install starts the watch
+    /// that restores the table, in whichever mode is wanted then.
+    fn installed(&self, mode: Mode) {
+        let first = self.mode().is_none();
+        match mode {
+            Mode::Hold => self.held.store(true, Ordering::Relaxed),
+            Mode::Captured => self.captured.store(true, Ordering::Relaxed),
+        }
+        if first {
+            let (redirect, interval) = (self.redirect.clone(), self.settings.table_check_interval);
+            tokio::spawn(async move {
+                redirect.watch(interval, std::future::pending()).await;
+            });
+        }
+    }
+
     /// Brings capture, certificates and open connections in step with the view, once the
-    /// view of this node's cluster is complete (before that, capture stays as it was and
-    /// every captured connection is refused).
+    /// view of this node's cluster is complete. Before the first complete view the node
+    /// does not know its pods, so weft's table holds every connection the node forwards
+    /// (issue 5 §1: refused, never passed unevaluated); a view incomplete again later keeps
+    /// the capture (the listeners refuse meanwhile).
     async fn reconcile(&self) {
-        let (next, packets) = {
+        let next = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
             let s = &self.settings;
-            if view_complete(&view, &s.cluster).is_err() {
-                return;
+            view_complete(&view, &s.cluster).ok().map(|()| {
+                let engine = view.engine();
+                let pods: Vec<_> = view
+                    .pods_on_node(&s.cluster, &s.node)
+                    .filter_map(|p| engine.pod_by_name(s.cluster.as_str(), &p.namespace, &p.name))
+                    .collect();
+                (
+                    Local::of(&view, &s.cluster, &s.node),
+                    engine.packet_policy(pods),
+                )
+            })
+        };
+        let Some((next, packets)) = next else {
+            if self.mode().is_none() {
+                match self.redirect.hold().await {
+                    Ok(()) => self.installed(Mode::Hold),
+                    Err(error) => tracing::error!(%error, "cannot install the hold; will retry"),
+                }
             }
-            let engine = view.engine();
-            let pods: Vec<_> = view
-                .pods_on_node(&s.cluster, &s.node)
-                .filter_map(|p| engine.pod_by_name(s.cluster.as_str(), &p.namespace, &p.name))
-                .collect();
-            (
-                Local::of(&view, &s.cluster, &s.node),
-                engine.packet_policy(pods),
-            )
+            return;
         };
         // Before the table is installed this only records it: the install carries it.
         if let Err(error) = self.redirect.set_packets(&packets).await {
@@ -316,14 +364,7 @@ impl Agent {
                 .install(next.addresses.iter().copied().filter_map(pod))
                 .await
             {
-                Ok(()) => {
-                    self.captured.store(true, Ordering::Relaxed);
-                    let (redirect, interval) =
-                        (self.redirect.clone(), self.settings.table_check_interval);
-                    tokio::spawn(async move {
-                        redirect.watch(interval, std::future::pending()).await;
-                    });
-                }
+                Ok(()) => self.installed(Mode::Captured),
                 Err(error) => tracing::error!(%error, "cannot install capture; will retry"),
             }
         }
@@ -389,6 +430,14 @@ impl Agent {
         let Some(original) = self.original(&stream, from) else {
             return;
         };
+        // The hold sends every connection the node forwards here, not only its pods': none
+        // is carried until capture of the local pods replaces it.
+        if self.mode() != Some(Mode::Captured) {
+            let decision = Decision::new(Direction::Outbound, from, original);
+            let reason = "capture holds every connection until the view is complete";
+            self.refuse(stream, decision.settled(false, Layer::View, reason));
+            return;
+        }
         let s = &self.settings;
         let (routed, mut decision) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
@@ -517,7 +566,7 @@ impl Agent {
     }
 
     /// The original destination of a captured connection; `None` (and the connection
-    /// dropped) when it has none: it was not redirected, so it is not ours to carry.
+    /// dropped) when it is unknown, or one of weft's own listeners.
     fn original(&self, stream: &TcpStream, from: SocketAddr) -> Option<SocketAddr> {
         match original_destination(stream) {
             Ok(original) if !self.is_own_listener(original) => Some(original),
@@ -688,6 +737,7 @@ impl Agent {
             "packets": packets,
             "capture": {
                 "table": format!("{} {}", crate::redirect::FAMILY, crate::redirect::TABLE),
+                "mode": self.mode(),
                 "installed": self.captured.load(Ordering::Relaxed),
                 "restores": self.redirect.restores(),
                 "outbound": s.outbound.port(),
@@ -706,11 +756,13 @@ impl Agent {
     fn ready(&self) -> Result<(), String> {
         let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
         let local = self.local.read().unwrap_or_else(PoisonError::into_inner);
-        local::ready(&view, &self.settings.cluster, &local, &self.identities)?;
-        if !self.captured.load(Ordering::Relaxed) {
-            return Err("capture not installed yet".into());
+        let ready = local::ready(&view, &self.settings.cluster, &local, &self.identities);
+        match (self.mode(), ready) {
+            (Some(Mode::Captured), ready) => ready,
+            (Some(Mode::Hold), Ok(())) => Err("capture: hold (local pods not captured yet)".into()),
+            (Some(Mode::Hold), Err(why)) => Err(format!("capture: hold; {why}")),
+            (None, _) => Err("capture not installed yet".into()),
         }
-        Ok(())
     }
 
     fn metrics_text(&self) -> String {

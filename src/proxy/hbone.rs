@@ -137,7 +137,7 @@ pub struct Inbound {
     /// Where the tunnel goes: the CONNECT authority.
     pub destination: SocketAddr,
     /// Where the tunnel's connection was addressed: the destination pod's HBONE address when
-    /// capture redirected it, else the listener's own address.
+    /// capture diverted it, else the listener's own address.
     pub arrived_at: SocketAddr,
 }
 
@@ -372,12 +372,8 @@ impl<A: Admission> Server<A> {
     /// per-source cap: [`Server::run`] counts).
     pub async fn serve(&self, tcp: TcpStream, from: SocketAddr) -> Result<(), ServerError> {
         let after = self.settings.handshake_timeout;
-        let arrived_at = match crate::redirect::original_destination(&tcp) {
-            Ok(original) => original,
-            Err(_) => tcp
-                .local_addr()
-                .map_err(|source| ServerError::Tls { peer: from, source })?,
-        };
+        let arrived_at = crate::redirect::original_destination(&tcp)
+            .map_err(|source| ServerError::Tls { peer: from, source })?;
         let config = self
             .tls
             .config(arrived_at)

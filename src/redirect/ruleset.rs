@@ -7,21 +7,28 @@ use std::net::IpAddr;
 
 use nftables::batch::Batch;
 use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    BinaryOperation, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
+    PayloadField, Socket, SocketAttr,
 };
 use nftables::schema::{
     Chain, Element, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
 };
-use nftables::stmt::{Counter, Drop, Match, NAT, Operator, Return, Statement};
+use nftables::stmt::{Accept, Counter, Drop, Mangle, Match, Operator, Return, Statement, TProxy};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use super::{Capture, PodAddr, TABLE, packets};
-
-/// nat chains run at dstnat priority, where REDIRECT is allowed.
-const NAT_PRIORITY: i32 = -100;
+use super::routing::{MARK_MASK, TPROXY_MARK};
+use super::{Capture, Mode, PodAddr, TABLE, packets};
 
 /// The anti-spoofing chain runs at mangle priority: before capture decides anything.
 const FILTER_PRIORITY: i32 = -150;
+
+/// Capture runs after anti-spoofing and before routing (and before dstnat, so it sees the
+/// destination a pod dialled).
+const CAPTURE_PRIORITY: i32 = -140;
+
+/// The output chain reroutes at mangle priority (a `route` chain: a changed mark is routed
+/// again).
+const OUTPUT_PRIORITY: i32 = -150;
 
 /// weft's base chains: spoofed pod sources dropped, pod traffic arriving at the node captured,
 /// and traffic the node itself sends.
@@ -35,11 +42,44 @@ const CHAINS: [(&str, NfHook, NfChainType, i32); 3] = [
     (
         "prerouting",
         NfHook::Prerouting,
-        NfChainType::NAT,
-        NAT_PRIORITY,
+        NfChainType::Filter,
+        CAPTURE_PRIORITY,
     ),
-    ("output", NfHook::Output, NfChainType::NAT, NAT_PRIORITY),
+    (
+        "output",
+        NfHook::Output,
+        NfChainType::Route,
+        OUTPUT_PRIORITY,
+    ),
 ];
+
+/// The chains of the hold ([`Mode::Hold`]): forwarded TCP to the outbound listener, the rest of
+/// what the node forwards dropped. Named apart from the captured mode's chains.
+const HOLD_CHAINS: [(&str, NfHook, NfChainType, i32); 2] = [
+    (
+        "hold_prerouting",
+        NfHook::Prerouting,
+        NfChainType::Filter,
+        CAPTURE_PRIORITY,
+    ),
+    ("hold_forward", NfHook::Forward, NfChainType::Filter, 0),
+];
+
+/// The base chains of `mode`.
+fn base_chains(mode: Mode) -> &'static [(&'static str, NfHook, NfChainType, i32)] {
+    match mode {
+        Mode::Hold => &HOLD_CHAINS,
+        Mode::Captured => &CHAINS,
+    }
+}
+
+/// The pod sets of `mode`: a hold knows no pods.
+fn families(mode: Mode) -> &'static [Family] {
+    match mode {
+        Mode::Hold => &[],
+        Mode::Captured => &Family::ALL,
+    }
+}
 
 /// The address families weft captures, each with its own set (nft sets hold one type).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +109,14 @@ impl Family {
         match self {
             Family::V4 => "ip",
             Family::V6 => "ip6",
+        }
+    }
+
+    /// The family as `meta nfproto` names it.
+    fn nfproto(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
         }
     }
 
@@ -121,6 +169,8 @@ pub enum Drift {
     UnexpectedObject { json: String },
     /// The listing could not be read.
     Unreadable { reason: String },
+    /// The policy routing of captured packets lacks these (in words).
+    Routing { missing: Vec<String> },
 }
 
 impl fmt::Display for Drift {
@@ -142,6 +192,7 @@ impl fmt::Display for Drift {
             } => write!(f, "set {set} lacks {missing:?} and holds {unexpected:?}"),
             Drift::UnexpectedObject { json } => write!(f, "unexpected object {json}"),
             Drift::Unreadable { reason } => write!(f, "unreadable listing: {reason}"),
+            Drift::Routing { missing } => write!(f, "policy routing lacks {missing:?}"),
         }
     }
 }
@@ -192,7 +243,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
     batch.add(table());
     batch.delete(table());
     batch.add(table());
-    for family in Family::ALL {
+    for &family in families(capture.mode()) {
         let elem: Vec<_> = family
             .pods(capture)
             .map(|pod| Expression::String(pod.into()))
@@ -206,7 +257,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Set::default()
         })));
     }
-    for (name, hook, kind, priority) in CHAINS {
+    for &(name, hook, kind, priority) in base_chains(capture.mode()) {
         batch.add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
             table: TABLE.into(),
@@ -218,7 +269,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Chain::default()
         }));
     }
-    for (chain, comment, expr) in rules(capture) {
+    for (chain, comment, expr) in rules_of(capture) {
         batch.add(NfListObject::Rule(Rule {
             family: NfFamily::INet,
             table: TABLE.into(),
@@ -228,7 +279,10 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Rule::default()
         }));
     }
-    packets::install(&mut batch, capture.packets());
+    // The hold drops every forwarded packet it does not take: no packet layer to judge them.
+    if capture.mode() == Mode::Captured {
+        packets::install(&mut batch, capture.packets());
+    }
     batch.to_nftables()
 }
 
@@ -284,17 +338,66 @@ fn in_set(family: Family, field: &'static str) -> Statement<'static> {
     )
 }
 
-fn redirect(port: u16) -> Statement<'static> {
-    Statement::Redirect(Some(NAT {
-        addr: None,
-        family: None,
-        port: Some(Expression::Number(port.into())),
-        flags: None,
-    }))
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
 }
 
-/// TCP to a local pod's HBONE port goes to weft's HBONE listener: the tunnel's outer
-/// connection, addressed to the destination pod as ztunnel does.
+fn is_tcp() -> Statement<'static> {
+    matches(
+        meta(MetaKey::L4proto),
+        Operator::EQ,
+        Expression::String("tcp".into()),
+    )
+}
+
+/// Sets capture's bits of the packet mark, keeping the others.
+fn set_tproxy_mark() -> Statement<'static> {
+    let kept = Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+        meta(MetaKey::Mark),
+        Expression::Number(!MARK_MASK),
+    )));
+    Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+            kept,
+            Expression::Number(TPROXY_MARK),
+        ]))),
+    })
+}
+
+/// Hands the packet to weft's transparent listener on `port`, its addresses kept, and marks
+/// it so that the policy routing of [`super::routing`] delivers it to the node.
+fn divert(family: Family, port: u16) -> [Statement<'static>; 3] {
+    [
+        Statement::TProxy(TProxy {
+            family: Some(family.protocol().into()),
+            port,
+            addr: None,
+        }),
+        set_tproxy_mark(),
+        Statement::Accept(Some(Accept {})),
+    ]
+}
+
+/// Packets of connections weft's listeners already took (sockets with IP_TRANSPARENT are
+/// only weft's) are delivered to them without another listener lookup.
+fn established() -> Vec<Statement<'static>> {
+    vec![
+        is_tcp(),
+        matches(
+            Expression::Named(NamedExpression::Socket(Socket {
+                key: std::borrow::Cow::Owned(SocketAttr::Transparent),
+            })),
+            Operator::EQ,
+            Expression::Number(1),
+        ),
+        set_tproxy_mark(),
+        Statement::Accept(Some(Accept {})),
+    ]
+}
+
+/// TCP to a local pod's HBONE port: the tunnel's outer connection, addressed to the
+/// destination pod as ztunnel does.
 fn hbone(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
     let ports = capture.ports();
     vec![
@@ -304,23 +407,62 @@ fn hbone(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
             Operator::EQ,
             Expression::Number(ports.hbone.into()),
         ),
-        redirect(ports.hbone),
     ]
 }
 
-/// Any other TCP to a local pod goes to the inbound plaintext listener.
-fn inbound(family: Family, capture: &Capture) -> Vec<Statement<'static>> {
-    vec![
-        in_set(family, "daddr"),
-        matches(
-            Expression::Named(NamedExpression::Meta(Meta {
-                key: MetaKey::L4proto,
-            })),
-            Operator::EQ,
-            Expression::String("tcp".into()),
-        ),
-        redirect(capture.ports().inbound),
-    ]
+/// The rules of the capture's mode.
+fn rules_of(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
+    match capture.mode() {
+        Mode::Hold => hold_rules(capture),
+        Mode::Captured => rules(capture),
+    }
+}
+
+/// The hold's rules: whatever pod sends it, a new TCP connection the node forwards (not
+/// addressed to the node itself, so the node's own services and its replies from pods stay
+/// reachable) goes to the outbound listener, which refuses it until capture replaces the
+/// hold; anything else the node would forward is dropped. The node's own traffic to its
+/// pods (kubelet probes) leaves by the output hook, which the hold leaves alone.
+fn hold_rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
+    let mut rules = vec![(
+        "hold_prerouting",
+        "weft hold: packets of held connections".to_owned(),
+        established(),
+    )];
+    for family in Family::ALL {
+        let ip = family.protocol();
+        let mut held = vec![
+            matches(
+                meta(MetaKey::Nfproto),
+                Operator::EQ,
+                Expression::String(family.nfproto().into()),
+            ),
+            matches(
+                Expression::Named(NamedExpression::Fib(Fib {
+                    result: FibResult::Type,
+                    flags: [FibFlag::Daddr].into_iter().collect(),
+                })),
+                Operator::NEQ,
+                Expression::String("local".into()),
+            ),
+            is_tcp(),
+        ];
+        held.extend(divert(family, capture.ports().outbound));
+        rules.push((
+            "hold_prerouting",
+            format!("weft hold: forwarded tcp to the outbound listener, which refuses it ({ip})"),
+            held,
+        ));
+    }
+    rules.push((
+        "hold_forward",
+        "weft hold: nothing else is forwarded".to_owned(),
+        vec![
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(Some(Drop {})),
+        ],
+    ));
+    rules
 }
 
 /// weft's rules: (chain, comment, statements), in chain order. Comments name each rule so
@@ -350,33 +492,37 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
             ],
         ));
     }
+    rules.push((
+        "prerouting",
+        "weft: packets of captured connections".to_owned(),
+        established(),
+    ));
     for family in Family::ALL {
         let ip = family.protocol();
+        let ports = capture.ports();
         // Outbound first: a pod talking to a pod of the same node is the source's connection.
+        // A pod's answers to the node's own connections (kubelet probes, weft's dials) find
+        // their socket, which is not transparent: TPROXY passes them on unchanged.
+        let mut outbound = vec![in_set(family, "saddr"), is_tcp()];
+        outbound.extend(divert(family, ports.outbound));
         rules.push((
             "prerouting",
             format!("weft: outbound tcp from local pods ({ip})"),
-            vec![
-                in_set(family, "saddr"),
-                matches(
-                    Expression::Named(NamedExpression::Meta(Meta {
-                        key: MetaKey::L4proto,
-                    })),
-                    Operator::EQ,
-                    Expression::String("tcp".into()),
-                ),
-                redirect(capture.ports().outbound),
-            ],
+            outbound,
         ));
+        let mut tunnels = hbone(family, capture);
+        tunnels.extend(divert(family, ports.hbone));
         rules.push((
             "prerouting",
             format!("weft: tunnels to local pods ({ip})"),
-            hbone(family, capture),
+            tunnels,
         ));
+        let mut inbound = vec![in_set(family, "daddr"), is_tcp()];
+        inbound.extend(divert(family, ports.inbound));
         rules.push((
             "prerouting",
             format!("weft: inbound plaintext tcp to local pods ({ip})"),
-            inbound(family, capture),
+            inbound,
         ));
     }
     // Only the node's own sockets reach the output hook, and marks do not survive a veth into
@@ -387,22 +533,26 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
         "weft: weft's own sockets are never captured".to_owned(),
         vec![
             matches(
-                Expression::Named(NamedExpression::Meta(Meta { key: MetaKey::Mark })),
+                meta(MetaKey::Mark),
                 Operator::EQ,
                 Expression::Number(capture.mark()),
             ),
             Statement::Return(Some(Return {})),
         ],
     ));
-    // A tunnel between two pods of this node leaves the node's own outbound proxy unmarked and
-    // comes back to its HBONE listener. The node's other traffic to its pods (kubelet probes,
-    // host-network pods) is not captured: upstream NetworkPolicy always allows it.
+    // A tunnel between two pods of this node leaves the node's own outbound proxy unmarked:
+    // TPROXY works only on arriving packets, so it is marked here, routed again (a `route`
+    // chain) by the mark to the loopback device, and arrives at its HBONE listener through
+    // prerouting. The node's other traffic to its pods (kubelet probes, host-network pods) is
+    // not captured: upstream NetworkPolicy always allows it.
     for family in Family::ALL {
         let ip = family.protocol();
+        let mut tunnels = hbone(family, capture);
+        tunnels.push(set_tproxy_mark());
         rules.push((
             "output",
             format!("weft: node's own tunnels to local pods ({ip})"),
-            hbone(family, capture),
+            tunnels,
         ));
     }
     rules
@@ -435,8 +585,8 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
                     .push(rule.comment.as_deref().unwrap_or("(no comment)").to_owned());
             }
             NfObject::ListObject(NfListObject::Set(set))
-                if Family::ALL.iter().any(|f| f.set() == set.name)
-                    || packets::owns_set(&set.name) =>
+                if families(capture.mode()).iter().any(|f| f.set() == set.name)
+                    || (capture.mode() == Mode::Captured && packets::owns_set(&set.name)) =>
             {
                 sets.insert(set.name.to_string(), &**set);
             }
@@ -447,10 +597,10 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
     }
 
     let mut expected_rules: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (chain, comment, _) in rules(capture) {
+    for (chain, comment, _) in rules_of(capture) {
         expected_rules.entry(chain).or_default().push(comment);
     }
-    for (name, hook, kind, priority) in CHAINS {
+    for &(name, hook, kind, priority) in base_chains(capture.mode()) {
         match chains.remove(name) {
             None => drifts.push(Drift::ChainMissing { chain: name }),
             Some(chain) => {
@@ -466,19 +616,21 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
             }
         }
     }
-    drifts.extend(packets::compare(
-        capture.packets(),
-        &mut chains,
-        &mut listed_rules,
-        &sets,
-    ));
+    if capture.mode() == Mode::Captured {
+        drifts.extend(packets::compare(
+            capture.packets(),
+            &mut chains,
+            &mut listed_rules,
+            &sets,
+        ));
+    }
     drifts.extend(
         chains
             .into_keys()
             .map(|chain| Drift::UnexpectedChain { chain }),
     );
 
-    for family in Family::ALL {
+    for &family in families(capture.mode()) {
         let name = family.set();
         let Some(set) = sets.get(name) else {
             drifts.push(Drift::SetMissing { set: name });
@@ -571,14 +723,161 @@ mod tests {
         // ordering operator is used (the crate swaps `<` and `>`).
         assert!(json.contains(r#"{"match":{"left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"@pods_v4","op":"=="}}"#), "{json}");
         assert!(json.contains(r#""right":15008,"op":"==""#), "{json}");
-        assert!(json.contains(r#"{"redirect":{"port":15008}}"#), "{json}");
-        assert!(json.contains(r#"{"redirect":{"port":15001}}"#), "{json}");
-        assert!(json.contains(r#"{"redirect":{"port":15006}}"#), "{json}");
+        for port in [15001, 15006, 15008] {
+            for family in ["ip", "ip6"] {
+                let tproxy = format!(r#"{{"tproxy":{{"family":"{family}","port":{port}}}}}"#);
+                assert!(json.contains(&tproxy), "{tproxy} in {json}");
+            }
+        }
+        assert!(!json.contains("redirect"), "{json}");
         assert!(
             json.contains(&format!(r#""right":{WEFT_MARK},"op":"==""#)),
             "{json}"
         );
         assert!(!json.contains(r#""op":"<""#) && !json.contains(r#""op":">""#));
+    }
+
+    #[test]
+    fn diverted_packets_get_capture_s_mark_bits_and_keep_the_others() {
+        let json = serde_json::to_value(install(&capture())).expect("json");
+        let mark = json!({"meta": {"key": "mark"}});
+        let set = json!({"mangle": {"key": mark.clone(), "value": {"|": [
+            {"&": [mark, !MARK_MASK]}, TPROXY_MARK
+        ]}}});
+        let rules: Vec<&Value> = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .collect();
+        for rule in &rules {
+            let expr = rule["expr"].as_array().expect("expr");
+            let diverts = expr.iter().any(|e| e.get("tproxy").is_some());
+            let in_output = rule["chain"] == "output" && expr.len() > 2;
+            if diverts || in_output {
+                assert!(expr.contains(&set), "{rule}");
+            }
+        }
+        // The packets of taken connections: the socket is weft's (transparent).
+        assert_eq!(
+            rules[2]["expr"][1],
+            json!({"match": {"left": {"socket": {"key": "transparent"}}, "right": 1, "op": "=="}})
+        );
+        let chains: Vec<(&str, &str)> = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("chain"))
+            .filter_map(|c| Some((c["name"].as_str()?, c["type"].as_str()?)))
+            .filter(|(name, _)| !name.starts_with("packets_"))
+            .collect();
+        // No nat chain: TPROXY is a filter chain's; output re-routes marked packets (the
+        // packet layer's chains are its own).
+        assert_eq!(
+            chains,
+            [
+                ("antispoof", "filter"),
+                ("prerouting", "filter"),
+                ("output", "route")
+            ]
+        );
+    }
+
+    fn held() -> Capture {
+        let mut capture = capture();
+        capture.mode = Mode::Hold;
+        capture
+    }
+
+    #[test]
+    fn the_hold_sends_forwarded_tcp_to_the_outbound_listener_and_drops_the_rest() {
+        let json = serde_json::to_value(install(&held())).expect("json");
+        let objects = json["nftables"].as_array().expect("objects");
+        // The same add, delete, add: a hold replaces any table, a captured one among them.
+        let table = json!({"family": "inet", "name": "weft"});
+        assert_eq!(
+            objects[..3],
+            [
+                json!({"add": {"table": table.clone()}}),
+                json!({"delete": {"table": table.clone()}}),
+                json!({"add": {"table": table}})
+            ]
+        );
+        assert!(
+            objects.iter().all(|o| o["add"].get("set").is_none()),
+            "no pod sets"
+        );
+        let chains: Vec<(&str, &str, &str)> = objects
+            .iter()
+            .filter_map(|o| o["add"].get("chain"))
+            .map(|c| {
+                let field = |k: &str| c[k].as_str().expect(k);
+                (field("name"), field("type"), field("hook"))
+            })
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                ("hold_prerouting", "filter", "prerouting"),
+                ("hold_forward", "filter", "forward")
+            ]
+        );
+        let rules: Vec<&Value> = objects
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .collect();
+        assert_eq!(rules.len(), 4, "{rules:?}");
+        // Everything not addressed to the node itself, whichever pod sends it.
+        for (rule, (nfproto, family)) in rules[1..3].iter().zip([("ipv4", "ip"), ("ipv6", "ip6")]) {
+            assert_eq!(
+                rule["expr"].as_array().expect("expr")[..4],
+                [
+                    json!({"match": {"left": {"meta": {"key": "nfproto"}}, "right": nfproto, "op": "=="}}),
+                    json!({"match": {"left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local", "op": "!="}}),
+                    json!({"match": {"left": {"meta": {"key": "l4proto"}}, "right": "tcp", "op": "=="}}),
+                    json!({"tproxy": {"family": family, "port": 15001}}),
+                ]
+            );
+        }
+        assert_eq!(rules[3]["expr"], json!([{"counter": null}, {"drop": {}}]));
+        assert!(
+            rules.iter().all(|r| r["chain"] != "output"),
+            "the node's own traffic"
+        );
+    }
+
+    #[test]
+    fn a_hold_and_a_capture_are_each_other_s_drift() {
+        let (held, captured) = (held(), capture());
+        assert_eq!(
+            compare_listing(&held, &listing_of(&held)),
+            TableState::Intact
+        );
+        // The watch restores whichever mode is wanted.
+        let TableState::Drifted(drifts) = compare_listing(&held, &listing_of(&captured)) else {
+            panic!("a captured table is not a hold");
+        };
+        assert!(
+            drifts.contains(&Drift::ChainMissing {
+                chain: "hold_prerouting"
+            }),
+            "{drifts:?}"
+        );
+        assert!(
+            drifts
+                .iter()
+                .any(|d| matches!(d, Drift::UnexpectedObject { json } if json.contains("pods_v4"))),
+            "{drifts:?}"
+        );
+        let TableState::Drifted(drifts) = compare_listing(&captured, &listing_of(&held)) else {
+            panic!("a hold is not a captured table");
+        };
+        assert!(
+            drifts.contains(&Drift::UnexpectedChain {
+                chain: "hold_forward".into()
+            }),
+            "{drifts:?}"
+        );
     }
 
     #[test]

@@ -54,6 +54,13 @@ impl Netns {
         self.0.ip(args).unwrap_or_else(|e| panic!("{e}"));
     }
 
+    /// Sets `key` (a path under /proc/sys, `net/ipv4/...`) to `value` inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        self.0
+            .sysctl(&[(key.to_owned(), value)])
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Runs `command…` inside the namespace and returns its output, whatever its exit status.
     pub fn exec(&self, command: &[&str]) -> Output {
         Command::new("ip")
