@@ -15,7 +15,7 @@ pub mod packets;
 pub mod routing;
 pub mod ruleset;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -209,14 +209,17 @@ impl fmt::Display for PodAddr {
     }
 }
 
-/// The capture a node should have: its mode, its listeners' ports, weft's mark and its local
-/// pods.
+/// The capture a node should have: its mode, its listeners' ports, weft's mark, its local
+/// pods and the links they are routed through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capture {
     mode: Mode,
     ports: Ports,
     mark: u32,
     pods: BTreeSet<PodAddr>,
+    /// The interface each local pod is routed through, where known (pods whose route is not
+    /// there yet are looked up again at the next check).
+    links: BTreeMap<PodAddr, String>,
     packets: Arc<Packets>,
 }
 
@@ -246,6 +249,7 @@ impl Capture {
             ports,
             mark,
             pods: BTreeSet::new(),
+            links: BTreeMap::new(),
             packets: Arc::default(),
         })
     }
@@ -270,9 +274,43 @@ impl Capture {
         self.pods.insert(pod)
     }
 
-    /// Removes a local pod's address; false if it was not there.
+    /// Removes a local pod's address (and its link); false if it was not there.
     pub fn remove(&mut self, pod: PodAddr) -> bool {
+        self.links.remove(&pod);
         self.pods.remove(&pod)
+    }
+
+    /// Records the interface a local pod is routed through (`None`: not known); ignored for
+    /// an address that is not a local pod's.
+    pub fn set_link(&mut self, pod: PodAddr, link: Option<String>) {
+        match link {
+            Some(link) if self.pods.contains(&pod) => {
+                self.links.insert(pod, link);
+            }
+            _ => {
+                self.links.remove(&pod);
+            }
+        }
+    }
+
+    /// The interface `pod` is routed through, if known.
+    pub fn link_of(&self, pod: PodAddr) -> Option<&str> {
+        self.links.get(&pod).map(String::as_str)
+    }
+
+    /// The pod links: every interface some local pod is routed through (one for all pods on
+    /// a bridge).
+    pub fn pod_links(&self) -> BTreeSet<&str> {
+        self.links.values().map(String::as_str).collect()
+    }
+
+    /// Local pods whose link is not known (yet).
+    pub fn pods_without_link(&self) -> Vec<PodAddr> {
+        self.pods
+            .iter()
+            .filter(|pod| !self.links.contains_key(pod))
+            .copied()
+            .collect()
     }
 
     /// The local pods' addresses.
@@ -305,21 +343,35 @@ pub struct Redirect {
     dropped: std::sync::Mutex<DropTally>,
     /// The packet layer as the capture has it, for readers that cannot wait on its lock.
     packets: std::sync::Mutex<Arc<Packets>>,
+    /// The pod links as the capture has them, for readers that cannot wait on its lock.
+    links: std::sync::Mutex<PodLinkState>,
 }
 
-/// The packet layer's drop counters, per [`Way`], kept monotonic across table installs (each
-/// starts the kernel's counters at zero again).
+/// The pod links as last looked up: what `/config_dump` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PodLinkState {
+    /// Interfaces leading to local pods, where sources must route back the same way.
+    pub links: Vec<String>,
+    /// Local pods whose route is not there yet (looked up again at the next check).
+    pub pods_without_link: Vec<String>,
+}
+
+/// Where [`DropTally`] keeps the antispoof chain's drops (after the packet layer's [`Way`]s).
+const SPOOFED: usize = 2;
+
+/// The packet layer's drop counters, per [`Way`], and the antispoof chain's ([`SPOOFED`]),
+/// kept monotonic across table installs (each starts the kernel's counters at zero again).
 #[derive(Debug, Default)]
 struct DropTally {
     /// What earlier tables counted.
-    before: [u64; 2],
+    before: [u64; 3],
     /// What the current table counted when last read.
-    current: [u64; 2],
+    current: [u64; 3],
 }
 
 impl DropTally {
     /// Takes a reading of the current table's counters.
-    fn read(&mut self, now: [u64; 2]) {
+    fn read(&mut self, now: [u64; 3]) {
         for (i, n) in now.into_iter().enumerate() {
             // Lower than before: the table was made again under us (a flush, a restore).
             if n < self.current[i] {
@@ -331,13 +383,12 @@ impl DropTally {
 
     /// The current table is about to be replaced: what it counted is kept.
     fn replaced(&mut self) {
-        for i in 0..2 {
+        for i in 0..3 {
             self.before[i] += std::mem::take(&mut self.current[i]);
         }
     }
 
-    fn total(&self, way: Way) -> u64 {
-        let i = way as usize;
+    fn total(&self, i: usize) -> u64 {
         self.before[i] + self.current[i]
     }
 }
@@ -352,13 +403,98 @@ impl Redirect {
             installed: AtomicBool::new(false),
             dropped: std::sync::Mutex::default(),
             packets: std::sync::Mutex::default(),
+            links: std::sync::Mutex::default(),
         }
     }
 
-    /// Installs weft's table as the capture says, replacing whatever the table held, in one transaction.
+    /// Installs weft's table as the capture says (its pods' links looked up first), replacing
+    /// whatever the table held, in one transaction.
     pub async fn apply(&self) -> Result<(), RedirectError> {
-        let capture = self.capture.lock().await;
+        let mut capture = self.capture.lock().await;
+        let pods: Vec<_> = capture.pods.iter().copied().collect();
+        self.look_up_links(&mut capture, pods, true).await;
         self.apply_locked(&capture).await
+    }
+
+    /// Looks up the links `pods` are routed through and records them in `capture` (a pod
+    /// whose route is not there yet is left without one, to be looked up at the next check);
+    /// returns the pod links this added and removed. Never fails: netlink trouble is logged
+    /// and what was known is kept. `announce` logs pods left without a link at info, not
+    /// debug (a check repeats them every interval).
+    async fn look_up_links(
+        &self,
+        capture: &mut Capture,
+        pods: impl IntoIterator<Item = PodAddr>,
+        announce: bool,
+    ) -> (Vec<String>, Vec<String>) {
+        let before: BTreeSet<String> = capture.pod_links().into_iter().map(str::to_owned).collect();
+        match routing::PodLinks::connect().await {
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up pod links; will retry at the next check");
+            }
+            Ok(lookup) => {
+                for pod in pods {
+                    let known = capture.link_of(pod).map(str::to_owned);
+                    match lookup.of(pod.ip()).await {
+                        Ok(link) => {
+                            if known.as_deref() != Some(link.as_str()) {
+                                tracing::info!(%pod, %link, previous = ?known, "pod link found");
+                            }
+                            capture.set_link(pod, Some(link));
+                        }
+                        // The kernel did not answer: what was known stays.
+                        Err(routing::PodLinkError::Routing(error)) => {
+                            tracing::warn!(%pod, %error, "cannot look up the pod's link; will retry");
+                        }
+                        Err(error) => {
+                            if announce || known.is_some() {
+                                tracing::info!(%pod, reason = %error, previous = ?known,
+                                    "pod's link not known; looked up again at the next check");
+                            } else {
+                                tracing::debug!(%pod, reason = %error, "pod's link still not known");
+                            }
+                            capture.set_link(pod, None);
+                        }
+                    }
+                }
+            }
+        }
+        let after: BTreeSet<String> = capture.pod_links().into_iter().map(str::to_owned).collect();
+        self.publish_links(capture);
+        (
+            after.difference(&before).cloned().collect(),
+            before.difference(&after).cloned().collect(),
+        )
+    }
+
+    /// Makes `capture`'s pod links what [`Redirect::pod_links`] shows.
+    fn publish_links(&self, capture: &Capture) {
+        *self.links.lock().unwrap_or_else(PoisonError::into_inner) = PodLinkState {
+            links: capture.pod_links().into_iter().map(str::to_owned).collect(),
+            pods_without_link: capture
+                .pods_without_link()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        };
+    }
+
+    /// The pod links as last looked up.
+    pub fn pod_links(&self) -> PodLinkState {
+        self.links
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Packets the antispoof chain has dropped (a local pod's address from elsewhere, or a
+    /// source not routed back through the pod link it came in by) since this process
+    /// installed weft's table, as of the last check.
+    pub fn spoofed_dropped(&self) -> u64 {
+        self.dropped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total(SPOOFED)
     }
 
     async fn apply_locked(&self, capture: &Capture) -> Result<(), RedirectError> {
@@ -441,7 +577,7 @@ impl Redirect {
         self.dropped
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .total(way)
+            .total(way as usize)
     }
 
     /// Makes `pods` the local pods and installs the table in mode [`Mode::Captured`] for them,
@@ -452,7 +588,11 @@ impl Redirect {
     ) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
         capture.pods = pods.into_iter().collect();
+        let Capture { pods, links, .. } = &mut *capture;
+        links.retain(|pod, _| pods.contains(pod));
         capture.mode = Mode::Captured;
+        let pods: Vec<_> = capture.pods.iter().copied().collect();
+        self.look_up_links(&mut capture, pods, true).await;
         self.apply_locked(&capture).await
     }
 
@@ -469,17 +609,20 @@ impl Redirect {
         self.capture.lock().await.clone()
     }
 
-    /// Adds a local pod's address to weft's sets (the rules stay as they are).
+    /// Adds a local pod's address to weft's sets, and its link to the pod links if it is a
+    /// new one (the rules stay as they are).
     pub async fn add_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
         // A held table has no pod sets: the next install brings them.
         if !capture.insert(pod) || capture.mode == Mode::Hold {
             return Ok(());
         }
+        let (added, _) = self.look_up_links(&mut capture, [pod], true).await;
+        let added: Vec<&str> = added.iter().map(String::as_str).collect();
         // The pod stays in the desired state even if nft fails: a later check sees the
         // difference and the watch restores it.
         self.nft
-            .apply(&ruleset::elements(true, pod))
+            .apply(&ruleset::elements(true, pod, &added))
             .await
             .map_err(|source| RedirectError::Nft {
                 action: format!("adding pod {pod} to table {FAMILY} {TABLE}"),
@@ -489,14 +632,26 @@ impl Redirect {
         Ok(())
     }
 
-    /// Removes a local pod's address from weft's sets (the rules stay as they are).
+    /// Removes a local pod's address from weft's sets, and its link from the pod links if no
+    /// other pod is routed through it (the rules stay as they are).
     pub async fn remove_pod(&self, pod: PodAddr) -> Result<(), RedirectError> {
         let mut capture = self.capture.lock().await;
-        if !capture.remove(pod) || capture.mode == Mode::Hold {
+        let before: BTreeSet<String> = capture.pod_links().into_iter().map(str::to_owned).collect();
+        if !capture.remove(pod) {
             return Ok(());
         }
+        self.publish_links(&capture);
+        if capture.mode == Mode::Hold {
+            return Ok(());
+        }
+        let after = capture.pod_links();
+        let removed: Vec<&str> = before
+            .iter()
+            .map(String::as_str)
+            .filter(|link| !after.contains(link))
+            .collect();
         self.nft
-            .apply(&ruleset::elements(false, pod))
+            .apply(&ruleset::elements(false, pod, &removed))
             .await
             .map_err(|source| RedirectError::Nft {
                 action: format!("removing pod {pod} from table {FAMILY} {TABLE}"),
@@ -506,13 +661,29 @@ impl Redirect {
         Ok(())
     }
 
-    /// Reads weft's table back and says whether it is as the capture says.
+    /// Looks up the local pods' links again (bringing the pod links up to date), then reads
+    /// weft's table back and says whether it is as the capture says.
     pub async fn check(&self) -> Result<TableState, RedirectError> {
-        let capture = self.capture.lock().await;
-        self.check_locked(&capture).await
+        let mut capture = self.capture.lock().await;
+        self.check_locked(&mut capture).await
     }
 
-    async fn check_locked(&self, capture: &Capture) -> Result<TableState, RedirectError> {
+    async fn check_locked(&self, capture: &mut Capture) -> Result<TableState, RedirectError> {
+        // Every pod, not only those without a link: a pod's interface can be made anew (its
+        // sandbox restarted) without the pod leaving the view.
+        if capture.mode == Mode::Captured && self.installed.load(Ordering::Relaxed) {
+            let pods: Vec<_> = capture.pods.iter().copied().collect();
+            let (added, removed) = self.look_up_links(capture, pods, false).await;
+            let added: Vec<&str> = added.iter().map(String::as_str).collect();
+            let removed: Vec<&str> = removed.iter().map(String::as_str).collect();
+            if let Some(batch) = ruleset::link_changes(&added, &removed) {
+                match self.nft.apply(&batch).await {
+                    Ok(()) => tracing::info!(?added, ?removed, "pod links updated"),
+                    // The comparison below finds the difference and the watch restores it.
+                    Err(error) => tracing::warn!(%error, "cannot update the pod links"),
+                }
+            }
+        }
         let listing =
             self.nft
                 .list_table(FAMILY, TABLE)
@@ -525,11 +696,13 @@ impl Redirect {
         let Some(json) = listing else {
             return Ok(TableState::Missing);
         };
-        if let Some(now) = packets::dropped(&json) {
+        if let (Some([ingress, egress]), Some(spoofed)) =
+            (packets::dropped(&json), ruleset::spoofed(&json))
+        {
             self.dropped
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .read(now);
+                .read([ingress, egress, spoofed]);
         }
         let table = ruleset::compare(capture, &json);
         Ok(if missing.is_empty() {
@@ -571,8 +744,8 @@ impl Redirect {
                 () = &mut shutdown => return,
                 _ = ticks.tick() => {}
             }
-            let capture = self.capture.lock().await;
-            let state = match self.check_locked(&capture).await {
+            let mut capture = self.capture.lock().await;
+            let state = match self.check_locked(&mut capture).await {
                 Ok(TableState::Intact) => continue,
                 Ok(state) => state,
                 Err(error) => {

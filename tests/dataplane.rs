@@ -303,7 +303,22 @@ async fn before_its_first_complete_view_a_node_refuses_what_it_forwards() {
         .expect("node A's agent is ready");
     assert!(probe(client, to).await, "the same connection, captured");
     assert_eq!(table(node_a), Some(captured), "capture replaced the hold");
-    assert_eq!(config_dump(node_a).await["capture"]["mode"], "captured");
+    let capture = config_dump(node_a).await["capture"].clone();
+    assert_eq!(capture["mode"], "captured");
+    // Every local pod's link was found (the lab's pods each have their own veth, p0, p1, …).
+    let links = capture["pod_links"].as_array().expect("pod_links[]");
+    assert!(
+        !links.is_empty()
+            && links
+                .iter()
+                .all(|l| l.as_str().is_some_and(|l| l.starts_with('p'))),
+        "{capture}"
+    );
+    assert_eq!(
+        capture["pods_without_link"],
+        serde_json::json!([]),
+        "{capture}"
+    );
     eprintln!("held and released in {:?}", started.elapsed());
     drop(plane);
     drop_lab(lab);

@@ -455,11 +455,10 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
     // - client-2's address: node A's antispoof chain drops it (that address is routed to
     //   client-2's interface, and the packet came in on the client's), counted; had it passed,
     //   prerouting would have captured it as client-2's.
-    // - an address no pod has: not a local pod's, so node A neither drops nor captures it
-    //   (its egress policy is not consulted) and forwards it as is; node B captures it as
-    //   plaintext, where it would be judged by that unknown address. Here the handshake never
-    //   completes: nothing routes the SYN-ACK back to an address no pod owns, so the
-    //   connection times out and node B logs no decision at all — in no case is it the client.
+    // - an address no pod has: not a local pod's, so capture would not take it and node B
+    //   would judge it by that unknown address (an ipBlock); node A's strict source check on
+    //   pod links drops it (that address does not route back through the client's
+    //   interface), counted.
     let neighbour = Ipv4Addr::new(10, 1, 1, 11);
     let unknown = Ipv4Addr::new(10, 1, 1, 99);
     for spoof in [neighbour, unknown] {
@@ -480,11 +479,16 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
         antispoof_drops(node_a) > drops,
         "node A's antispoof chain counted the spoofed SYN"
     );
+    let drops = antispoof_drops(node_a);
     let as_unknown = exchange(&client.netns, Some(unknown.into()), line, "x", SHORT).await;
     assert!(
         !as_unknown.outcome.allowed(),
         "as {unknown}: {}",
         as_unknown.outcome
+    );
+    assert!(
+        antispoof_drops(node_a) > drops,
+        "node A's antispoof chain counted the made-up source's SYN"
     );
     // Neither spoof was ever credited to a pod at node B.
     let said = b_log.since(mark);

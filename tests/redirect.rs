@@ -7,7 +7,7 @@
 mod netns;
 
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -232,17 +232,9 @@ fn a_pod_sending_as_another_local_pod_is_dropped() {
     );
     // Replies would go to the other pod anyway; the counter shows weft dropped the SYNs
     // before capture saw them.
-    let dropped: u64 = listing(&t.node)["nftables"]
-        .as_array()
-        .expect("nftables array")
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .filter(|r| {
-            r["chain"] == "antispoof" && r["comment"].as_str().is_some_and(|c| c.ends_with("(ip)"))
-        })
-        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e.get("counter").and_then(|c| c["packets"].as_u64()))
-        .sum();
+    let dropped = counted(&listing(&t.node), |r| {
+        r["chain"] == "antispoof" && r["comment"].as_str().is_some_and(|c| c.ends_with("(ip)"))
+    });
     assert!(
         dropped > 0,
         "the spoofed SYNs were dropped by the anti-spoofing rule"
@@ -252,6 +244,186 @@ fn a_pod_sending_as_another_local_pod_is_dropped() {
     let _client = dial(&t.pod, destination);
     let (_, from) = pending(&listener).expect("the pod's own connection on 15001");
     assert_eq!(from.ip(), POD.parse::<IpAddr>().expect("an address"));
+}
+
+/// The packets the antispoof rule of pod links counted in `node`.
+fn pod_link_drops(node: &Netns) -> u64 {
+    counted(&listing(node), |r| {
+        r["chain"] == "antispoof"
+            && r["comment"]
+                .as_str()
+                .is_some_and(|c| c.contains("pod links"))
+    })
+}
+
+/// The packets counted by the rules of nft listing `json` that `keep` picks.
+fn counted(json: &Value, keep: impl Fn(&Value) -> bool) -> u64 {
+    json["nftables"]
+        .as_array()
+        .expect("nftables array")
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .filter(|r| keep(r))
+        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e.get("counter").and_then(|c| c["packets"].as_u64()))
+        .sum()
+}
+
+/// A UDP socket bound to `addr` inside `ns`, waiting a short while for datagrams.
+fn udp(ns: &Netns, addr: &str) -> UdpSocket {
+    let socket = ns
+        .run(|| UdpSocket::bind(addr))
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    socket
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    socket
+}
+
+/// Whether a datagram sent from `from` (an address in `ns`) to `to` reaches `receiver`
+/// (bound there), and from where.
+fn datagram(ns: &Netns, from: &str, to: &str, receiver: &UdpSocket) -> Option<IpAddr> {
+    let sender = udp(ns, from);
+    sender.send_to(b"x", to).expect("send");
+    let mut buf = [0u8; 16];
+    receiver.recv_from(&mut buf).ok().map(|(_, peer)| peer.ip())
+}
+
+/// Sends a SYN from `from` (an address in `ns`) to `to`; the handshake never completes when
+/// nothing routes the answer back, which is all these tests need.
+fn syn(ns: &Netns, from: &str, to: &str) {
+    let (from, to): (SocketAddr, SocketAddr) = (
+        from.parse().expect("an address"),
+        to.parse().expect("an address"),
+    );
+    let _ = ns.run(|| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.bind(&from.into())?;
+        socket.connect_timeout(&to.into(), Duration::from_millis(300))
+    });
+}
+
+/// `nft list table inet observe`'s counters in `ns`, by rule comment.
+fn observed(ns: &Netns, comment: &str) -> u64 {
+    let json: Value =
+        serde_json::from_str(&ns.exec_ok(&["nft", "-j", "list", "table", "inet", "observe"]))
+            .expect("nft's JSON");
+    counted(&json, |r| r["comment"] == comment)
+}
+
+#[test]
+fn a_pod_sending_from_a_made_up_source_is_dropped_and_counted_and_uplinks_are_not_judged() {
+    let Some(t) = topology() else { return };
+    const MADE_UP: &str = "203.0.113.7";
+    const MADE_UP6: &str = "2001:db8::7";
+    // The pod holds an address no pod has (as if it had NET_ADMIN) and binds to it.
+    t.pod.ip(&["addr", "add", "203.0.113.7/32", "dev", "eth0"]);
+    t.pod
+        .ip(&["addr", "add", "2001:db8::7/128", "dev", "eth0", "nodad"]);
+    // The peer counts the made-up source's SYNs: the handshake cannot complete (nothing
+    // routes the answer back to that address), so only a counter sees whether they arrived.
+    for command in [
+        "add table inet observe",
+        "add chain inet observe input { type filter hook input priority 0; policy accept; }",
+        r#"add rule inet observe input ip saddr 203.0.113.7 tcp dport 8080 counter comment "syn""#,
+    ] {
+        t.peer.exec_ok(&["nft", command]);
+    }
+    // An asymmetric uplink: the node routes 10.99.0.0/24 through another interface, so what
+    // the peer sends from 10.99.0.1 fails a strict check on peer0. The kernel's own reverse
+    // path filter is off, so that only weft judges.
+    // (A veth pair with both ends in the node: this kernel may lack the dummy driver.)
+    t.node.ip(&[
+        "link", "add", "side0", "type", "veth", "peer", "name", "side1",
+    ]);
+    t.node.ip(&["link", "set", "side0", "up"]);
+    t.node.ip(&["route", "add", "10.99.0.0/24", "dev", "side0"]);
+    for conf in ["all", "default", "peer0", "pod0"] {
+        t.node
+            .sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0");
+    }
+    t.peer.ip(&["addr", "add", "10.99.0.1/32", "dev", "eth0"]);
+
+    let at_peer = udp(&t.peer, "198.18.2.2:9000");
+    let at_node6 = udp(&t.node, "[fd18:1::1]:9000");
+    let at_pod = udp(&t.pod, "0.0.0.0:9001");
+    let peer = "198.18.2.2:8080";
+
+    // Whether the made-up source gets through: a SYN to the peer, a datagram to the peer
+    // and an IPv6 datagram to the node.
+    let made_up_passes = || {
+        let syns = observed(&t.peer, "syn");
+        syn(&t.pod, &format!("{MADE_UP}:0"), peer);
+        let to_peer = datagram(&t.pod, &format!("{MADE_UP}:0"), "198.18.2.2:9000", &at_peer);
+        let to_node = datagram(
+            &t.pod,
+            &format!("[{MADE_UP6}]:0"),
+            "[fd18:1::1]:9000",
+            &at_node6,
+        );
+        (
+            observed(&t.peer, "syn") > syns,
+            to_peer.is_some(),
+            to_node.is_some(),
+        )
+    };
+    // Control: without weft's table the made-up source gets through, TCP and UDP.
+    assert_eq!(made_up_passes(), (true, true, true));
+
+    let redirect = redirect(Nft::default(), &[POD, POD6]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    assert_eq!(
+        redirect.pod_links().links,
+        ["pod0"],
+        "both pods route through pod0"
+    );
+    assert!(redirect.pod_links().pods_without_link.is_empty());
+    assert_eq!(set_elements(&t.node, "pod_links"), ["pod0"]);
+
+    // The made-up source is dropped at the node and counted: TCP, UDP and IPv6.
+    assert_eq!(made_up_passes(), (false, false, false));
+    let drops = pod_link_drops(&t.node);
+    assert!(drops >= 3, "the SYN and both datagrams counted: {drops}");
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+    assert!(
+        redirect.spoofed_dropped() >= drops,
+        "what /config_dump shows"
+    );
+
+    // The pod's own sources pass: UDP in both families, TCP captured as the pod's.
+    assert_eq!(
+        datagram(&t.pod, &format!("{POD}:0"), "198.18.2.2:9000", &at_peer),
+        Some(POD.parse().expect("an address"))
+    );
+    let own6 = datagram(
+        &t.pod,
+        &format!("[{POD6}]:0"),
+        "[fd18:1::1]:9000",
+        &at_node6,
+    );
+    assert_eq!(own6, Some(POD6.parse().expect("an address")));
+    let listener = capture_listener(&t.node, "0.0.0.0:15001");
+    let _client = dial(&t.pod, peer.parse().expect("an address"));
+    let (_, from) = pending(&listener).expect("the pod's own connection on 15001");
+    assert_eq!(from.ip(), POD.parse::<IpAddr>().expect("an address"));
+
+    // The uplink is not judged: the peer's asymmetric source reaches the pod.
+    assert_eq!(
+        datagram(&t.peer, "10.99.0.1:0", "198.18.1.2:9001", &at_pod),
+        Some("10.99.0.1".parse().expect("an address"))
+    );
+    assert_eq!(pod_link_drops(&t.node), drops, "nothing more dropped");
+    // Control: the source really is asymmetric; were peer0 a pod link, it would be dropped.
+    t.node
+        .exec_ok(&["nft", "add element inet weft pod_links { peer0 }"]);
+    assert_eq!(
+        datagram(&t.peer, "10.99.0.1:0", "198.18.1.2:9001", &at_pod),
+        None
+    );
+    assert!(pod_link_drops(&t.node) > drops);
 }
 
 #[test]
@@ -480,7 +652,7 @@ fn applying_twice_yields_the_same_table() {
         .count();
     assert_eq!(
         rules,
-        12 + 29,
+        13 + 29,
         "no rule duplicated (capture, then the packet layer)"
     );
     assert_eq!(
@@ -522,6 +694,47 @@ fn pods_coming_and_going_change_the_sets_only() {
 }
 
 #[test]
+fn a_pod_without_a_route_yet_gets_its_link_at_the_next_check() {
+    let Some(t) = topology() else { return };
+    let redirect = redirect(Nft::default(), &[POD]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    // A new pod's veth is there, its route not yet (CNI not done): the lookup finds the
+    // default route via the peer, which is the uplink, never a pod link.
+    t.node.ip(&[
+        "link", "add", "pod1", "type", "veth", "peer", "name", "pod1peer",
+    ]);
+    for link in ["pod1", "pod1peer"] {
+        t.node.ip(&["link", "set", link, "up"]);
+    }
+    t.node
+        .block_on(redirect.add_pod(pod("198.18.5.2")))
+        .expect("add pod");
+    let links = redirect.pod_links();
+    assert_eq!(links.links, ["pod0"]);
+    assert_eq!(links.pods_without_link, ["198.18.5.2"]);
+    assert_eq!(set_elements(&t.node, "pod_links"), ["pod0"]);
+
+    t.node.ip(&["route", "add", "198.18.5.2/32", "dev", "pod1"]);
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+    assert_eq!(redirect.pod_links().links, ["pod0", "pod1"]);
+    assert!(redirect.pod_links().pods_without_link.is_empty());
+    assert_eq!(set_elements(&t.node, "pod_links"), ["pod0", "pod1"]);
+
+    // Gone with its last pod.
+    t.node
+        .block_on(redirect.remove_pod(pod("198.18.5.2")))
+        .expect("remove pod");
+    assert_eq!(set_elements(&t.node, "pod_links"), ["pod0"]);
+    assert_eq!(
+        t.node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
+    );
+}
+
+#[test]
 fn cleanup_removes_weft_table_and_nothing_else() {
     let Some(t) = topology() else { return };
     for command in [
@@ -554,11 +767,12 @@ fn the_watch_restores_a_table_flushed_deleted_or_added_to_and_its_routing() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD]);
     let table = ROUTE_TABLE.to_string();
-    let tampering: [&[&str]; 7] = [
+    let tampering: [&[&str]; 8] = [
         &["nft", "flush table inet weft"],
         &["nft", "delete table inet weft"],
         &["nft", "add rule inet weft prerouting tcp dport 22 accept"],
         &["nft", "delete element inet weft pods_v4 { 198.18.1.2 }"],
+        &["nft", "flush set inet weft pod_links"],
         &[
             "ip",
             "rule",
@@ -608,7 +822,8 @@ fn the_watch_restores_a_table_flushed_deleted_or_added_to_and_its_routing() {
         };
         tokio::join!(watch, tamper);
     });
-    assert_eq!(redirect.restores(), 7);
+    assert_eq!(redirect.restores(), 8);
+    assert_eq!(set_elements(&t.node, "pod_links"), ["pod0"]);
 }
 
 #[test]

@@ -682,6 +682,7 @@ impl Agent {
             .collect();
         let mut packets = serde_json::Map::new();
         let installed = self.redirect.packets();
+        let pod_links = self.redirect.pod_links();
         for way in Way::BOTH {
             let name = way.name();
             let allowed: Vec<String> = installed
@@ -740,6 +741,10 @@ impl Agent {
                 "mode": self.mode(),
                 "installed": self.captured.load(Ordering::Relaxed),
                 "restores": self.redirect.restores(),
+                // Interfaces leading to local pods, where a source must route back the same way.
+                "pod_links": pod_links.links,
+                "pods_without_link": pod_links.pods_without_link,
+                "spoofed_dropped": self.redirect.spoofed_dropped(),
                 "outbound": s.outbound.port(),
                 "inbound": s.inbound.port(),
                 "hbone": s.hbone.port(),
@@ -828,6 +833,13 @@ impl Agent {
             "packets_dropped",
             "Packets the packet layer dropped (NetworkPolicy on traffic the proxy does not carry: UDP, SCTP, ICMP and the rest), by direction; as of the last table check.",
             dropped,
+        );
+        let spoofed: Counter = Counter::default();
+        spoofed.inc_by(self.redirect.spoofed_dropped());
+        registry.register(
+            "spoofed_dropped",
+            "Packets weft's antispoof chain dropped: a local pod's address from another interface, or a source not routed back through the pod link it came in by; as of the last table check.",
+            spoofed,
         );
         gauge(
             &mut registry,

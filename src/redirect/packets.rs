@@ -840,6 +840,16 @@ fn json(e: &Expression<'_>) -> String {
     serde_json::to_string(e).unwrap_or_else(|e| e.to_string())
 }
 
+/// The packets the counters of `rule` (a rule of an untyped nft JSON listing) counted.
+pub(super) fn counted(rule: &serde_json::Value) -> u64 {
+    rule.get("expr")
+        .and_then(|e| e.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|statement| statement.get("counter")?.get("packets")?.as_u64())
+        .fold(0, u64::saturating_add)
+}
+
 /// Packets the packet layer has dropped, per direction, as its counters in a listing of
 /// weft's table (`nft -j list table`) say; `None` if the listing cannot be read.
 pub(super) fn dropped(listing: &str) -> Option<[u64; 2]> {
@@ -854,20 +864,7 @@ pub(super) fn dropped(listing: &str) -> Option<[u64; 2]> {
         let Some(check) = CHECKS.iter().find(|c| Some(c.chain) == chain) else {
             continue;
         };
-        for statement in rule
-            .get("expr")
-            .and_then(|e| e.as_array())
-            .into_iter()
-            .flatten()
-        {
-            if let Some(packets) = statement
-                .get("counter")
-                .and_then(|c| c.get("packets"))
-                .and_then(|p| p.as_u64())
-            {
-                dropped[check.way.index()] += packets;
-            }
-        }
+        dropped[check.way.index()] += counted(rule);
     }
     Some(dropped)
 }

@@ -1,12 +1,15 @@
 //! The policy routing TPROXY needs: a packet capture marked is delivered to the node's own
 //! sockets whatever its destination (`ip rule add fwmark 0x111/0xfff lookup 1337` and
 //! `ip route add local 0.0.0.0/0 dev lo table 1337`, and the IPv6 pair), set over netlink in
-//! the calling thread's network namespace.
+//! the calling thread's network namespace; and the lookup of the interface a local pod's
+//! address is routed through (its pod link), for the strict source check on pod links.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
@@ -41,6 +44,32 @@ pub enum RoutingError {
         #[source]
         source: rtnetlink::Error,
     },
+}
+
+/// Why a local pod's link is not known (yet); the lookup is tried again at the next check.
+#[derive(Debug, Error)]
+pub enum PodLinkError {
+    /// The node has no route to the pod's address at all.
+    #[error("no route to the pod: {0}")]
+    NoRoute(#[source] rtnetlink::Error),
+    /// The address is routed as something other than a unicast route to a link (the node's
+    /// own address, a blackhole, …).
+    #[error("the pod's address is routed as {kind:?}, not to a link")]
+    NotUnicast { kind: RouteType },
+    /// The route leaves through a gateway: the pod's own route is not there yet (CNI not
+    /// done), and this is the node's way out.
+    #[error("the pod's address is routed via a gateway (its own route is not there yet)")]
+    Gateway,
+    /// The route's interface carries routes via gateways: an uplink, which must never get the
+    /// strict check (its traffic may be asymmetric).
+    #[error("the pod's address is routed through uplink {link} (its own route is not there yet)")]
+    Uplink { link: String },
+    /// The route names no interface, or one the kernel does not know by name.
+    #[error("the pod's route names no interface weft can name (index {index:?})")]
+    NoInterface { index: Option<u32> },
+    /// Netlink itself failed.
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
 }
 
 /// One of the two families weft routes.
@@ -238,4 +267,108 @@ pub async fn remove() -> Result<(), RoutingError> {
         }
     }
     Ok(())
+}
+
+/// Looks up pod links on one netlink connection: the interfaces local pods' addresses are
+/// routed through, never an uplink.
+pub struct PodLinks {
+    handle: Handle,
+    /// Interfaces some route leaves through a gateway: the node's uplinks.
+    uplinks: BTreeSet<u32>,
+}
+
+impl PodLinks {
+    /// Connects and reads which interfaces are uplinks (those carrying a route via a gateway).
+    pub async fn connect() -> Result<Self, RoutingError> {
+        let handle = connect()?;
+        let mut uplinks = BTreeSet::new();
+        for family in Family::ALL {
+            for route in routes(&handle, family).await? {
+                if gateway(&route) {
+                    uplinks.extend(oif(&route));
+                    for a in &route.attributes {
+                        if let RouteAttribute::MultiPath(hops) = a {
+                            uplinks.extend(hops.iter().map(|hop| hop.interface_index));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self { handle, uplinks })
+    }
+
+    /// The name of the interface `pod`'s address is routed through (`ip route get POD`), if
+    /// that is a link to the pod and not the node's way out.
+    pub async fn of(&self, pod: IpAddr) -> Result<String, PodLinkError> {
+        let query = match pod {
+            IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(v4, 32)
+                .build(),
+            IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(v6, 128)
+                .build(),
+        };
+        // A destination makes this a lookup (one answer), not a dump.
+        let route = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_next()
+            .await
+            .map_err(PodLinkError::NoRoute)?
+            .ok_or(PodLinkError::NoInterface { index: None })?;
+        if route.header.kind != RouteType::Unicast {
+            return Err(PodLinkError::NotUnicast {
+                kind: route.header.kind,
+            });
+        }
+        if gateway(&route) {
+            return Err(PodLinkError::Gateway);
+        }
+        let index = oif(&route).ok_or(PodLinkError::NoInterface { index: None })?;
+        let name = self.name(index).await?;
+        if self.uplinks.contains(&index) || index == LOOPBACK {
+            return Err(PodLinkError::Uplink { link: name });
+        }
+        Ok(name)
+    }
+
+    async fn name(&self, index: u32) -> Result<String, PodLinkError> {
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(netlink(format!("reading interface {index}")))?;
+        link.into_iter()
+            .flat_map(|link| link.attributes)
+            .find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name),
+                _ => None,
+            })
+            .ok_or(PodLinkError::NoInterface { index: Some(index) })
+    }
+}
+
+/// Whether `route` leaves through a gateway (a next hop of its family, an IPv6 one for IPv4,
+/// or several: ECMP is only ever an uplink's).
+fn gateway(route: &RouteMessage) -> bool {
+    route.attributes.iter().any(|a| {
+        matches!(
+            a,
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) | RouteAttribute::MultiPath(_)
+        )
+    })
+}
+
+/// The interface `route` leaves by.
+fn oif(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(*index),
+        _ => None,
+    })
 }

@@ -19,6 +19,10 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use super::routing::{MARK_MASK, TPROXY_MARK};
 use super::{Capture, Mode, PodAddr, TABLE, packets};
 
+/// The set of interfaces that lead to local pods (type `ifname`), where a source must route
+/// back through the interface it came in by.
+pub const POD_LINKS: &str = "pod_links";
+
 /// The anti-spoofing chain runs at mangle priority: before capture decides anything.
 const FILTER_PRIORITY: i32 = -150;
 
@@ -257,6 +261,22 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Set::default()
         })));
     }
+    // The hold judges no sources: it forwards no pod's packet anyway.
+    if capture.mode() == Mode::Captured {
+        let elem: Vec<_> = capture
+            .pod_links()
+            .into_iter()
+            .map(|link| Expression::String(link.to_owned().into()))
+            .collect();
+        batch.add(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: POD_LINKS.into(),
+            set_type: SetTypeValue::Single(SetType::Ifname),
+            elem: (!elem.is_empty()).then(|| elem.into()),
+            ..Set::default()
+        })));
+    }
     for &(name, hook, kind, priority) in base_chains(capture.mode()) {
         batch.add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
@@ -286,8 +306,9 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
     batch.to_nftables()
 }
 
-/// The batch that adds (`add`) or deletes a pod's address in its family's set.
-pub fn elements(add: bool, pod: PodAddr) -> Nftables<'static> {
+/// The batch that adds (`add`) or deletes a pod's address in its family's set, and with it
+/// the pod links that came (or went) with the pod, in one transaction.
+pub fn elements(add: bool, pod: PodAddr, links: &[&str]) -> Nftables<'static> {
     let element = NfListObject::Element(Element {
         family: NfFamily::INet,
         table: TABLE.into(),
@@ -297,10 +318,50 @@ pub fn elements(add: bool, pod: PodAddr) -> Nftables<'static> {
     let mut batch = Batch::new();
     if add {
         batch.add(element);
+        if let Some(links) = link_elements(links) {
+            batch.add(links);
+        }
     } else {
         batch.delete(element);
+        if let Some(links) = link_elements(links) {
+            batch.delete(links);
+        }
     }
     batch.to_nftables()
+}
+
+/// The batch that deletes `removed` from and adds `added` to the pod links, in one
+/// transaction; `None` if both are empty.
+pub fn link_changes(added: &[&str], removed: &[&str]) -> Option<Nftables<'static>> {
+    let (added, removed) = (link_elements(added), link_elements(removed));
+    if added.is_none() && removed.is_none() {
+        return None;
+    }
+    let mut batch = Batch::new();
+    if let Some(removed) = removed {
+        batch.delete(removed);
+    }
+    if let Some(added) = added {
+        batch.add(added);
+    }
+    Some(batch.to_nftables())
+}
+
+/// `links` as elements of the pod links set; `None` if there are none (nft refuses an empty
+/// element list).
+fn link_elements(links: &[&str]) -> Option<NfListObject<'static>> {
+    (!links.is_empty()).then(|| {
+        NfListObject::Element(Element {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: POD_LINKS.into(),
+            elem: links
+                .iter()
+                .map(|link| Expression::String((*link).to_owned().into()))
+                .collect::<Vec<_>>()
+                .into(),
+        })
+    })
 }
 
 /// The batch that removes weft's table, whether or not it exists.
@@ -465,6 +526,24 @@ fn hold_rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'st
     rules
 }
 
+/// Counts and drops a packet whose source is not routed back through the interface it came
+/// in by: with `. iif` the lookup answers only a route leaving by that interface, otherwise
+/// nothing (`missing`). Counted, so that an operator sees spoofing attempts.
+fn not_routed_back() -> [Statement<'static>; 3] {
+    [
+        matches(
+            Expression::Named(NamedExpression::Fib(Fib {
+                result: FibResult::Oif,
+                flags: [FibFlag::Saddr, FibFlag::Iif].into_iter().collect(),
+            })),
+            Operator::EQ,
+            Expression::Boolean(false),
+        ),
+        Statement::Counter(Counter::Anonymous(None)),
+        Statement::Drop(Some(Drop {})),
+    ]
+}
+
 /// weft's rules: (chain, comment, statements), in chain order. Comments name each rule so
 /// that a listing can be checked rule by rule.
 fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
@@ -476,22 +555,33 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
         rules.push((
             "antispoof",
             format!("weft: local pod addresses only from their own interface ({ip})"),
-            vec![
-                in_set(family, "saddr"),
-                matches(
-                    Expression::Named(NamedExpression::Fib(Fib {
-                        result: FibResult::Oif,
-                        flags: [FibFlag::Saddr, FibFlag::Iif].into_iter().collect(),
-                    })),
-                    Operator::EQ,
-                    Expression::Boolean(false),
-                ),
-                // Counted, so that an operator sees spoofing attempts (`nft list table inet weft`).
-                Statement::Counter(Counter::Anonymous(None)),
-                Statement::Drop(Some(Drop {})),
-            ],
+            [in_set(family, "saddr")]
+                .into_iter()
+                .chain(not_routed_back())
+                .collect(),
         ));
     }
+    // THREATS 24, made-up sources: a source that is no pod's address is neither captured
+    // (capture matches `@pods_*`) nor judged as the pod's egress, and downstream it would be
+    // judged as an outside address (an ipBlock). So on an interface leading to local pods, a
+    // source must route back through that same interface (strict reverse path: with `. iif`
+    // the lookup answers the interface only if the route leaves by it, otherwise nothing;
+    // nft cannot compare `oif` with `iif` directly, both being run-time values). Only pod
+    // links: the node's uplinks may see asymmetric routes. One rule for both families (fib is
+    // family-agnostic in `inet`). On a bridge (cni0) all pods share the link, so they can
+    // still send as one another there: that is the bridge's L2 matter, not this check's.
+    rules.push((
+        "antispoof",
+        "weft: on pod links, only sources routed back through the same link".to_owned(),
+        [matches(
+            meta(MetaKey::Iifname),
+            Operator::EQ,
+            Expression::String(format!("@{POD_LINKS}").into()),
+        )]
+        .into_iter()
+        .chain(not_routed_back())
+        .collect(),
+    ));
     rules.push((
         "prerouting",
         "weft: packets of captured connections".to_owned(),
@@ -586,7 +676,8 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
             }
             NfObject::ListObject(NfListObject::Set(set))
                 if families(capture.mode()).iter().any(|f| f.set() == set.name)
-                    || (capture.mode() == Mode::Captured && packets::owns_set(&set.name)) =>
+                    || (capture.mode() == Mode::Captured
+                        && (packets::owns_set(&set.name) || set.name == POD_LINKS)) =>
             {
                 sets.insert(set.name.to_string(), &**set);
             }
@@ -660,11 +751,52 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
         }
     }
 
+    if capture.mode() == Mode::Captured {
+        match sets.get(POD_LINKS) {
+            None => drifts.push(Drift::SetMissing { set: POD_LINKS }),
+            Some(set) => {
+                let mut missing: BTreeSet<&str> = capture.pod_links();
+                let mut unexpected = Vec::new();
+                for elem in set.elem.iter().flat_map(|e| e.iter()) {
+                    match elem {
+                        Expression::String(link) if missing.remove(link.as_ref()) => {}
+                        Expression::String(link) => unexpected.push(link.to_string()),
+                        other => unexpected
+                            .push(serde_json::to_string(other).unwrap_or_else(|e| e.to_string())),
+                    }
+                }
+                if !missing.is_empty() || !unexpected.is_empty() {
+                    drifts.push(Drift::SetElements {
+                        set: POD_LINKS,
+                        missing: missing.into_iter().map(str::to_owned).collect(),
+                        unexpected,
+                    });
+                }
+            }
+        }
+    }
+
     if drifts.is_empty() {
         TableState::Intact
     } else {
         TableState::Drifted(drifts)
     }
+}
+
+/// Packets the antispoof chain dropped (its counters summed), as a listing of weft's table
+/// says; `None` if the listing cannot be read.
+pub(super) fn spoofed(listing: &str) -> Option<u64> {
+    // Read untyped, as the packet layer's counters: they grow past the crate's types.
+    let listing: serde_json::Value = serde_json::from_str(listing).ok()?;
+    let dropped = listing
+        .get("nftables")?
+        .as_array()?
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .filter(|r| r.get("chain").and_then(|c| c.as_str()) == Some("antispoof"))
+        .map(packets::counted)
+        .fold(0, u64::saturating_add);
+    Some(dropped)
 }
 
 #[cfg(test)]
@@ -679,6 +811,7 @@ mod tests {
         let mut capture = Capture::new(Ports::default(), WEFT_MARK).expect("default capture");
         for pod in ["10.1.0.5", "fd00::5"] {
             capture.insert(pod.parse().expect("a pod address"));
+            capture.set_link(pod.parse().expect("a pod address"), Some("cali1".into()));
         }
         capture
     }
@@ -714,6 +847,140 @@ mod tests {
         let sets: Vec<&Value> = objects.iter().filter_map(|o| o["add"].get("set")).collect();
         assert_eq!(sets[0]["elem"], json!(["10.1.0.5"]));
         assert_eq!(sets[1]["elem"], json!(["fd00::5"]));
+        // Both pods are routed through one link: it is one element.
+        assert_eq!(sets[2]["name"], "pod_links");
+        assert_eq!(sets[2]["type"], "ifname");
+        assert_eq!(sets[2]["elem"], json!(["cali1"]));
+    }
+
+    #[test]
+    fn on_pod_links_a_source_must_route_back_the_same_way_in_one_counted_rule() {
+        let json = serde_json::to_value(install(&capture())).expect("json");
+        let rules: Vec<&Value> = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .filter(|r| r["chain"] == "antispoof")
+            .collect();
+        assert_eq!(rules.len(), 3, "{rules:?}");
+        // Both families (no nfproto, no address payload): fib works for either in inet.
+        let expr = rules[2]["expr"].as_array().expect("expr");
+        assert_eq!(
+            expr[0],
+            json!({"match": {"left": {"meta": {"key": "iifname"}}, "right": "@pod_links", "op": "=="}})
+        );
+        // Strict: `. iif` makes the lookup answer nothing unless the route leaves by iif.
+        let fib = &expr[1]["match"];
+        assert_eq!(fib["left"]["fib"]["result"], "oif");
+        let mut flags: Vec<&str> = fib["left"]["fib"]["flags"]
+            .as_array()
+            .expect("flags")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        flags.sort_unstable();
+        assert_eq!(flags, ["iif", "saddr"]);
+        assert_eq!((&fib["op"], &fib["right"]), (&json!("=="), &json!(false)));
+        assert_eq!(expr[2..], [json!({"counter": null}), json!({"drop": {}})]);
+    }
+
+    #[test]
+    fn pod_links_come_and_go_with_their_pods_and_are_shared_on_a_bridge() {
+        let mut capture = capture();
+        let (a, b): (PodAddr, PodAddr) = (
+            "10.1.0.5".parse().expect("a pod address"),
+            "fd00::5".parse().expect("a pod address"),
+        );
+        assert_eq!(capture.pod_links(), BTreeSet::from(["cali1"]));
+        capture.remove(a);
+        assert_eq!(
+            capture.pod_links(),
+            BTreeSet::from(["cali1"]),
+            "b still uses it"
+        );
+        capture.remove(b);
+        assert!(capture.pod_links().is_empty());
+        // A link is only recorded for a local pod; a pod without one is said to be so.
+        capture.set_link(a, Some("cali2".into()));
+        assert!(capture.pod_links().is_empty());
+        capture.insert(a);
+        assert_eq!(capture.pods_without_link(), [a]);
+        capture.set_link(a, Some("cali2".into()));
+        assert!(capture.pods_without_link().is_empty());
+        capture.set_link(a, None);
+        assert_eq!(capture.pods_without_link(), [a]);
+    }
+
+    #[test]
+    fn pod_link_changes_delete_before_they_add_and_ride_with_the_pod() {
+        assert!(link_changes(&[], &[]).is_none());
+        let json = serde_json::to_value(link_changes(&["cali2"], &["cali1"]).expect("a batch"))
+            .expect("json");
+        let element = |link: &str| json!({"element": {"family": "inet", "table": "weft", "name": "pod_links", "elem": [link]}});
+        assert_eq!(
+            json["nftables"],
+            json!([{"delete": element("cali1")}, {"add": element("cali2")}])
+        );
+        let pod: PodAddr = "10.1.0.6".parse().expect("a pod address");
+        let json = serde_json::to_value(elements(true, pod, &["cali2"])).expect("json");
+        assert_eq!(json["nftables"][1], json!({"add": element("cali2")}));
+        let json = serde_json::to_value(elements(false, pod, &[])).expect("json");
+        assert_eq!(json["nftables"].as_array().expect("objects").len(), 1);
+    }
+
+    #[test]
+    fn compare_names_a_lost_or_stray_pod_link_and_a_missing_set() {
+        let capture = capture();
+        let mut other = capture.clone();
+        let pod: PodAddr = "10.1.0.5".parse().expect("a pod address");
+        other.set_link(pod, Some("cali9".into()));
+        assert_eq!(
+            compare_listing(&other, &listing_of(&capture)),
+            TableState::Drifted(vec![Drift::SetElements {
+                set: "pod_links",
+                missing: vec!["cali9".into()],
+                unexpected: vec![],
+            }])
+        );
+        let mut none = capture.clone();
+        none.set_link(pod, None);
+        none.set_link("fd00::5".parse().expect("a pod address"), None);
+        assert_eq!(
+            compare_listing(&none, &listing_of(&capture)),
+            TableState::Drifted(vec![Drift::SetElements {
+                set: "pod_links",
+                missing: vec![],
+                unexpected: vec!["cali1".into()],
+            }])
+        );
+        let listing = listing_of(&capture);
+        let without = Nftables {
+            objects: listing
+                .objects
+                .iter()
+                .filter(|o| !matches!(o, NfObject::ListObject(NfListObject::Set(s)) if s.name == POD_LINKS))
+                .cloned()
+                .collect(),
+        };
+        let TableState::Drifted(drifts) = compare_listing(&capture, &without) else {
+            panic!("a table without its pod links is not intact");
+        };
+        assert!(
+            drifts.contains(&Drift::SetMissing { set: "pod_links" }),
+            "{drifts:?}"
+        );
+    }
+
+    #[test]
+    fn spoofed_drops_are_the_antispoof_chain_s_counters() {
+        let listing = json!({"nftables": [
+            {"rule": {"chain": "antispoof", "expr": [{"counter": {"packets": 3, "bytes": 90}}, {"drop": null}]}},
+            {"rule": {"chain": "antispoof", "expr": [{"counter": {"packets": 5_000_000_000u64, "bytes": 1}}, {"drop": null}]}},
+            {"rule": {"chain": "packets_egress", "expr": [{"counter": {"packets": 2, "bytes": 60}}, {"drop": null}]}},
+        ]});
+        assert_eq!(spoofed(&listing.to_string()), Some(5_000_000_003));
+        assert_eq!(spoofed("not json"), None);
     }
 
     #[test]
@@ -759,8 +1026,12 @@ mod tests {
             }
         }
         // The packets of taken connections: the socket is weft's (transparent).
+        let taken = rules
+            .iter()
+            .find(|r| r["comment"] == "weft: packets of captured connections")
+            .expect("the rule for taken connections");
         assert_eq!(
-            rules[2]["expr"][1],
+            taken["expr"][1],
             json!({"match": {"left": {"socket": {"key": "transparent"}}, "right": 1, "op": "=="}})
         );
         let chains: Vec<(&str, &str)> = json["nftables"]
