@@ -18,6 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dataplane_lab::{ECHO_PORT, SINK_PORT};
+use weft::demo::plane::{ControlPlane, PlaneOptions};
 use weft::lab::{LabNode, Netns};
 
 const EXCHANGE: usize = 1024;
@@ -87,12 +88,22 @@ fn main() {
     let sink_at = dataplane_lab::server_addr(&lab, SINK_PORT);
     let echo_at = dataplane_lab::server_addr(&lab, ECHO_PORT);
 
-    let plane = runtime.block_on(dataplane_lab::start_plane(
+    // The agents run their own copy of the binary, as on a node, where no tracker or CA maps
+    // it: pages those touched would count in the agents' RSS too.
+    let agents = work.path().join("agent");
+    std::fs::create_dir_all(&agents).expect("a directory for the agents' binary");
+    std::fs::copy(weft, agents.join("weft")).expect("the agents' copy of weft");
+    let options = PlaneOptions {
+        node_binary: Some(agents.join("weft")),
+        ..PlaneOptions::default()
+    };
+    let plane = runtime.block_on(dataplane_lab::start_plane_with(
         &lab,
         weft,
         work.path(),
         &set,
         &step,
+        &options,
     ));
     println!(
         "lab {}: client {} behind {} (cluster-1), server {} behind {} (cluster-2); {seconds} s runs",
@@ -102,6 +113,19 @@ fn main() {
         server.ip,
         node_b.name
     );
+
+    let rss = |plane: &ControlPlane| -> Vec<(String, (f64, f64))> {
+        plane
+            .nodes
+            .iter()
+            .map(|n| {
+                let pid = n.process.pid().expect("a node agent's pid");
+                (n.node.name.clone(), vm_rss_mb(pid))
+            })
+            .collect()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let fresh = rss(&plane);
 
     let decided_before = runtime.block_on(decided(node_b));
     let through = median_of(runs, || {
@@ -118,14 +142,7 @@ fn main() {
     );
 
     std::thread::sleep(Duration::from_secs(5));
-    let rss: Vec<(String, f64)> = plane
-        .nodes
-        .iter()
-        .map(|n| {
-            let pid = n.process.pid().expect("a node agent's pid");
-            (n.node.name.clone(), vm_rss_mb(pid))
-        })
-        .collect();
+    let after = rss(&plane);
 
     // Capture off: the agents stopped, weft's table removed from each node namespace.
     runtime.block_on(async {
@@ -147,7 +164,7 @@ fn main() {
     drop(plane);
     drop(lab);
 
-    report(&through, &direct, &rss, seconds, runs);
+    report(&through, &direct, &fresh, &after, seconds, runs);
 }
 
 /// Every figure of one side, printed as it is measured.
@@ -334,17 +351,22 @@ async fn decided(node: &LabNode) -> f64 {
         .sum()
 }
 
-fn vm_rss_mb(pid: u32) -> f64 {
+/// The agent's resident set and, of it, the anonymous part (heap and stacks; the rest is the
+/// binary's and libraries' mapped pages), in MB.
+fn vm_rss_mb(pid: u32) -> (f64, f64) {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the agent's status");
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     assert_eq!(comm.trim(), "weft", "pid {pid} is not weft");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .expect("VmRSS")
-        / 1024.0
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in the agent's status"))
+            / 1024.0
+    };
+    (field("VmRSS:"), field("RssAnon:"))
 }
 
 /// `weft node --cleanup` inside `node`'s namespace.
@@ -361,7 +383,10 @@ fn cleanup(weft: &Path, node: &LabNode) {
     assert!(status.success(), "weft node --cleanup in {}", node.name);
 }
 
-fn report(weft: &Figures, direct: &Figures, rss: &[(String, f64)], seconds: f64, runs: usize) {
+/// Each node's agent: its resident set and the anonymous part of it, in MB.
+type Rss = [(String, (f64, f64))];
+
+fn report(weft: &Figures, direct: &Figures, fresh: &Rss, after: &Rss, seconds: f64, runs: usize) {
     let pct = |a: f64, b: f64| 100.0 * a / b;
     println!();
     println!(
@@ -405,7 +430,9 @@ fn report(weft: &Figures, direct: &Figures, rss: &[(String, f64)], seconds: f64,
             String::new()
         }
     );
-    for (node, mb) in rss {
-        println!("idle RSS of weft node {node}: {mb:.1} MB  (target <= 15 MB; ztunnel 13.5 MB)");
+    for ((node, (rss, anon)), (_, (rss_after, anon_after))) in fresh.iter().zip(after) {
+        println!(
+            "idle RSS of weft node {node}: {rss:.1} MB ({anon:.1} anonymous) before traffic, {rss_after:.1} MB ({anon_after:.1}) after  (target <= 15 MB; ztunnel 13.5 MB)"
+        );
     }
 }

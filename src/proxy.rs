@@ -23,8 +23,10 @@ pub const DEFAULT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Per-connection HTTP/2 flow-control window, shared by all streams of a connection.
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
-/// Largest HTTP/2 frame either side accepts.
-pub const DEFAULT_MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Largest HTTP/2 frame either side accepts: the protocol's default, one TLS record's worth.
+/// A frame is buffered whole before any of it moves on, so small frames pipeline through the
+/// two proxies; A/B against 1 MiB frames, single-stream throughput was the same or better.
+pub const DEFAULT_MAX_FRAME_SIZE: u32 = 16 * 1024;
 
 /// Buffer of each direction of a carried connection: large enough that bulk transfers move
 /// in few, large writes (tokio's default is 8 KiB).

@@ -654,6 +654,7 @@ async fn certificates_rotate_under_load_without_breaking_a_connection() {
     let options = PlaneOptions {
         ca_args: vec!["--min-ttl".into(), ttl.clone()],
         node_args: vec!["--certificate-ttl".into(), ttl],
+        ..PlaneOptions::default()
     };
     let plane: ControlPlane<'_> =
         dataplane_lab::start_plane_with(&lab, weft, work.path(), &set, &step, &options).await;

@@ -59,6 +59,9 @@ pub struct PlaneOptions {
     pub ca_args: Vec<String>,
     /// Appended to every `weft node`'s command line (e.g. `--certificate-ttl 4s`).
     pub node_args: Vec<String>,
+    /// The node agents' own copy of the binary, if not the control plane's: a node runs only
+    /// its agent, and pages of a file another process touched count in every mapper's RSS.
+    pub node_binary: Option<PathBuf>,
 }
 
 /// How [`ControlPlane::stop_node`] stops an agent.
@@ -221,7 +224,7 @@ impl<'lab> ControlPlane<'lab> {
             ) else {
                 continue;
             };
-            let mut command = Command::new(weft);
+            let mut command = Command::new(options.node_binary.as_deref().unwrap_or(weft));
             command
                 .env("RUST_LOG", format!("{log_filter},weft::decision=info"))
                 .args(["--log-format", "json", "node"])
