@@ -8,57 +8,14 @@ mod netns;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use netns::{Netns, link, prerequisites};
+use netns::{NODE, NODE6, Netns, PEER, POD, POD6, topology};
 use socket2::{Domain, Socket, Type};
 use weft::model::Protocol;
 use weft::policy::{AddrRange, Grant, PacketPolicy, PodPackets};
 use weft::redirect::{Capture, Nft, Ports, Redirect, TableState, WEFT_MARK, Way};
 
-const POD: &str = "198.18.1.2";
-const POD6: &str = "fd18:1::2";
-const NODE: &str = "198.18.1.1";
-const NODE6: &str = "fd18:1::1";
-const PEER: &str = "198.18.2.2";
 /// How long a datagram may take; beyond it, it was dropped.
 const WAIT: Duration = Duration::from_millis(300);
-
-/// A node with one pod and one peer host, each its own namespace.
-struct Topology {
-    node: Netns,
-    pod: Netns,
-    peer: Netns,
-}
-
-fn topology() -> Option<Topology> {
-    if !prerequisites() {
-        return None;
-    }
-    let (node, pod, peer) = (Netns::new("node"), Netns::new("pod"), Netns::new("peer"));
-    link(
-        &node,
-        "pod0",
-        &["198.18.1.1/24", "fd18:1::1/64"],
-        &pod,
-        "eth0",
-        &["198.18.1.2/24", "fd18:1::2/64"],
-    );
-    link(
-        &node,
-        "peer0",
-        &["198.18.2.1/24"],
-        &peer,
-        "eth0",
-        &["198.18.2.2/24"],
-    );
-    pod.ip(&["route", "add", "default", "via", "198.18.1.1"]);
-    pod.ip(&["-6", "route", "add", "default", "via", "fd18:1::1"]);
-    peer.ip(&["route", "add", "default", "via", "198.18.2.1"]);
-    // The node routes between pod and peer, as a Kubernetes node does.
-    for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-        node.exec_ok(&["sysctl", "-qw", key]);
-    }
-    Some(Topology { node, pod, peer })
-}
 
 fn ip(text: &str) -> IpAddr {
     text.parse().expect("an address")

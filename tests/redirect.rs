@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use netns::{Netns, link, prerequisites};
+use netns::{NODE, Netns, PEER, POD, POD6, link, topology};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
 };
@@ -22,60 +22,21 @@ use weft::redirect::{
     transparent_listener,
 };
 
-const POD: &str = "198.18.1.2";
-const POD6: &str = "fd18:1::2";
-const PEER: &str = "198.18.2.2";
-/// The node's only IPv4 address: on its link to the peer.
-const NODE: &str = "198.18.2.1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A node with one pod and one peer host, each its own namespace.
-struct Topology {
-    node: Netns,
-    pod: Netns,
-    peer: Netns,
+/// Runs each of `commands` with `nft` in `ns` (tables of the test's own, beside weft's).
+fn nft(ns: &Netns, commands: &[&str]) {
+    for command in commands {
+        ns.exec_ok(&["nft", command]);
+    }
 }
 
-fn topology() -> Option<Topology> {
-    if !prerequisites() {
-        return None;
-    }
-    let (node, pod, peer) = (Netns::new("node"), Netns::new("pod"), Netns::new("peer"));
-    link(
-        &node,
-        "pod0",
-        &["fd18:1::1/64"],
-        &pod,
-        "eth0",
-        &["198.18.1.2/32", "fd18:1::2/64"],
+/// Asserts that weft's table in `node` is as `redirect` wants it.
+fn assert_intact(node: &Netns, redirect: &Redirect) {
+    assert_eq!(
+        node.block_on(redirect.check()).expect("check"),
+        TableState::Intact
     );
-    link(
-        &node,
-        "peer0",
-        &["198.18.2.1/24"],
-        &peer,
-        "eth0",
-        &["198.18.2.2/24"],
-    );
-    node.ip(&["route", "add", "198.18.1.2/32", "dev", "pod0"]);
-    // Proxy ARP answers only for an address routed out of another interface.
-    node.ip(&["route", "add", "default", "via", "198.18.2.2"]);
-    node.sysctl("net/ipv4/conf/pod0/proxy_arp", "1");
-    node.sysctl("net/ipv4/neigh/pod0/proxy_delay", "0");
-    node.sysctl("net/ipv4/ip_forward", "1");
-    pod.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "onlink",
-    ]);
-    pod.ip(&["-6", "route", "add", "default", "via", "fd18:1::1"]);
-    peer.ip(&["route", "add", "default", "via", "198.18.2.1"]);
-    Some(Topology { node, pod, peer })
 }
 
 fn pod(text: &str) -> PodAddr {
@@ -322,13 +283,14 @@ fn a_pod_sending_from_a_made_up_source_is_dropped_and_counted_and_uplinks_are_no
         .ip(&["addr", "add", "2001:db8::7/128", "dev", "eth0", "nodad"]);
     // The peer counts the made-up source's SYNs: the handshake cannot complete (nothing
     // routes the answer back to that address), so only a counter sees whether they arrived.
-    for command in [
-        "add table inet observe",
-        "add chain inet observe input { type filter hook input priority 0; policy accept; }",
-        r#"add rule inet observe input ip saddr 203.0.113.7 tcp dport 8080 counter comment "syn""#,
-    ] {
-        t.peer.exec_ok(&["nft", command]);
-    }
+    nft(
+        &t.peer,
+        &[
+            "add table inet observe",
+            "add chain inet observe input { type filter hook input priority 0; policy accept; }",
+            r#"add rule inet observe input ip saddr 203.0.113.7 tcp dport 8080 counter comment "syn""#,
+        ],
+    );
     // An asymmetric uplink: the node routes 10.99.0.0/24 through another interface, so what
     // the peer sends from 10.99.0.1 fails a strict check on peer0. The kernel's own reverse
     // path filter is off, so that only weft judges.
@@ -384,10 +346,7 @@ fn a_pod_sending_from_a_made_up_source_is_dropped_and_counted_and_uplinks_are_no
     assert_eq!(made_up_passes(), (false, false, false));
     let drops = pod_link_drops(&t.node);
     assert!(drops >= 3, "the SYN and both datagrams counted: {drops}");
-    assert_eq!(
-        t.node.block_on(redirect.check()).expect("check"),
-        TableState::Intact
-    );
+    assert_intact(&t.node, &redirect);
     assert!(
         redirect.spoofed_dropped() >= drops,
         "what /config_dump shows"
@@ -475,13 +434,14 @@ fn plaintext_to_a_local_pod_lands_on_the_inbound_listener_and_tunnels_on_hbone()
 #[test]
 fn redirect_cannot_capture_on_a_link_without_an_address() {
     let Some(t) = topology() else { return };
-    for command in [
-        "add table ip control",
-        "add chain ip control prerouting { type nat hook prerouting priority -100; }",
-        "add rule ip control prerouting ip saddr 198.18.1.2 tcp dport 8080 redirect to :15001",
-    ] {
-        t.node.exec_ok(&["nft", command]);
-    }
+    nft(
+        &t.node,
+        &[
+            "add table ip control",
+            "add chain ip control prerouting { type nat hook prerouting priority -100; }",
+            "add rule ip control prerouting ip saddr 198.18.1.2 tcp dport 8080 redirect to :15001",
+        ],
+    );
     let listener = bind(&t.node, "0.0.0.0:15001");
     let destination: SocketAddr = "203.0.113.7:8080".parse().expect("an address");
     let attempt = t
@@ -597,10 +557,7 @@ fn the_hold_takes_every_forwarded_connection_until_capture_replaces_it() {
     t.node
         .block_on(redirect.install([pod(POD)]))
         .expect("capture replaces the hold");
-    assert_eq!(
-        t.node.block_on(redirect.check()).expect("check"),
-        TableState::Intact
-    );
+    assert_intact(&t.node, &redirect);
     let chains: Vec<String> = listing(&t.node)["nftables"]
         .as_array()
         .expect("nftables array")
@@ -655,10 +612,7 @@ fn applying_twice_yields_the_same_table() {
         13 + 29,
         "no rule duplicated (capture, then the packet layer)"
     );
-    assert_eq!(
-        t.node.block_on(redirect.check()).expect("check"),
-        TableState::Intact
-    );
+    assert_intact(&t.node, &redirect);
 }
 
 #[test]
@@ -678,10 +632,7 @@ fn pods_coming_and_going_change_the_sets_only() {
     assert_eq!(set_elements(&t.node, "pods_v4"), ["198.18.1.3"]);
     assert_eq!(set_elements(&t.node, "pods_v6"), ["fd18:1::3"]);
     assert_eq!(rule_handles(&t.node), handles, "rules were not rewritten");
-    assert_eq!(
-        t.node.block_on(redirect.check()).expect("check"),
-        TableState::Intact
-    );
+    assert_intact(&t.node, &redirect);
 
     // Removing an address that is not there, or adding one twice, changes nothing.
     t.node
@@ -715,10 +666,7 @@ fn a_pod_without_a_route_yet_gets_its_link_at_the_next_check() {
     assert_eq!(set_elements(&t.node, "pod_links"), ["pod0"]);
 
     t.node.ip(&["route", "add", "198.18.5.2/32", "dev", "pod1"]);
-    assert_eq!(
-        t.node.block_on(redirect.check()).expect("check"),
-        TableState::Intact
-    );
+    assert_intact(&t.node, &redirect);
     assert_eq!(redirect.pod_links().links, ["pod0", "pod1"]);
     assert!(redirect.pod_links().pods_without_link.is_empty());
     assert_eq!(set_elements(&t.node, "pod_links"), ["pod0", "pod1"]);
@@ -728,22 +676,20 @@ fn a_pod_without_a_route_yet_gets_its_link_at_the_next_check() {
         .block_on(redirect.remove_pod(pod("198.18.5.2")))
         .expect("remove pod");
     assert_eq!(set_elements(&t.node, "pod_links"), ["pod0"]);
-    assert_eq!(
-        t.node.block_on(redirect.check()).expect("check"),
-        TableState::Intact
-    );
+    assert_intact(&t.node, &redirect);
 }
 
 #[test]
 fn cleanup_removes_weft_table_and_nothing_else() {
     let Some(t) = topology() else { return };
-    for command in [
-        "add table inet bystander",
-        "add chain inet bystander input { type filter hook input priority 0; policy accept; }",
-        "add rule inet bystander input tcp dport 22 counter accept",
-    ] {
-        t.node.exec_ok(&["nft", command]);
-    }
+    nft(
+        &t.node,
+        &[
+            "add table inet bystander",
+            "add chain inet bystander input { type filter hook input priority 0; policy accept; }",
+            "add rule inet bystander input tcp dport 22 counter accept",
+        ],
+    );
     let before = t.node.exec_ok(&["nft", "list", "ruleset"]);
     let routes_before = routing(&t.node);
 
@@ -767,31 +713,27 @@ fn the_watch_restores_a_table_flushed_deleted_or_added_to_and_its_routing() {
     let Some(t) = topology() else { return };
     let redirect = redirect(Nft::default(), &[POD]);
     let table = ROUTE_TABLE.to_string();
+    let rule_gone = |family| {
+        [
+            "ip",
+            family,
+            "rule",
+            "del",
+            "fwmark",
+            "0x111/0xfff",
+            "table",
+            &table,
+        ]
+    };
+    let (rule_v4, rule_v6) = (rule_gone("-4"), rule_gone("-6"));
     let tampering: [&[&str]; 8] = [
         &["nft", "flush table inet weft"],
         &["nft", "delete table inet weft"],
         &["nft", "add rule inet weft prerouting tcp dport 22 accept"],
         &["nft", "delete element inet weft pods_v4 { 198.18.1.2 }"],
         &["nft", "flush set inet weft pod_links"],
-        &[
-            "ip",
-            "rule",
-            "del",
-            "fwmark",
-            "0x111/0xfff",
-            "table",
-            &table,
-        ],
-        &[
-            "ip",
-            "-6",
-            "rule",
-            "del",
-            "fwmark",
-            "0x111/0xfff",
-            "table",
-            &table,
-        ],
+        &rule_v4,
+        &rule_v6,
         &["ip", "route", "flush", "table", &table],
     ];
     t.node.block_on(async {

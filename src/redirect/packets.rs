@@ -27,7 +27,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use nftables::batch::Batch;
 use nftables::expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix, Range, SetItem};
 use nftables::schema::{
-    Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue,
+    Chain, Element, NfListObject, Nftables, Set, SetFlag, SetType, SetTypeValue,
 };
 use nftables::stmt::{Counter, Drop, JumpTarget, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -706,16 +706,7 @@ pub(super) fn install(batch: &mut Batch<'static>, packets: &Packets) {
             ..Chain::default()
         }));
     }
-    for (chain, comment, expr) in rules() {
-        batch.add(NfListObject::Rule(Rule {
-            family: NfFamily::INet,
-            table: TABLE.into(),
-            chain: chain.into(),
-            expr: expr.into(),
-            comment: Some(comment.into()),
-            ..Rule::default()
-        }));
-    }
+    super::ruleset::add_rules(batch, rules());
 }
 
 /// A chain's type, hook, priority and policy (all `None` for a regular chain).

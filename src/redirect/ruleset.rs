@@ -289,16 +289,7 @@ pub fn install(capture: &Capture) -> Nftables<'static> {
             ..Chain::default()
         }));
     }
-    for (chain, comment, expr) in rules_of(capture) {
-        batch.add(NfListObject::Rule(Rule {
-            family: NfFamily::INet,
-            table: TABLE.into(),
-            chain: chain.into(),
-            expr: expr.into(),
-            comment: Some(comment.into()),
-            ..Rule::default()
-        }));
-    }
+    add_rules(&mut batch, rules_of(capture));
     // The hold drops every forwarded packet it does not take: no packet layer to judge them.
     if capture.mode() == Mode::Captured {
         packets::install(&mut batch, capture.packets());
@@ -371,6 +362,24 @@ pub fn remove() -> Nftables<'static> {
     batch.add(table());
     batch.delete(table());
     batch.to_nftables()
+}
+
+/// Adds `rules` (chain, comment, statements) to weft's table in `batch`, in order; the comment
+/// is how [`compare`] knows a rule.
+pub(super) fn add_rules(
+    batch: &mut Batch<'static>,
+    rules: Vec<(&'static str, String, Vec<Statement<'static>>)>,
+) {
+    for (chain, comment, expr) in rules {
+        batch.add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: chain.into(),
+            expr: expr.into(),
+            comment: Some(comment.into()),
+            ..Rule::default()
+        }));
+    }
 }
 
 pub(super) fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {

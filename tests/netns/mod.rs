@@ -7,6 +7,7 @@
 //! - [`Netns::new`] makes a namespace (`ip netns add`) and deletes it when dropped.
 //! - [`link`] joins two namespaces with a veth pair and gives each end its addresses.
 //! - [`Netns::ip`] and [`Netns::exec`] run `ip -n NAME …` and `ip netns exec NAME …`.
+//! - [`topology`] builds a node with one pod (Calico's link shape) and one peer host.
 //! - [`Netns::run`] runs a closure on a thread inside the namespace: sockets it opens stay in
 //!   that namespace after it returns, and processes it starts (`nft`) run there;
 //!   [`Netns::block_on`] does the same for a future, on a runtime of its own.
@@ -123,4 +124,66 @@ pub fn link(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_ad
         }
         ns.ip(&["link", "set", ifname, "up"]);
     }
+}
+
+/// A node with one pod and one peer host, each its own namespace.
+pub struct Topology {
+    pub node: Netns,
+    pub pod: Netns,
+    pub peer: Netns,
+}
+
+/// The pod's addresses, the peer's, and the node's only IPv4 address (on its link to the
+/// peer) in [`topology`].
+pub const POD: &str = "198.18.1.2";
+pub const POD6: &str = "fd18:1::2";
+pub const PEER: &str = "198.18.2.2";
+pub const NODE: &str = "198.18.2.1";
+pub const NODE6: &str = "fd18:1::1";
+
+/// A node routing between a pod and a peer host, or `None` without the [`prerequisites`].
+/// The pod's link is Calico's shape: the node side has no IPv4 address and answers for the
+/// pod's link-local gateway by proxy ARP (REDIRECT cannot capture there; TPROXY can).
+pub fn topology() -> Option<Topology> {
+    if !prerequisites() {
+        return None;
+    }
+    let (node, pod, peer) = (Netns::new("node"), Netns::new("pod"), Netns::new("peer"));
+    link(
+        &node,
+        "pod0",
+        &["fd18:1::1/64"],
+        &pod,
+        "eth0",
+        &["198.18.1.2/32", "fd18:1::2/64"],
+    );
+    link(
+        &node,
+        "peer0",
+        &["198.18.2.1/24"],
+        &peer,
+        "eth0",
+        &["198.18.2.2/24"],
+    );
+    node.ip(&["route", "add", "198.18.1.2/32", "dev", "pod0"]);
+    // Proxy ARP answers only for an address routed out of another interface.
+    node.ip(&["route", "add", "default", "via", "198.18.2.2"]);
+    node.sysctl("net/ipv4/conf/pod0/proxy_arp", "1");
+    node.sysctl("net/ipv4/neigh/pod0/proxy_delay", "0");
+    // The node routes between pod and peer, as a Kubernetes node does.
+    node.sysctl("net/ipv4/ip_forward", "1");
+    node.sysctl("net/ipv6/conf/all/forwarding", "1");
+    pod.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "onlink",
+    ]);
+    pod.ip(&["-6", "route", "add", "default", "via", "fd18:1::1"]);
+    peer.ip(&["route", "add", "default", "via", "198.18.2.1"]);
+    Some(Topology { node, pod, peer })
 }
