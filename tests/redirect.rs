@@ -819,3 +819,15 @@ fn bad_pod_addresses_are_refused_with_the_culprit() {
         assert!(error.contains(expect), "{text}: {error}");
     }
 }
+
+/// On a node weft never touched, the policy routing is reported missing (rules and routes of
+/// both families), not an error, though the kernel has no table to filter the dump by.
+#[test]
+fn routing_never_installed_is_missing_not_an_error() {
+    let Some(t) = topology() else { return };
+    let missing = t
+        .node
+        .block_on(weft::redirect::routing::missing())
+        .expect("a fresh node's routing can be checked");
+    assert_eq!(missing.len(), 4, "{missing:?}");
+}
