@@ -178,23 +178,6 @@ fn connect_filtered() -> Result<Handle, RoutingError> {
     Ok(handle)
 }
 
-/// The routes of weft's table of `family`, through a [`connect_filtered`] handle.
-async fn table_routes(handle: &Handle, family: Family) -> Result<Vec<RouteMessage>, RoutingError> {
-    let mut query = RouteMessage::default();
-    query.header.address_family = family.address_family();
-    query.attributes.push(RouteAttribute::Table(ROUTE_TABLE));
-    handle
-        .route()
-        .get(query)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(netlink(format!(
-            "listing {} routes of table {ROUTE_TABLE}",
-            family.name()
-        )))
-}
-
 async fn rules(handle: &Handle, family: Family) -> Result<Vec<RuleMessage>, RoutingError> {
     handle
         .rule()
@@ -205,9 +188,16 @@ async fn rules(handle: &Handle, family: Family) -> Result<Vec<RuleMessage>, Rout
         .map_err(netlink(format!("listing {} rules", family.name())))
 }
 
-async fn routes(handle: &Handle, family: Family) -> Result<Vec<RouteMessage>, RoutingError> {
+/// The routes of `family`, of `table` only if given (which only a [`connect_filtered`]
+/// handle's kernel honours).
+async fn routes(
+    handle: &Handle,
+    family: Family,
+    table: Option<u32>,
+) -> Result<Vec<RouteMessage>, RoutingError> {
     let mut query = RouteMessage::default();
     query.header.address_family = family.address_family();
+    query.attributes.extend(table.map(RouteAttribute::Table));
     handle
         .route()
         .get(query)
@@ -260,7 +250,7 @@ pub async fn missing() -> Result<Vec<String>, RoutingError> {
                 family.name()
             ));
         }
-        if !table_routes(&handle, family)
+        if !routes(&handle, family, Some(ROUTE_TABLE))
             .await?
             .iter()
             .any(is_our_route)
@@ -286,7 +276,7 @@ pub async fn remove() -> Result<(), RoutingError> {
                 .await
                 .map_err(netlink(format!("removing the {} rule", family.name())))?;
         }
-        for route in routes(&handle, family)
+        for route in routes(&handle, family, None)
             .await?
             .into_iter()
             .filter(is_our_route)
@@ -319,7 +309,7 @@ impl PodLinks {
         let handle = connect()?;
         let mut uplinks = BTreeSet::new();
         for family in Family::ALL {
-            for route in routes(&handle, family).await? {
+            for route in routes(&handle, family, None).await? {
                 if gateway(&route) {
                     uplinks.extend(oif(&route));
                     for a in &route.attributes {
@@ -417,13 +407,17 @@ mod tests {
     /// routes and weft's table none, so a dump the kernel did not filter would show them.
     #[tokio::test]
     async fn the_filtered_dump_lists_weft_s_table_only() {
-        let all = routes(&connect().expect("netlink"), Family::V4)
+        let all = routes(&connect().expect("netlink"), Family::V4, None)
             .await
             .expect("every route");
         assert!(!all.is_empty(), "this machine has routes");
-        let ours = table_routes(&connect_filtered().expect("netlink"), Family::V4)
-            .await
-            .expect("weft's table");
+        let ours = routes(
+            &connect_filtered().expect("netlink"),
+            Family::V4,
+            Some(ROUTE_TABLE),
+        )
+        .await
+        .expect("weft's table");
         assert!(ours.is_empty(), "{} routes listed", ours.len());
     }
 }
