@@ -337,8 +337,9 @@ pub struct Redirect {
     nft: Nft,
     capture: Mutex<Capture>,
     restores: AtomicU64,
-    /// weft's table has been installed by this process (so changes can be applied to it).
-    installed: AtomicBool,
+    /// weft's table is installed by this process in [`Mode::Captured`] (so changes to its
+    /// pod links and packet layer can be applied to it; the hold has neither).
+    captured: AtomicBool,
     /// The packet layer's drops, as its counters were last read.
     dropped: std::sync::Mutex<DropTally>,
     /// The packet layer as the capture has it, for readers that cannot wait on its lock.
@@ -400,7 +401,7 @@ impl Redirect {
             nft,
             capture: Mutex::new(capture),
             restores: AtomicU64::new(0),
-            installed: AtomicBool::new(false),
+            captured: AtomicBool::new(false),
             dropped: std::sync::Mutex::default(),
             packets: std::sync::Mutex::default(),
             links: std::sync::Mutex::default(),
@@ -509,7 +510,8 @@ impl Redirect {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .replaced();
-        self.installed.store(true, Ordering::Relaxed);
+        self.captured
+            .store(capture.mode == Mode::Captured, Ordering::Relaxed);
         // After the table: until the routes are there, a marked packet is not forwarded
         // either (the kernel drops forwarded packets TPROXY gave a socket).
         routing::install().await?;
@@ -541,8 +543,8 @@ impl Redirect {
         let next = Arc::new(next);
         capture.set_packets(next.clone());
         *self.packets.lock().unwrap_or_else(PoisonError::into_inner) = next;
-        // The hold has no packet layer: the capture's install carries it.
-        if !self.installed.load(Ordering::Relaxed) || capture.mode == Mode::Hold {
+        // Until capture is installed (the hold has no packet layer), its install carries it.
+        if !self.captured.load(Ordering::Relaxed) {
             return Ok(());
         }
         self.nft
@@ -671,7 +673,7 @@ impl Redirect {
     async fn check_locked(&self, capture: &mut Capture) -> Result<TableState, RedirectError> {
         // Every pod, not only those without a link: a pod's interface can be made anew (its
         // sandbox restarted) without the pod leaving the view.
-        if capture.mode == Mode::Captured && self.installed.load(Ordering::Relaxed) {
+        if self.captured.load(Ordering::Relaxed) {
             let pods: Vec<_> = capture.pods.iter().copied().collect();
             let (added, removed) = self.look_up_links(capture, pods, false).await;
             let added: Vec<&str> = added.iter().map(String::as_str).collect();
