@@ -5,6 +5,7 @@
 pub mod authority;
 pub mod hbone;
 pub mod pool;
+mod stream;
 
 pub use authority::{AuthorityError, canonical_authority, forwarded_for};
 pub use hbone::{

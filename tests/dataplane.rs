@@ -400,19 +400,24 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
         }
     );
     let destination = format!(r#""destination":"{to}""#);
-    let decisions: Vec<String> = agent
-        .process
-        .output()
-        .since(log)
-        .into_iter()
-        .filter(|line| line.contains(&destination) && line.contains(r#""verdict":"allow""#))
-        .collect();
+    let allowed = |direction: &str| {
+        let direction = format!(r#""direction":"{direction}""#);
+        agent.process.output().since(log).iter().any(|line| {
+            line.contains(&destination)
+                && line.contains(r#""verdict":"allow""#)
+                && line.contains(&direction)
+        })
+    };
+    // The log reaches the test through a pipe and a reader thread: it may trail the answer.
+    eventually(Duration::from_secs(5), async || {
+        allowed("outbound") && allowed("inbound")
+    })
+    .await;
     for direction in ["outbound", "inbound"] {
         assert!(
-            decisions
-                .iter()
-                .any(|line| line.contains(&format!(r#""direction":"{direction}""#))),
-            "no {direction} decision for {to} in node A's log: {decisions:?}"
+            allowed(direction),
+            "no {direction} decision for {to} in node A's log: {:?}",
+            agent.process.output().since(log)
         );
     }
     drop(plane);

@@ -51,8 +51,9 @@ fn assert_nothing_left(pid: u32) {
     assert!(processes.is_empty(), "processes left: {processes:?}");
 }
 
-/// Runs `weft demo ARGS…` to its end and checks that it left nothing behind.
-fn demo_leaving_nothing(args: &[&std::ffi::OsStr]) -> std::process::Output {
+/// Runs `weft demo ARGS…` to its end, checks that it succeeded and left nothing behind, and
+/// returns what it printed; a failure shows both streams.
+fn demo_leaving_nothing(args: &[&std::ffi::OsStr]) -> String {
     let child = weft()
         .arg("demo")
         .args(args)
@@ -62,8 +63,11 @@ fn demo_leaving_nothing(args: &[&std::ffi::OsStr]) -> std::process::Output {
         .expect("weft demo starts");
     let pid = child.id();
     let out = child.wait_with_output().expect("weft demo ends");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
     assert_nothing_left(pid);
-    out
+    stdout
 }
 
 #[test]
@@ -71,10 +75,7 @@ fn the_built_in_demo_observes_what_the_engine_expects_and_leaves_nothing() {
     if !netns::prerequisites() {
         return;
     }
-    let out = demo_leaving_nothing(&[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = demo_leaving_nothing(&[]);
     for step in ["1-no-policy", "2-default-deny", "3-allow-from-cluster-1"] {
         assert!(stdout.contains(step), "{stdout}");
     }
@@ -101,14 +102,7 @@ fn a_scenario_directory_runs_as_steps_or_as_one_clusterset() {
         return;
     }
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/two-cluster");
-    let out = weft()
-        .arg("demo")
-        .arg("--clusters")
-        .arg(&example)
-        .output()
-        .expect("weft demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = demo_leaving_nothing(&["--clusters".as_ref(), example.as_os_str()]);
     assert!(
         stdout.contains("== step 3/3: 3-allow-from-cluster-1"),
         "{stdout}"
@@ -126,14 +120,7 @@ fn a_scenario_directory_runs_as_steps_or_as_one_clusterset() {
         }
     }
     std::fs::copy(example.join("probes.yaml"), one.path().join("probes.yaml")).expect("copy");
-    let out = weft()
-        .arg("demo")
-        .arg("--clusters")
-        .arg(one.path())
-        .output()
-        .expect("weft demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = demo_leaving_nothing(&["--clusters".as_ref(), one.path().as_os_str()]);
     assert!(stdout.contains("== step 1/1"), "{stdout}");
     assert!(
         stdout.contains("5 probes made: 5 as expected, 0 not; 0 not probed"),
@@ -182,14 +169,7 @@ spec:
          - {from: cluster-1/demo-c1/tmp-client, to: cluster-2/demo-c2/web-c2, port: 53, protocol: UDP}\n",
     )
     .expect("write");
-    let out = weft()
-        .arg("demo")
-        .arg("--clusters")
-        .arg(dir.path())
-        .output()
-        .expect("weft demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = demo_leaving_nothing(&["--clusters".as_ref(), dir.path().as_os_str()]);
     assert!(
         stdout.contains("4 probes made: 4 as expected, 0 not; 1 not probed"),
         "{stdout}"
@@ -245,9 +225,7 @@ fn two_clusters_of_two_nodes_decide_across_nodes_at_the_source_and_by_identity()
     // tests/scenarios/two-by-two: same-cluster cross-node, egress denied at the source's node,
     // identity rules allowing, denying and only audited, plaintext from an unmeshed source.
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/two-by-two");
-    let out = demo_leaving_nothing(&["--clusters".as_ref(), scenario.as_os_str()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    let stdout = demo_leaving_nothing(&["--clusters".as_ref(), scenario.as_os_str()]);
     assert!(
         stdout.contains("10 probes made: 10 as expected, 0 not; 0 not probed"),
         "{stdout}"

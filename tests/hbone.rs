@@ -2,7 +2,9 @@
 //! server both ways, the admission seeing the proven identity and the forwarded source;
 //! refusals and malformed requests answered without a dial (THREATS 14, 16, 23); the
 //! handshake/preface timeout (THREATS 18); pooling and the stream limit; certificates refused
-//! either way; revocation closing open tunnels; a rapid-reset burst (THREATS 19).
+//! either way; revocation closing open tunnels; a rapid-reset burst (THREATS 19); keepalive
+//! pings left unanswered closing the connection on either side; bytes written before the
+//! server's answer.
 
 mod hbone_fixture;
 
@@ -14,11 +16,12 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use weft::proxy::{ClientError, ClientSettings, Inbound, Pool, ServerSettings};
+use weft::proxy::{ClientError, ClientSettings, Inbound, Pool, PoolKey, ServerSettings};
 
 use hbone_fixture::testpki::Ca;
 use hbone_fixture::{
-    CLIENT, Fixture, Gate, SERVER, WAIT, connect_request, id, round_trip, source, status_of,
+    ACK, CLIENT, Fixture, Gate, LOCAL, PING, SERVER, WAIT, connect_request, id, round_trip, source,
+    status_of,
 };
 
 #[tokio::test]
@@ -269,6 +272,147 @@ async fn an_idle_connection_is_closed() {
     drop(t);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(pool.connections(&key), 0);
+}
+
+/// Keepalive of a second both ways: an unanswered ping shows within a few.
+fn quick_keepalive() -> (Duration, Duration) {
+    (Duration::from_millis(200), Duration::from_millis(300))
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_pings_unanswered_is_closed_by_the_server() {
+    let (interval, timeout) = quick_keepalive();
+    let f = Fixture::new(
+        Gate::default(),
+        ServerSettings {
+            keepalive_interval: interval,
+            keepalive_timeout: timeout,
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    // A client that acknowledged the server's SETTINGS and then reads on without answering.
+    let mut raw = f.raw_frames(LOCAL, &[]).await;
+    let started = Instant::now();
+    let (ended, frames) = raw.frames.end().await;
+    assert!(
+        frames.iter().any(|f| f.kind == PING && f.flags & ACK == 0),
+        "the server pinged: {ended:?}"
+    );
+    assert!(
+        started.elapsed() < interval + timeout + Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_leaves_pings_unanswered_loses_its_pooled_connection() {
+    let (interval, timeout) = quick_keepalive();
+    let f = Fixture::new(Gate::default(), ServerSettings::default()).await;
+    // A server that completes TLS and the HTTP/2 handshake, then stops reading.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mute = listener.local_addr().expect("addr");
+    let tls = weft::proxy::hbone_server_config(
+        f.store
+            .server_config(f.root.leaf(SERVER).resolver())
+            .expect("server config"),
+    );
+    let (handshaken, mut held) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(tls)
+            .accept(tcp)
+            .await
+            .expect("tls");
+        let connection = h2::server::handshake(tls).await.expect("h2 handshake");
+        let _ = handshaken.send(connection).await;
+    });
+    let pool = Pool::new(ClientSettings {
+        keepalive_interval: interval,
+        keepalive_timeout: timeout,
+        ..ClientSettings::default()
+    });
+    let key = PoolKey {
+        node: mute,
+        ..f.key()
+    };
+    let mut tunnel = pool
+        .request(&key, f.client_tls(&f.client_leaf()), f.echo, source())
+        .await
+        .expect("the request is sent without waiting for an answer");
+    let _never_polled = held.recv().await.expect("the mute server's connection");
+    assert_eq!(pool.connections(&key), 1);
+    let answer = tokio::time::timeout(WAIT, tunnel.answered())
+        .await
+        .expect("the tunnel ends with its connection");
+    assert!(answer.is_err(), "{answer:?}");
+    let deadline = Instant::now() + WAIT;
+    while pool.connections(&key) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the connection stayed in the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn bytes_written_before_the_answer_arrive_once_admitted() {
+    let f = Fixture::new(Gate::default(), ServerSettings::default()).await;
+    let pool = Pool::new(ClientSettings::default());
+    let mut tunnel = pool
+        .request(&f.key(), f.client_tls(&f.client_leaf()), f.echo, source())
+        .await
+        .expect("request sent");
+    tunnel
+        .write_all(b"early")
+        .await
+        .expect("write before the answer");
+    let mut back = [0; 5];
+    tokio::time::timeout(WAIT, tunnel.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read after the answer");
+    assert_eq!(&back, b"early");
+    tunnel.answered().await.expect("answered 200");
+
+    // Refused: the bytes written before go nowhere, and reading fails with the refusal.
+    let f = Fixture::new(
+        Gate {
+            refuse: true,
+            ..Gate::default()
+        },
+        ServerSettings::default(),
+    )
+    .await;
+    let mut tunnel = pool
+        .request(&f.key(), f.client_tls(&f.client_leaf()), f.echo, source())
+        .await
+        .expect("request sent");
+    let answer = tunnel.on_answer();
+    tunnel
+        .write_all(b"early")
+        .await
+        .expect("write before the answer");
+    let read = tokio::time::timeout(WAIT, tunnel.read(&mut back))
+        .await
+        .expect("the refusal in time");
+    assert!(read.is_err(), "{read:?}");
+    let told = answer.await.expect("told");
+    assert!(
+        matches!(
+            told,
+            Err(ClientError::Refused {
+                status: StatusCode::FORBIDDEN,
+                ..
+            })
+        ),
+        "{told:?}"
+    );
+    assert_eq!(f.echoed.load(Ordering::SeqCst), 0, "nothing dialled");
 }
 
 #[tokio::test]

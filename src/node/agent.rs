@@ -497,22 +497,47 @@ impl Agent {
                     destination,
                     generation,
                 };
-                match self.pool.connect(&key, tls, target, from.ip()).await {
-                    Ok(tunnel) => {
-                        let reason = format!("{why}; tunnel to {node}");
-                        decision = decision.settled(true, Layer::NetworkPolicy, reason);
-                        self.carry(stream, tunnel, decision, from.ip(), target)
-                            .await;
+                match self.pool.request(&key, tls, target, from.ip()).await {
+                    // Pipelined: the pod's first bytes leave with the CONNECT (the
+                    // destination's node forwards nothing before it decides), and the node's
+                    // answer settles the decision, one round trip sooner than waiting for it.
+                    Ok(mut tunnel) => {
+                        let answered = tunnel.on_answer();
+                        let metrics = &self.metrics;
+                        let settled = async move {
+                            let decision = match answered.await {
+                                Ok(Ok(())) => {
+                                    let reason = format!("{why}; tunnel to {node}");
+                                    decision.settled(true, Layer::NetworkPolicy, reason)
+                                }
+                                Ok(Err(error)) => {
+                                    decision.settled(false, tunnel_layer(&error), error.to_string())
+                                }
+                                Err(_) => decision.settled(
+                                    false,
+                                    Layer::Transport,
+                                    "the tunnel ended before the destination's node answered",
+                                ),
+                            };
+                            decision.record(Some(metrics));
+                            decision.allowed
+                        };
+                        let tracked = self.connections.track(Recheck::Outbound {
+                            source: from.ip(),
+                            target,
+                        });
+                        pipe(
+                            stream,
+                            tunnel,
+                            tracked,
+                            metrics,
+                            Direction::Outbound,
+                            settled,
+                        )
+                        .await;
                     }
                     Err(error) => {
-                        let layer = match &error {
-                            proxy::ClientError::Refused { status, .. }
-                                if status.is_client_error() =>
-                            {
-                                Layer::Destination
-                            }
-                            _ => Layer::Transport,
-                        };
+                        let layer = tunnel_layer(&error);
                         self.refuse(stream, decision.settled(false, layer, error.to_string()));
                     }
                 }
@@ -549,12 +574,14 @@ impl Agent {
         match proxy::connect(original, Some(self.settings.mark)).await {
             Ok(upstream) => {
                 decision.record(Some(&self.metrics));
+                let opened = std::future::ready(true);
                 pipe(
                     stream,
                     upstream,
                     tracked,
                     &self.metrics,
                     Direction::Plaintext,
+                    opened,
                 )
                 .await;
             }
@@ -630,12 +657,14 @@ impl Agent {
     ) {
         decision.record(Some(&self.metrics));
         let tracked = self.connections.track(Recheck::Outbound { source, target });
+        let opened = std::future::ready(true);
         pipe(
             stream,
             upstream,
             tracked,
             &self.metrics,
             Direction::Outbound,
+            opened,
         )
         .await;
     }
@@ -857,23 +886,54 @@ impl Agent {
 /// Pipes `a` and `b` both ways until either closes or `tracked` is told to close.
 async fn pipe(
     mut a: TcpStream,
-    mut b: impl AsyncRead + AsyncWrite + Unpin,
+    b: impl AsyncRead + AsyncWrite + Unpin,
     mut tracked: Tracked,
     metrics: &Metrics,
     direction: Direction,
+    opened: impl Future<Output = bool>,
 ) {
-    tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, proxy::COPY_BUFFER, proxy::COPY_BUFFER) => match copied {
-            Ok((sent, received)) => metrics.closed(direction, CloseCause::Done, sent, received),
-            Err(error) => {
-                tracing::debug!(%error, "connection failed");
-                metrics.closed(direction, CloseCause::Error, 0, 0);
-            }
-        },
-        () = tracked.closed() => {
+    // `b` goes when the copy ends: a tunnel then tells `opened` it will never be answered.
+    let copy = async {
+        let mut b = b;
+        tokio::io::copy_bidirectional_with_sizes(
+            &mut a,
+            &mut b,
+            proxy::COPY_BUFFER,
+            proxy::COPY_BUFFER,
+        )
+        .await
+    };
+    let ended = tokio::select! {
+        ended = async { tokio::join!(copy, opened) } => Some(ended),
+        () = tracked.closed() => None,
+    };
+    match ended {
+        Some((_, false)) => {
+            // Refused after all (a tunnel's answer): a reset, as any refusal.
+            let _ = a.set_zero_linger();
+        }
+        Some((Ok((sent, received)), true)) => {
+            metrics.closed(direction, CloseCause::Done, sent, received);
+        }
+        Some((Err(error), true)) => {
+            tracing::debug!(%error, "connection failed");
+            metrics.closed(direction, CloseCause::Error, 0, 0);
+        }
+        None => {
             let _ = a.set_zero_linger();
             metrics.closed(direction, CloseCause::Policy, 0, 0);
         }
+    }
+}
+
+/// The layer that refused a tunnel: the destination's node when it answered 4xx (its
+/// admission), else the transport.
+fn tunnel_layer(error: &proxy::ClientError) -> Layer {
+    match error {
+        proxy::ClientError::Refused { status, .. } if status.is_client_error() => {
+            Layer::Destination
+        }
+        _ => Layer::Transport,
     }
 }
 

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -15,12 +14,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode, header::FORWARDED};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
@@ -30,6 +26,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::authority::{canonical_authority, forwarded_for};
+use super::stream::{H2Io, keepalive};
 use crate::identity::{VerifyError, WorkloadId, peer_identity};
 
 /// The client connection preface every HTTP/2 connection starts with (RFC 9113 §3.4).
@@ -258,8 +255,8 @@ pub enum ServerError {
         peer: SocketAddr,
         /// Its proven identity.
         identity: WorkloadId,
-        /// What hyper said.
-        source: hyper::Error,
+        /// What h2 said.
+        source: h2::Error,
     },
 }
 
@@ -288,7 +285,7 @@ pub fn hbone_server_config(mut config: ServerConfig) -> Arc<ServerConfig> {
 /// The HBONE server: one per node, sharing the caller's TLS configuration and admission.
 pub struct Server<A> {
     tls: Box<dyn ServerTls>,
-    http: http2::Builder<TokioExecutor>,
+    h2: h2::server::Builder,
     settings: ServerSettings,
     admission: Arc<A>,
     sources: Arc<Sources>,
@@ -303,23 +300,20 @@ impl<A: Admission> Server<A> {
 
     /// A server choosing each connection's configuration with `tls`.
     pub fn with_tls(tls: Box<dyn ServerTls>, settings: ServerSettings, admission: Arc<A>) -> Self {
-        let mut http = http2::Builder::new(TokioExecutor::new());
-        http.timer(TokioTimer::new())
-            .max_concurrent_streams(settings.max_concurrent_streams)
+        let mut h2 = h2::server::Builder::new();
+        h2.max_concurrent_streams(settings.max_concurrent_streams)
             .max_header_list_size(settings.max_header_list_size)
             .max_pending_accept_reset_streams(settings.max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(settings.max_local_error_reset_streams)
-            .initial_stream_window_size(settings.stream_window)
+            .max_local_error_reset_streams(Some(settings.max_local_error_reset_streams))
+            .initial_window_size(settings.stream_window)
             .initial_connection_window_size(settings.connection_window)
             .max_frame_size(settings.max_frame_size)
-            .keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
             // Lets `:protocol` requests reach us so that they get a 400, not a bare reset.
             .enable_connect_protocol();
         let sources = Arc::new(Sources::new(settings.max_connections_per_source));
         Self {
             tls,
-            http,
+            h2,
             settings,
             admission,
             sources,
@@ -409,27 +403,45 @@ impl<A: Admission> Server<A> {
         });
         tracing::debug!(%from, %identity, "hbone connection accepted");
 
+        let http_error = |source| ServerError::Http {
+            peer: from,
+            identity: identity.clone(),
+            source,
+        };
+        let mut connection = self
+            .h2
+            .handshake::<_, Bytes>(Replayed::new(tls))
+            .await
+            .map_err(http_error)?;
+        let pinged = connection.ping_pong().map(|pings| {
+            let s = &self.settings;
+            keepalive(pings, s.keepalive_interval, s.keepalive_timeout)
+        });
         // Tells this connection's tunnels to close: they outlive the HTTP/2 connection object.
         let (revoke, revoked) = watch::channel(false);
-        let service = {
-            let (admission, peer) = (self.admission.clone(), peer.clone());
-            let (dial_timeout, mark) = (self.settings.dial_timeout, self.settings.mark);
-            service_fn(move |req| {
-                tunnel(
-                    admission.clone(),
+        let (dial_timeout, mark) = (self.settings.dial_timeout, self.settings.mark);
+        // Accepting drives the connection, the streams of every tunnel on it included.
+        let served = async {
+            while let Some(accepted) = connection.accept().await {
+                let (request, respond) = accepted.map_err(http_error)?;
+                tokio::spawn(tunnel(
+                    self.admission.clone(),
                     peer.clone(),
                     dial_timeout,
                     mark,
                     revoked.clone(),
-                    req,
-                )
-            })
+                    request,
+                    respond,
+                ));
+            }
+            Ok(())
         };
-        let connection = self
-            .http
-            .serve_connection(TokioIo::new(Replayed::new(tls)), service);
         tokio::select! {
-            ended = connection => ended.map_err(|source| ServerError::Http { peer: from, identity, source }),
+            ended = served => ended,
+            () = async { match pinged { Some(pinged) => pinged.await, None => std::future::pending().await } } => {
+                tracing::info!(%from, %identity, "hbone connection closed: keepalive ping unanswered");
+                Ok(())
+            }
             () = self.admission.revoked(&peer) => {
                 tracing::info!(%from, %identity, "hbone connection closed: peer revoked");
                 revoke.send_replace(true);
@@ -529,14 +541,15 @@ async fn tunnel<A: Admission>(
     dial_timeout: Duration,
     mark: Option<u32>,
     mut revoked: watch::Receiver<bool>,
-    req: Request<Incoming>,
-) -> Result<Response<Empty<Bytes>>, Infallible> {
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let inbound = match inbound(&peer, &req) {
         Ok(inbound) => inbound,
-        Err(refusal) => return Ok(refuse(&peer, None, refusal)),
+        Err(refusal) => return refuse(&peer, None, refusal, respond),
     };
     if let Err(refusal) = admission.admit(&inbound).await {
-        return Ok(refuse(&peer, Some(&inbound), refusal));
+        return refuse(&peer, Some(&inbound), refusal, respond);
     }
     let destination = inbound.destination;
     let upstream = match tokio::time::timeout(dial_timeout, super::connect(destination, mark)).await
@@ -544,58 +557,55 @@ async fn tunnel<A: Admission>(
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             tracing::info!(peer = %peer.identity, %destination, error = %e, "hbone dial failed");
-            return Ok(status(StatusCode::SERVICE_UNAVAILABLE));
+            return answer(respond, StatusCode::SERVICE_UNAVAILABLE);
         }
         Err(_) => {
             tracing::info!(peer = %peer.identity, %destination, "hbone dial timed out");
-            return Ok(status(StatusCode::GATEWAY_TIMEOUT));
+            return answer(respond, StatusCode::GATEWAY_TIMEOUT);
+        }
+    };
+    let closing = admission.carried(&inbound);
+    let mut downstream = match respond.send_response(Response::new(()), false) {
+        Ok(send) => H2Io::new(send, req.into_body()),
+        Err(e) => {
+            tracing::debug!(%destination, error = %e, "hbone stream ended before the tunnel");
+            admission.ended(&inbound, 0, 0, TunnelEnd::Failed);
+            return;
         }
     };
     tracing::debug!(peer = %peer.identity, source = %inbound.source, %destination, "hbone tunnel open");
-    let closing = admission.carried(&inbound);
-    tokio::spawn(async move {
-        let mut upstream = upstream;
-        let mut downstream = match hyper::upgrade::on(req).await {
-            Ok(upgraded) => TokioIo::new(upgraded),
+    let mut upstream = upstream;
+    let (sent, received, end) = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => match copied {
+            Ok((sent, received)) => (sent, received, TunnelEnd::Done),
             Err(e) => {
-                tracing::debug!(%destination, error = %e, "hbone stream ended before the tunnel");
-                admission.ended(&inbound, 0, 0, TunnelEnd::Failed);
-                return;
+                tracing::debug!(%destination, error = %e, "hbone tunnel failed");
+                (0, 0, TunnelEnd::Failed)
             }
-        };
-        let (sent, received, end) = tokio::select! {
-            copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, super::COPY_BUFFER, super::COPY_BUFFER) => match copied {
-                Ok((sent, received)) => (sent, received, TunnelEnd::Done),
-                Err(e) => {
-                    tracing::debug!(%destination, error = %e, "hbone tunnel failed");
-                    (0, 0, TunnelEnd::Failed)
-                }
-            },
-            () = closing => {
-                tracing::info!(%destination, peer = %peer.identity, "hbone tunnel closed: no longer allowed");
-                (0, 0, TunnelEnd::Closed)
-            }
-            // Also when the connection is gone: its streams cannot carry anything more.
-            _ = revoked.wait_for(|revoked| *revoked) => {
-                tracing::info!(%destination, "hbone tunnel closed: peer revoked");
-                (0, 0, TunnelEnd::Revoked)
-            }
-        };
-        tracing::debug!(%destination, sent, received, ?end, "hbone tunnel ended");
-        admission.ended(&inbound, sent, received, end);
-    });
-    Ok(Response::new(Empty::new()))
+        },
+        () = closing => {
+            tracing::info!(%destination, peer = %peer.identity, "hbone tunnel closed: no longer allowed");
+            (0, 0, TunnelEnd::Closed)
+        }
+        // Also when the connection is gone: its streams cannot carry anything more.
+        _ = revoked.wait_for(|revoked| *revoked) => {
+            tracing::info!(%destination, "hbone tunnel closed: peer revoked");
+            (0, 0, TunnelEnd::Revoked)
+        }
+    };
+    tracing::debug!(%destination, sent, received, ?end, "hbone tunnel ended");
+    admission.ended(&inbound, sent, received, end);
 }
 
 /// The tunnel `req` asks for, or why it is malformed.
-fn inbound(peer: &Peer, req: &Request<Incoming>) -> Result<Inbound, Refusal> {
+fn inbound(peer: &Peer, req: &Request<RecvStream>) -> Result<Inbound, Refusal> {
     if req.method() != Method::CONNECT {
         return Err(Refusal {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: format!("method {} is not CONNECT", req.method()),
         });
     }
-    if let Some(protocol) = req.extensions().get::<hyper::ext::Protocol>() {
+    if let Some(protocol) = req.extensions().get::<h2::ext::Protocol>() {
         return Err(Refusal::bad_request(format!(
             "extended CONNECT (:protocol {:?}) is not HBONE",
             protocol.as_str()
@@ -625,7 +635,7 @@ fn inbound(peer: &Peer, req: &Request<Incoming>) -> Result<Inbound, Refusal> {
     })
 }
 
-fn refuse(peer: &Peer, inbound: Option<&Inbound>, refusal: Refusal) -> Response<Empty<Bytes>> {
+fn refuse(peer: &Peer, inbound: Option<&Inbound>, refusal: Refusal, respond: SendResponse<Bytes>) {
     tracing::info!(
         peer = %peer.identity,
         from = %peer.address,
@@ -635,13 +645,15 @@ fn refuse(peer: &Peer, inbound: Option<&Inbound>, refusal: Refusal) -> Response<
         reason = %refusal.reason,
         "hbone tunnel refused"
     );
-    status(refusal.status)
+    answer(respond, refusal.status);
 }
 
-fn status(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
+/// Answers `status` and ends the stream (nothing was dialled).
+fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
     *response.status_mut() = status;
-    response
+    // Fails only if the client reset the stream already: nothing to tell it then.
+    let _ = respond.send_response(response, true);
 }
 
 /// A stream whose preface was read (to time it) and is handed to h2 again from the start.

@@ -1,29 +1,30 @@
 //! The HBONE client (outbound): HTTP/2 connections over SPIFFE mTLS pooled per (source
 //! identity, destination node, destination identity), each carrying up to a set number of
-//! CONNECT streams; a tunnel is one stream, open once the server answered 200.
+//! CONNECT streams; a tunnel is one stream, which carries bytes out as soon as its request is
+//! sent (the server forwards nothing before it decides) and back once the server answered 200.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::client::{Connection as H2Connection, ResponseFuture, SendRequest};
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode, header::FORWARDED};
-use http_body_util::Empty;
-use hyper::client::conn::http2;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+use super::stream::{finish, keepalive, poll_receive, poll_send};
 use crate::identity::WorkloadId;
 
 /// Default for [`ClientSettings::max_streams_per_connection`].
@@ -134,8 +135,8 @@ pub enum ClientError {
     Http {
         /// The node.
         node: SocketAddr,
-        /// What hyper said.
-        source: hyper::Error,
+        /// What h2 said.
+        source: h2::Error,
     },
     /// The CONNECT request could not be built.
     #[error("hbone CONNECT to {target}: {source}")]
@@ -144,6 +145,14 @@ pub enum ClientError {
         target: SocketAddr,
         /// Why.
         source: http::Error,
+    },
+    /// The tunnel was refused or failed already.
+    #[error("hbone tunnel to {target} via {node} is closed")]
+    Closed {
+        /// The node.
+        node: SocketAddr,
+        /// The target.
+        target: SocketAddr,
     },
     /// The server answered the CONNECT with something other than 200.
     #[error("hbone CONNECT to {target} via {node} refused with {status}")]
@@ -160,17 +169,22 @@ pub enum ClientError {
 /// Pooled HBONE connections; cheap to share behind an `Arc`.
 pub struct Pool {
     settings: ClientSettings,
-    http: http2::Builder<TokioExecutor>,
     // A std lock: never held across an await, only to pick or insert a connection.
     connections: Mutex<HashMap<PoolKey, Vec<Connection>>>,
 }
 
 /// One pooled HTTP/2 connection.
 struct Connection {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     /// Tunnels open on it; the connection's task closes it once this stays 0 for the idle
-    /// timeout.
+    /// timeout, and drops the receiving side when the connection ended.
     streams: Arc<watch::Sender<usize>>,
+}
+
+impl Connection {
+    fn is_closed(&self) -> bool {
+        self.streams.is_closed()
+    }
 }
 
 /// A tunnel's place on a connection, given back when the tunnel drops.
@@ -182,33 +196,40 @@ impl Drop for Slot {
     }
 }
 
-/// An open tunnel: a byte stream to the target, through the destination node.
+/// An open tunnel: a byte stream to the target, through the destination node. What is
+/// written goes out at once; reading waits for the server's answer first, and fails if it
+/// refused.
 pub struct Tunnel {
-    io: TokioIo<Upgraded>,
+    send: SendStream<Bytes>,
+    finished: bool,
+    answer: Answer,
+    pending: Bytes,
+    /// Told the server's answer when it arrives (see [`Tunnel::on_answer`]).
+    notify: Option<oneshot::Sender<Result<(), ClientError>>>,
+    node: SocketAddr,
+    target: SocketAddr,
     _slot: Slot,
+}
+
+/// Where a tunnel's answer stands.
+enum Answer {
+    Awaited(ResponseFuture),
+    Open(RecvStream),
+    /// Refused or failed: nothing will come back.
+    Closed,
 }
 
 impl Pool {
     /// An empty pool.
     pub fn new(settings: ClientSettings) -> Self {
-        let mut http = http2::Builder::new(TokioExecutor::new());
-        http.timer(TokioTimer::new())
-            .initial_stream_window_size(settings.stream_window)
-            .initial_connection_window_size(settings.connection_window)
-            .max_frame_size(settings.max_frame_size)
-            .keep_alive_interval(settings.keepalive_interval)
-            .keep_alive_timeout(settings.keepalive_timeout)
-            .keep_alive_while_idle(true);
         Self {
             settings,
-            http,
             connections: Mutex::default(),
         }
     }
 
-    /// Opens a tunnel to `target` for source pod `source` over a connection for `key`,
-    /// reusing one with room or opening one with `tls` (from `TrustStore::client_config` with
-    /// `Expected::Workload(key.destination)` and the source workload's certificate).
+    /// Opens a tunnel to `target` for source pod `source` and waits for the server's answer
+    /// ([`Pool::request`], then [`Tunnel::answered`]).
     pub async fn connect(
         &self,
         key: &PoolKey,
@@ -216,46 +237,61 @@ impl Pool {
         target: SocketAddr,
         source: IpAddr,
     ) -> Result<Tunnel, ClientError> {
-        let request = || {
-            Request::builder()
-                .method(Method::CONNECT)
-                .uri(target.to_string())
-                .header(FORWARDED, forwarded(source))
-                .body(Empty::new())
-                .map_err(|source| ClientError::Request { target, source })
-        };
+        let mut tunnel = self.request(key, tls, target, source).await?;
+        tunnel.answered().await?;
+        Ok(tunnel)
+    }
+
+    /// Sends the CONNECT for a tunnel to `target` for source pod `source` over a connection
+    /// for `key`, reusing one with room or opening one with `tls` (from
+    /// `TrustStore::client_config` with `Expected::Workload(key.destination)` and the source
+    /// workload's certificate); does not wait for the answer.
+    pub async fn request(
+        &self,
+        key: &PoolKey,
+        tls: Arc<ClientConfig>,
+        target: SocketAddr,
+        source: IpAddr,
+    ) -> Result<Tunnel, ClientError> {
         let node = key.node;
-        let (mut sender, slot, reused) = match self.reserve(key) {
-            Some((sender, slot)) => (sender, slot, true),
-            None => {
-                let (sender, slot) = self.open(key, tls.clone()).await?;
-                (sender, slot, false)
-            }
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header(FORWARDED, forwarded(source))
+            .body(())
+            .map_err(|source| ClientError::Request { target, source })?;
+        let send = async |sender: SendRequest<Bytes>, request| {
+            sender
+                .ready()
+                .await
+                .and_then(|mut ready| ready.send_request(request, false))
         };
-        let (sent, slot) = match sender.send_request(request()?).await {
+        let (sent, slot) = match self.reserve(key) {
             // A reused connection may have closed (idle, GOAWAY) since it was picked: once
             // more on a fresh one.
-            Err(_) if reused && sender.is_closed() => {
-                drop(slot);
-                let (mut sender, slot) = self.open(key, tls).await?;
-                (sender.send_request(request()?).await, slot)
+            Some((sender, slot)) => match send(sender, request.clone()).await {
+                Ok(sent) => (Ok(sent), slot),
+                Err(_) => {
+                    drop(slot);
+                    let (sender, slot) = self.open(key, tls).await?;
+                    (send(sender, request).await, slot)
+                }
+            },
+            None => {
+                let (sender, slot) = self.open(key, tls).await?;
+                (send(sender, request).await, slot)
             }
-            sent => (sent, slot),
         };
-        let response = sent.map_err(|source| ClientError::Http { node, source })?;
-        if response.status() != StatusCode::OK {
-            return Err(ClientError::Refused {
-                node,
-                target,
-                status: response.status(),
-            });
-        }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|source| ClientError::Http { node, source })?;
-        tracing::debug!(source = %key.source, destination = %key.destination, %node, %target, "hbone tunnel open");
+        let (response, send) = sent.map_err(|source| ClientError::Http { node, source })?;
+        tracing::debug!(source = %key.source, destination = %key.destination, %node, %target, "hbone tunnel requested");
         Ok(Tunnel {
-            io: TokioIo::new(upgraded),
+            send,
+            finished: false,
+            answer: Answer::Awaited(response),
+            pending: Bytes::new(),
+            notify: None,
+            node,
+            target,
             _slot: slot,
         })
     }
@@ -263,10 +299,7 @@ impl Pool {
     /// How many open connections the pool holds, for every key.
     pub fn len(&self) -> usize {
         let pool = self.lock();
-        pool.values()
-            .flatten()
-            .filter(|c| !c.sender.is_closed())
-            .count()
+        pool.values().flatten().filter(|c| !c.is_closed()).count()
     }
 
     /// Whether the pool holds no open connection.
@@ -278,7 +311,7 @@ impl Pool {
     pub fn connections(&self, key: &PoolKey) -> usize {
         let pool = self.lock();
         pool.get(key)
-            .map_or(0, |c| c.iter().filter(|c| !c.sender.is_closed()).count())
+            .map_or(0, |c| c.iter().filter(|c| !c.is_closed()).count())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Connection>>> {
@@ -289,14 +322,12 @@ impl Pool {
     }
 
     /// Takes a stream on a live connection for `key` with room for one more.
-    fn reserve(&self, key: &PoolKey) -> Option<(http2::SendRequest<Empty<Bytes>>, Slot)> {
+    fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, Slot)> {
         let mut pool = self.lock();
         let connections = pool.get_mut(key)?;
-        connections.retain(|c| !c.sender.is_closed());
+        connections.retain(|c| !c.is_closed());
         let max = self.settings.max_streams_per_connection;
-        let connection = connections
-            .iter()
-            .find(|c| *c.streams.borrow() < max && c.sender.is_ready())?;
+        let connection = connections.iter().find(|c| *c.streams.borrow() < max)?;
         connection.streams.send_modify(|n| *n += 1);
         Some((connection.sender.clone(), Slot(connection.streams.clone())))
     }
@@ -306,7 +337,7 @@ impl Pool {
         &self,
         key: &PoolKey,
         tls: Arc<ClientConfig>,
-    ) -> Result<(http2::SendRequest<Empty<Bytes>>, Slot), ClientError> {
+    ) -> Result<(SendRequest<Bytes>, Slot), ClientError> {
         let node = key.node;
         let after = self.settings.connect_timeout;
         let (sender, connection) = tokio::time::timeout(after, self.handshake(key, tls))
@@ -314,11 +345,11 @@ impl Pool {
             .map_err(|_| ClientError::Timeout { node, after })??;
         let (streams, watched) = watch::channel(1);
         let streams = Arc::new(streams);
-        tokio::spawn(drive(connection, watched, self.settings.idle_timeout, node));
+        tokio::spawn(drive(connection, watched, self.settings.clone(), node));
         let mut pool = self.lock();
         // Closed connections of every key go here, so that keys no longer used do not stay.
         pool.retain(|_, connections| {
-            connections.retain(|c| !c.sender.is_closed());
+            connections.retain(|c| !c.is_closed());
             !connections.is_empty()
         });
         pool.entry(key.clone()).or_default().push(Connection {
@@ -333,7 +364,13 @@ impl Pool {
         &self,
         key: &PoolKey,
         tls: Arc<ClientConfig>,
-    ) -> Result<(http2::SendRequest<Empty<Bytes>>, H2Connection), ClientError> {
+    ) -> Result<
+        (
+            SendRequest<Bytes>,
+            H2Connection<TlsStream<TcpStream>, Bytes>,
+        ),
+        ClientError,
+    > {
         let node = key.node;
         let tcp = TcpStream::connect(node)
             .await
@@ -356,22 +393,27 @@ impl Pool {
                 expected: key.destination.clone(),
                 source,
             })?;
-        self.http
-            .handshake(TokioIo::new(stream))
+        let s = &self.settings;
+        h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .handshake(stream)
             .await
             .map_err(|source| ClientError::Http { node, source })
     }
 }
 
-type H2Connection = http2::Connection<TokioIo<TlsStream<TcpStream>>, Empty<Bytes>, TokioExecutor>;
-
-/// Runs a connection until it fails or has had no tunnels for `idle`.
+/// Runs a connection until it fails, a keepalive ping goes unanswered, or it has had no
+/// tunnels for the idle timeout; dropping `streams` then marks it closed in the pool.
 async fn drive(
-    connection: H2Connection,
+    mut connection: H2Connection<TlsStream<TcpStream>, Bytes>,
     mut streams: watch::Receiver<usize>,
-    idle: Duration,
+    settings: ClientSettings,
     node: SocketAddr,
 ) {
+    let idle = settings.idle_timeout;
     let idled = async {
         loop {
             if streams.wait_for(|n| *n == 0).await.is_err() {
@@ -383,12 +425,71 @@ async fn drive(
             }
         }
     };
+    let pings = connection.ping_pong();
+    let pinged = async {
+        match pings {
+            Some(pings) => {
+                keepalive(
+                    pings,
+                    settings.keepalive_interval,
+                    settings.keepalive_timeout,
+                )
+                .await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        ended = connection => match ended {
+        ended = &mut connection => match ended {
             Ok(()) => tracing::debug!(%node, "hbone connection closed"),
             Err(e) => tracing::debug!(%node, error = %e, "hbone connection failed"),
         },
         () = idled => tracing::debug!(%node, "hbone connection closed: idle"),
+        () = pinged => tracing::info!(%node, "hbone connection closed: keepalive ping unanswered"),
+    }
+}
+
+impl Tunnel {
+    /// Waits for the server's answer: `Ok` once it answered 200, the refusal otherwise.
+    pub async fn answered(&mut self) -> Result<(), ClientError> {
+        std::future::poll_fn(|cx| self.poll_answer(cx)).await
+    }
+
+    /// A channel told the server's answer when a read of the tunnel receives it (an error
+    /// that read then returns too): for a caller that carries bytes before the answer.
+    pub fn on_answer(&mut self) -> oneshot::Receiver<Result<(), ClientError>> {
+        let (tx, rx) = oneshot::channel();
+        self.notify = Some(tx);
+        rx
+    }
+
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+        let Answer::Awaited(response) = &mut self.answer else {
+            return Poll::Ready(match self.answer {
+                Answer::Open(_) => Ok(()),
+                _ => Err(ClientError::Closed {
+                    node: self.node,
+                    target: self.target,
+                }),
+            });
+        };
+        let (node, target) = (self.node, self.target);
+        let answer = match ready!(Pin::new(response).poll(cx)) {
+            Ok(response) if response.status() == StatusCode::OK => {
+                self.answer = Answer::Open(response.into_body());
+                Ok(())
+            }
+            Ok(response) => Err(ClientError::Refused {
+                node,
+                target,
+                status: response.status(),
+            }),
+            Err(source) => Err(ClientError::Http { node, source }),
+        };
+        if answer.is_err() {
+            self.answer = Answer::Closed;
+        }
+        Poll::Ready(answer)
     }
 }
 
@@ -404,9 +505,26 @@ impl AsyncRead for Tunnel {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
+        out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let me = &mut *self;
+        if let Answer::Awaited(_) = me.answer {
+            let answer = ready!(me.poll_answer(cx));
+            let error = answer
+                .as_ref()
+                .err()
+                .map(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()));
+            if let Some(notify) = me.notify.take() {
+                let _ = notify.send(answer);
+            }
+            if let Some(error) = error {
+                return Poll::Ready(Err(error));
+            }
+        }
+        match &mut me.answer {
+            Answer::Open(recv) => poll_receive(recv, &mut me.pending, cx, out),
+            _ => Poll::Ready(Err(io::ErrorKind::ConnectionRefused.into())),
+        }
     }
 }
 
@@ -416,15 +534,17 @@ impl AsyncWrite for Tunnel {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        poll_send(&mut self.send, cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2's connection task writes what was sent as soon as it runs.
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        Poll::Ready(finish(&mut me.send, &mut me.finished))
     }
 }
 
