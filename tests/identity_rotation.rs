@@ -144,6 +144,7 @@ fn manager(authority: Arc<dyn Authority>, identity: &WorkloadId) -> Arc<Identity
             ttl: Duration::from_secs(2),
             retry: Duration::from_millis(50),
             retry_cap: Duration::from_millis(200),
+            first_retry_cap: Duration::from_millis(200),
         },
     );
     manager.set_identities(&[identity.clone()].into());

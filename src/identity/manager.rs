@@ -79,8 +79,12 @@ pub struct Renewal {
     pub ttl: Duration,
     /// The first retry after a failure; it doubles on each failure.
     pub retry: Duration,
-    /// The longest pause between retries.
+    /// The longest pause between retries while a certificate is in use.
     pub retry_cap: Duration,
+    /// The longest pause between retries while the identity has no certificate yet: its pods'
+    /// traffic is refused until one comes, so a CA that lagged (its view of a new pod, a
+    /// restart) is asked again soon.
+    pub first_retry_cap: Duration,
 }
 
 impl Default for Renewal {
@@ -89,6 +93,7 @@ impl Default for Renewal {
             ttl: Duration::from_secs(24 * 3600),
             retry: Duration::from_secs(1),
             retry_cap: Duration::from_secs(60),
+            first_retry_cap: Duration::from_secs(5),
         }
     }
 }
@@ -409,8 +414,14 @@ async fn keep_certified(
                     entry.failures += 1;
                     entry.last_error = Some(e.to_string());
                 });
+                let cap = if certificates.current(&identity).is_some() {
+                    renewal.retry_cap
+                } else {
+                    renewal.first_retry_cap
+                };
+                retry = retry.min(cap);
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(renewal.retry_cap);
+                retry = (retry * 2).min(cap);
             }
         }
     }
@@ -542,6 +553,7 @@ mod tests {
             ttl,
             retry: Duration::from_millis(20),
             retry_cap: Duration::from_millis(80),
+            first_retry_cap: Duration::from_millis(80),
         }
     }
 
@@ -632,6 +644,31 @@ mod tests {
             .and_then(|v| v.parse::<f64>().ok())
             .expect("expiry");
         assert!((50.0..=60.0).contains(&expiry), "{expiry}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_certificate_is_asked_for_again_within_the_shorter_cap() {
+        let ca = LocalCa::new(6, false);
+        let renewal = Renewal {
+            retry: Duration::from_millis(100),
+            retry_cap: Duration::from_secs(60),
+            first_retry_cap: Duration::from_millis(200),
+            ..quick(Duration::from_secs(60))
+        };
+        let manager = IdentityManager::new(ca.clone(), renewal);
+        let web = id("web");
+        let started = tokio::time::Instant::now();
+        manager.set_identities(&[web.clone()].into());
+        eventually("a certificate after six failures", || {
+            manager.certificate(&web).is_some()
+        })
+        .await;
+        // 100 ms, then 200 ms five times; the renewal cap would have made it 6.3 s.
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(1100) && took < Duration::from_millis(1300),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]
