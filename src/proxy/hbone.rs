@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use super::authority::{canonical_authority, forwarded_for};
-use super::stream::{H2Io, keepalive};
+use super::stream::{H2Io, Received, keepalive};
 use crate::identity::{VerifyError, WorkloadId, peer_identity};
 
 /// The client connection preface every HTTP/2 connection starts with (RFC 9113 §3.4).
@@ -566,7 +566,7 @@ async fn tunnel<A: Admission>(
     };
     let closing = admission.carried(&inbound);
     let mut downstream = match respond.send_response(Response::new(()), false) {
-        Ok(send) => H2Io::new(send, req.into_body()),
+        Ok(send) => H2Io::new(send, Received::new(req.into_body())),
         Err(e) => {
             tracing::debug!(%destination, error = %e, "hbone stream ended before the tunnel");
             admission.ended(&inbound, 0, 0, TunnelEnd::Failed);

@@ -13,8 +13,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
 use h2::client::{Connection as H2Connection, ResponseFuture, SendRequest};
-use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode, header::FORWARDED};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::stream::{finish, keepalive, poll_receive, poll_send};
+use super::stream::{H2Io, Receive, keepalive, poll_receive};
 use crate::identity::WorkloadId;
 
 /// Default for [`ClientSettings::max_streams_per_connection`].
@@ -200,15 +200,18 @@ impl Drop for Slot {
 /// written goes out at once; reading waits for the server's answer first, and fails if it
 /// refused.
 pub struct Tunnel {
-    send: SendStream<Bytes>,
-    finished: bool,
+    io: H2Io<Answering>,
+    _slot: Slot,
+}
+
+/// A tunnel's receiving side: the answer awaited, then the stream it opened.
+struct Answering {
     answer: Answer,
     pending: Bytes,
     /// Told the server's answer when it arrives (see [`Tunnel::on_answer`]).
     notify: Option<oneshot::Sender<Result<(), ClientError>>>,
     node: SocketAddr,
     target: SocketAddr,
-    _slot: Slot,
 }
 
 /// Where a tunnel's answer stands.
@@ -284,14 +287,15 @@ impl Pool {
         };
         let (response, send) = sent.map_err(|source| ClientError::Http { node, source })?;
         tracing::debug!(source = %key.source, destination = %key.destination, %node, %target, "hbone tunnel requested");
-        Ok(Tunnel {
-            send,
-            finished: false,
+        let answering = Answering {
             answer: Answer::Awaited(response),
             pending: Bytes::new(),
             notify: None,
             node,
             target,
+        };
+        Ok(Tunnel {
+            io: H2Io::new(send, answering),
             _slot: slot,
         })
     }
@@ -452,28 +456,27 @@ async fn drive(
 impl Tunnel {
     /// Waits for the server's answer: `Ok` once it answered 200, the refusal otherwise.
     pub async fn answered(&mut self) -> Result<(), ClientError> {
-        std::future::poll_fn(|cx| self.poll_answer(cx)).await
+        std::future::poll_fn(|cx| self.io.recv.poll_answer(cx)).await
     }
 
     /// A channel told the server's answer when a read of the tunnel receives it (an error
     /// that read then returns too): for a caller that carries bytes before the answer.
     pub fn on_answer(&mut self) -> oneshot::Receiver<Result<(), ClientError>> {
         let (tx, rx) = oneshot::channel();
-        self.notify = Some(tx);
+        self.io.recv.notify = Some(tx);
         rx
     }
+}
 
+impl Answering {
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ClientError>> {
+        let (node, target) = (self.node, self.target);
         let Answer::Awaited(response) = &mut self.answer else {
             return Poll::Ready(match self.answer {
                 Answer::Open(_) => Ok(()),
-                _ => Err(ClientError::Closed {
-                    node: self.node,
-                    target: self.target,
-                }),
+                _ => Err(ClientError::Closed { node, target }),
             });
         };
-        let (node, target) = (self.node, self.target);
         let answer = match ready!(Pin::new(response).poll(cx)) {
             Ok(response) if response.status() == StatusCode::OK => {
                 self.answer = Answer::Open(response.into_body());
@@ -493,6 +496,32 @@ impl Tunnel {
     }
 }
 
+impl Receive for Answering {
+    fn poll_receive(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Answer::Awaited(_) = self.answer {
+            let answer = ready!(self.poll_answer(cx));
+            let error = answer
+                .as_ref()
+                .err()
+                .map(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()));
+            if let Some(notify) = self.notify.take() {
+                let _ = notify.send(answer);
+            }
+            if let Some(error) = error {
+                return Poll::Ready(Err(error));
+            }
+        }
+        match &mut self.answer {
+            Answer::Open(recv) => poll_receive(recv, &mut self.pending, cx, out),
+            _ => Poll::Ready(Err(io::ErrorKind::ConnectionRefused.into())),
+        }
+    }
+}
+
 /// The `forwarded` header naming the source pod (RFC 7239: IPv6 quoted in brackets).
 fn forwarded(source: IpAddr) -> String {
     match source {
@@ -505,26 +534,9 @@ impl AsyncRead for Tunnel {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        if let Answer::Awaited(_) = me.answer {
-            let answer = ready!(me.poll_answer(cx));
-            let error = answer
-                .as_ref()
-                .err()
-                .map(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()));
-            if let Some(notify) = me.notify.take() {
-                let _ = notify.send(answer);
-            }
-            if let Some(error) = error {
-                return Poll::Ready(Err(error));
-            }
-        }
-        match &mut me.answer {
-            Answer::Open(recv) => poll_receive(recv, &mut me.pending, cx, out),
-            _ => Poll::Ready(Err(io::ErrorKind::ConnectionRefused.into())),
-        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -534,17 +546,15 @@ impl AsyncWrite for Tunnel {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        poll_send(&mut self.send, cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // h2's connection task writes what was sent as soon as it runs.
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        Poll::Ready(finish(&mut me.send, &mut me.finished))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Writes what `buf` holds that the stream's flow-control window takes now (at least one
 /// byte once the window opens): the writer feels the peer's back-pressure, h2 buffers nothing
 /// past the window.
-pub(super) fn poll_send(
+fn poll_send(
     send: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
     buf: &[u8],
@@ -47,7 +47,7 @@ pub(super) fn poll_send(
 }
 
 /// Ends the stream's sending side (END_STREAM), once.
-pub(super) fn finish(send: &mut SendStream<Bytes>, finished: &mut bool) -> io::Result<()> {
+fn finish(send: &mut SendStream<Bytes>, finished: &mut bool) -> io::Result<()> {
     if !*finished {
         *finished = true;
         send.send_data(Bytes::new(), true).map_err(h2_error)?;
@@ -95,37 +95,67 @@ fn reset_error(reason: Reason) -> io::Error {
     )
 }
 
-/// A stream both of whose sides are open: the server's side of a tunnel.
-pub(super) struct H2Io {
-    send: SendStream<Bytes>,
-    finished: bool,
+/// How a tunnel's stream is read: its receiving side, open or still to be answered.
+pub(super) trait Receive: Unpin {
+    /// Reads into `out` (nothing read and `Ok` at the end of the stream).
+    fn poll_receive(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>)
+    -> Poll<io::Result<()>>;
+}
+
+/// An open receiving side: the server's, whose request came with it.
+pub(super) struct Received {
     recv: RecvStream,
     pending: Bytes,
 }
 
-impl H2Io {
-    pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+impl Received {
+    pub(super) fn new(recv: RecvStream) -> Self {
         Self {
-            send,
-            finished: false,
             recv,
             pending: Bytes::new(),
         }
     }
 }
 
-impl AsyncRead for H2Io {
+impl Receive for Received {
+    fn poll_receive(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        poll_receive(&mut self.recv, &mut self.pending, cx, out)
+    }
+}
+
+/// A tunnel's stream as a byte stream: written at once, read as `R` receives.
+pub(super) struct H2Io<R> {
+    send: SendStream<Bytes>,
+    finished: bool,
+    /// The receiving side.
+    pub(super) recv: R,
+}
+
+impl<R> H2Io<R> {
+    pub(super) fn new(send: SendStream<Bytes>, recv: R) -> Self {
+        Self {
+            send,
+            finished: false,
+            recv,
+        }
+    }
+}
+
+impl<R: Receive> AsyncRead for H2Io<R> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let me = &mut *self;
-        poll_receive(&mut me.recv, &mut me.pending, cx, out)
+        self.recv.poll_receive(cx, out)
     }
 }
 
-impl AsyncWrite for H2Io {
+impl<R: Unpin> AsyncWrite for H2Io<R> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
