@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use futures::FutureExt as _;
+use futures::future::FusedFuture as _;
 use rustls::{ClientConfig, ServerConfig};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -883,7 +885,8 @@ impl Agent {
     }
 }
 
-/// Pipes `a` and `b` both ways until either closes or `tracked` is told to close.
+/// Pipes `a` and `b` both ways until either closes or `tracked` is told to close; `opened`
+/// resolves whether the connection counts as opened (a tunnel's answer).
 async fn pipe(
     mut a: TcpStream,
     b: impl AsyncRead + AsyncWrite + Unpin,
@@ -903,10 +906,16 @@ async fn pipe(
         )
         .await
     };
+    let mut opened = std::pin::pin!(opened.fuse());
     let ended = tokio::select! {
-        ended = async { tokio::join!(copy, opened) } => Some(ended),
+        ended = async { tokio::join!(copy, opened.as_mut()) } => Some(ended),
         () = tracked.closed() => None,
     };
+    if ended.is_none() && !opened.is_terminated() {
+        // Closed before a tunnel was answered: the tunnel is gone with the copy, and its
+        // decision is logged now rather than lost.
+        opened.await;
+    }
     match ended {
         Some((_, false)) => {
             // Refused after all (a tunnel's answer): a reset, as any refusal.
