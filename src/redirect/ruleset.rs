@@ -26,9 +26,12 @@ pub const POD_LINKS: &str = "pod_links";
 /// The anti-spoofing chain runs at mangle priority: before capture decides anything.
 const FILTER_PRIORITY: i32 = -150;
 
-/// Capture runs after anti-spoofing and before routing (and before dstnat, so it sees the
-/// destination a pod dialled).
-const CAPTURE_PRIORITY: i32 = -140;
+/// Capture runs after anti-spoofing and after dstnat (-100), before routing: a DNAT of
+/// kube-proxy (a ClusterIP, a NodePort) or of a hostPort has rewritten the connection's first
+/// packet already, so capture and the sockets it leads to see the addresses every later packet
+/// of the connection has too. Before dstnat, the later packets of a DNATed connection matched
+/// no socket and the connection was reset. A ClusterIP nothing DNATs the agent resolves itself.
+const CAPTURE_PRIORITY: i32 = -90;
 
 /// The output chain reroutes at mangle priority (a `route` chain: a changed mark is routed
 /// again).

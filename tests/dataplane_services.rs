@@ -1,0 +1,152 @@
+//! A ClusterIP Service through the real data plane, on the lab of `tests/dataplane_lab/`, as
+//! root: cluster-1's Service `server` (10.96.0.10) has an EndpointSlice naming cluster-2's
+//! server pod (a multi-cluster Service), port 80 to the server's line port, which its policy
+//! admits, and port 81 to its echo port, which it does not. Node A resolves the ClusterIP and
+//! policy judges the endpoint at its target port; then the same with kube-proxy's DNAT of the
+//! ClusterIP in node A's namespace (an nftables nat chain at `dstnat`, -100, before capture's
+//! `prerouting` at -90): the connection is captured and judged on the endpoint.
+
+mod dataplane_lab;
+mod netns;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use weft::lab::{ExchangeOutcome, exchange};
+
+use dataplane_lab::{ECHO_PORT, LINE_PORT, nft};
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The ClusterIP of cluster-1's Service `server`.
+const CLUSTER_IP: &str = "10.96.0.10";
+
+/// Service `server` of cluster-1 and its slice, naming cluster-2's server pod.
+const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: server
+  namespace: bench
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports:
+    - {name: line, port: 80, targetPort: 5203, protocol: TCP}
+    - {name: echo, port: 81, targetPort: 5202, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: server-remote
+  namespace: bench
+  labels:
+    kubernetes.io/service-name: server
+addressType: IPv4
+endpoints:
+  - addresses: [10.2.1.10]
+    conditions: {ready: true}
+ports:
+  - {name: line, port: 5203, protocol: TCP}
+  - {name: echo, port: 5202, protocol: TCP}
+";
+
+/// kube-proxy's part for the Service in a node: DNAT of the ClusterIP's ports to the endpoint.
+const KUBE_PROXY: &str = "\
+table ip kube_proxy_test {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 10.96.0.10 tcp dport 80 dnat to 10.2.1.10:5203
+    ip daddr 10.96.0.10 tcp dport 81 dnat to 10.2.1.10:5202
+  }
+}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_ip_is_judged_on_its_endpoint_with_or_without_kube_proxy_dnat() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let mut step = dataplane_lab::line_port_only();
+    step.name = "service".into();
+    step.files
+        .insert("cluster-1/service.yaml".into(), SERVICE.into());
+    let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
+    let (client, server, node_a, _) = dataplane_lab::ends(&lab);
+    for port in [LINE_PORT, ECHO_PORT] {
+        lab.serve_responder(
+            &server.netns,
+            dataplane_lab::server_addr(&lab, port),
+            "server",
+        )
+        .expect("the server's responder");
+    }
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let agent = plane
+        .nodes
+        .iter()
+        .find(|n| n.node.name == node_a.name)
+        .expect("node A's agent");
+    let service = |port: u16| SocketAddr::new(CLUSTER_IP.parse().expect("ip"), port);
+    let endpoint = |port: u16| {
+        format!(
+            r#""destination":"{}""#,
+            dataplane_lab::server_addr(&lab, port)
+        )
+    };
+
+    for dnat in [false, true] {
+        if dnat {
+            let rules = work.path().join("kube-proxy.nft");
+            std::fs::write(&rules, KUBE_PROXY).expect("kube-proxy's rules written");
+            nft(node_a, &["-f", &rules.to_string_lossy()]).expect("kube-proxy's DNAT installed");
+        }
+        let log = agent.process.output().mark();
+        let line = exchange(&client.netns, None, service(80), "hello", PROBE_TIMEOUT)
+            .await
+            .outcome;
+        assert_eq!(
+            line,
+            ExchangeOutcome::Answered {
+                by: "server".into()
+            },
+            "port 80 (the line port) with DNAT {dnat}"
+        );
+        let echo = exchange(&client.netns, None, service(81), "hello", PROBE_TIMEOUT)
+            .await
+            .outcome;
+        assert!(
+            !echo.allowed(),
+            "port 81 (the echo port) with DNAT {dnat}: {echo}"
+        );
+
+        // Both went through node A's outbound proxy, judged and dialled at the endpoint's port.
+        let decided = |port: u16, verdict: &str| {
+            let (destination, verdict) = (endpoint(port), format!(r#""verdict":"{verdict}""#));
+            agent.process.output().since(log).iter().any(|l| {
+                l.contains(r#""direction":"outbound""#)
+                    && l.contains(&destination)
+                    && l.contains(&verdict)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(decided(LINE_PORT, "allow") && decided(ECHO_PORT, "deny")) {
+            assert!(
+                Instant::now() < deadline,
+                "with DNAT {dnat}, node A's decisions: {:?}",
+                agent.process.output().since(log)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    drop(plane);
+    let prefix = lab.prefix().to_owned();
+    drop(lab);
+    assert!(
+        weft::lab::Lab::namespaces_of(&prefix).is_empty(),
+        "namespaces left"
+    );
+}
