@@ -4,7 +4,9 @@
 //! admits, and port 81 to its echo port, which it does not. Node A resolves the ClusterIP and
 //! policy judges the endpoint at its target port; then the same with kube-proxy's DNAT of the
 //! ClusterIP in node A's namespace (an nftables nat chain at `dstnat`, -100, before capture's
-//! `prerouting` at -90): the connection is captured and judged on the endpoint.
+//! `prerouting` at -90): the connection is captured and judged on the endpoint. Last, a
+//! hostPort of the client pod (a portmap DNAT of node A's address): a connection from outside
+//! is captured too and judged by the client's ingress policy, which admits nothing.
 
 mod dataplane_lab;
 mod netns;
@@ -52,6 +54,28 @@ ports:
   - {name: echo, port: 5202, protocol: TCP}
 ";
 
+/// The client admits no ingress.
+const CLIENT_ISOLATED: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: client-isolated
+  namespace: bench
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Ingress]
+";
+
+/// The client's hostPort 30080 on node A (192.168.1.11), as the portmap CNI plugin DNATs it.
+const HOST_PORT: &str = "\
+table ip host_port_test {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 192.168.1.11 tcp dport 30080 dnat to 10.1.1.10:5203
+  }
+}
+";
+
 /// kube-proxy's part for the Service in a node: DNAT of the ClusterIP's ports to the endpoint.
 const KUBE_PROXY: &str = "\
 table ip kube_proxy_test {
@@ -64,7 +88,7 @@ table ip kube_proxy_test {
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_ip_is_judged_on_its_endpoint_with_or_without_kube_proxy_dnat() {
+async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat() {
     if !netns::prerequisites() {
         return;
     }
@@ -74,6 +98,10 @@ async fn a_cluster_ip_is_judged_on_its_endpoint_with_or_without_kube_proxy_dnat(
     step.name = "service".into();
     step.files
         .insert("cluster-1/service.yaml".into(), SERVICE.into());
+    step.files.insert(
+        "cluster-1/client-isolated.yaml".into(),
+        CLIENT_ISOLATED.into(),
+    );
     let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
     let (client, server, node_a, _) = dataplane_lab::ends(&lab);
     for port in [LINE_PORT, ECHO_PORT] {
@@ -142,6 +170,39 @@ async fn a_cluster_ip_is_judged_on_its_endpoint_with_or_without_kube_proxy_dnat(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    // A hostPort: from outside (the wire between the nodes) to node A's address, DNATed to the
+    // client, which admits no ingress.
+    lab.serve_responder(
+        &client.netns,
+        SocketAddr::new(client.ip.into(), LINE_PORT),
+        "client",
+    )
+    .expect("the client's responder");
+    let rules = work.path().join("host-port.nft");
+    std::fs::write(&rules, HOST_PORT).expect("the hostPort rule written");
+    nft(node_a, &["-f", &rules.to_string_lossy()]).expect("the hostPort DNAT installed");
+    let log = agent.process.output().mark();
+    let host_port = SocketAddr::new(node_a.ip.into(), 30080);
+    let outside = exchange(lab.wire(), None, host_port, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!outside.allowed(), "the hostPort from outside: {outside}");
+    let destination = format!(r#""destination":"{}:{LINE_PORT}""#, client.ip);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.process.output().since(log).iter().any(|l| {
+        l.contains(r#""direction":"plaintext""#)
+            && l.contains(&destination)
+            && l.contains(r#""verdict":"deny""#)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "node A's decisions: {:?}",
+            agent.process.output().since(log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     drop(plane);
     let prefix = lab.prefix().to_owned();
     drop(lab);
