@@ -125,8 +125,7 @@ async fn the_data_plane_survives_a_flushed_table_a_killed_agent_and_a_tightened_
 
     // 2. The agent of node A killed: its pod's connections fail closed (capture stays, nothing
     //    listens); restarted with the same command line, traffic flows and the table is the same.
-    let agent = &plane.nodes.iter().find(|n| n.node.name == node_a.name);
-    let agent = agent.expect("node A's agent");
+    let agent = dataplane_lab::agent(&plane, node_a);
     let pid = agent.process.pid().expect("the agent's pid");
     let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
         .expect("the agent's command line")
@@ -384,11 +383,7 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
     lab.serve_responder(&neighbour.netns, to, "neighbour")
         .expect("the neighbour's responder");
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
-    let agent = plane
-        .nodes
-        .iter()
-        .find(|n| n.node.name == node_a.name)
-        .expect("node A's agent");
+    let agent = dataplane_lab::agent(&plane, node_a);
     let log = agent.process.output().mark();
     let outcome = exchange(&client.netns, None, to, "hello", PROBE_TIMEOUT)
         .await
@@ -399,26 +394,12 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
             by: "neighbour".into()
         }
     );
+    // Both decisions in node A's log.
     let destination = format!(r#""destination":"{to}""#);
-    let allowed = |direction: &str| {
-        let direction = format!(r#""direction":"{direction}""#);
-        agent.process.output().since(log).iter().any(|line| {
-            line.contains(&destination)
-                && line.contains(r#""verdict":"allow""#)
-                && line.contains(&direction)
-        })
-    };
-    // The log reaches the test through a pipe and a reader thread: it may trail the answer.
-    eventually(Duration::from_secs(5), async || {
-        allowed("outbound") && allowed("inbound")
-    })
-    .await;
     for direction in ["outbound", "inbound"] {
-        assert!(
-            allowed(direction),
-            "no {direction} decision for {to} in node A's log: {:?}",
-            agent.process.output().since(log)
-        );
+        let direction = format!(r#""direction":"{direction}""#);
+        let parts = [&destination, r#""verdict":"allow""#, &direction];
+        dataplane_lab::wait_logged(agent, log, &parts).await;
     }
     drop(plane);
     drop_lab(lab);

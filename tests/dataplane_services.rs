@@ -13,7 +13,7 @@ mod netns;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft::lab::{ExchangeOutcome, exchange};
 
@@ -54,18 +54,6 @@ ports:
   - {name: echo, port: 5202, protocol: TCP}
 ";
 
-/// The client admits no ingress.
-const CLIENT_ISOLATED: &str = "\
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: client-isolated
-  namespace: bench
-spec:
-  podSelector: {matchLabels: {app: client}}
-  policyTypes: [Ingress]
-";
-
 /// The client's hostPort 30080 on node A (192.168.1.11), as the portmap CNI plugin DNATs it.
 const HOST_PORT: &str = "\
 table ip host_port_test {
@@ -98,10 +86,14 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
     step.name = "service".into();
     step.files
         .insert("cluster-1/service.yaml".into(), SERVICE.into());
-    step.files.insert(
-        "cluster-1/client-isolated.yaml".into(),
-        CLIENT_ISOLATED.into(),
+    // The client admits no ingress.
+    let isolated = dataplane_lab::network_policy(
+        "client-isolated",
+        "{matchLabels: {app: client}}",
+        "policyTypes: [Ingress]",
     );
+    step.files
+        .insert("cluster-1/client-isolated.yaml".into(), isolated.into());
     let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
     let (client, server, node_a, _) = dataplane_lab::ends(&lab);
     for port in [LINE_PORT, ECHO_PORT] {
@@ -113,11 +105,7 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
         .expect("the server's responder");
     }
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
-    let agent = plane
-        .nodes
-        .iter()
-        .find(|n| n.node.name == node_a.name)
-        .expect("node A's agent");
+    let agent = dataplane_lab::agent(&plane, node_a);
     let service = |port: u16| SocketAddr::new(CLUSTER_IP.parse().expect("ip"), port);
     let endpoint = |port: u16| {
         format!(
@@ -152,22 +140,11 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
         );
 
         // Both went through node A's outbound proxy, judged and dialled at the endpoint's port.
-        let decided = |port: u16, verdict: &str| {
-            let (destination, verdict) = (endpoint(port), format!(r#""verdict":"{verdict}""#));
-            agent.process.output().since(log).iter().any(|l| {
-                l.contains(r#""direction":"outbound""#)
-                    && l.contains(&destination)
-                    && l.contains(&verdict)
-            })
-        };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !(decided(LINE_PORT, "allow") && decided(ECHO_PORT, "deny")) {
-            assert!(
-                Instant::now() < deadline,
-                "with DNAT {dnat}, node A's decisions: {:?}",
-                agent.process.output().since(log)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
+            let destination = endpoint(port);
+            let verdict = format!(r#""verdict":"{verdict}""#);
+            let parts = [r#""direction":"outbound""#, &destination, &verdict];
+            dataplane_lab::wait_logged(agent, log, &parts).await;
         }
     }
 
@@ -189,19 +166,12 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
         .outcome;
     assert!(!outside.allowed(), "the hostPort from outside: {outside}");
     let destination = format!(r#""destination":"{}:{LINE_PORT}""#, client.ip);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !agent.process.output().since(log).iter().any(|l| {
-        l.contains(r#""direction":"plaintext""#)
-            && l.contains(&destination)
-            && l.contains(r#""verdict":"deny""#)
-    }) {
-        assert!(
-            Instant::now() < deadline,
-            "node A's decisions: {:?}",
-            agent.process.output().since(log)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let parts = [
+        r#""direction":"plaintext""#,
+        &destination,
+        r#""verdict":"deny""#,
+    ];
+    dataplane_lab::wait_logged(agent, log, &parts).await;
 
     drop(plane);
     let prefix = lab.prefix().to_owned();

@@ -257,15 +257,7 @@ async fn the_real_listeners_refuse_tunnel_abuse_forbidden_destinations_and_spoof
     lab.serve_responder(&server.netns, line, "server")
         .expect("the server's responder");
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
-    let log_of = |node: &LabNode| {
-        plane
-            .nodes
-            .iter()
-            .find(|n| n.node.name == node.name)
-            .expect("the node's agent")
-            .process
-            .output()
-    };
+    let log_of = |node: &LabNode| dataplane_lab::agent(&plane, node).process.output();
     let (a_log, b_log) = (log_of(node_a), log_of(node_b));
 
     let client_id = spiffe("cluster-1", "default");

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use weft::demo::plane::{ControlPlane, PlaneOptions};
+use weft::demo::plane::{ControlPlane, PlaneOptions, RunningNode};
 use weft::demo::scenario::{Step, write_step};
 use weft::lab::{Lab, LabNode, LabOptions, LabPod, http_get};
 use weft::model::ClusterSet;
@@ -261,6 +261,39 @@ pub async fn start_plane_with<'lab>(
         .await
         .expect("the nodes are ready");
     plane
+}
+
+/// The agent `plane` runs in `node`.
+pub fn agent<'p, 'lab>(plane: &'p ControlPlane<'lab>, node: &LabNode) -> &'p RunningNode<'lab> {
+    plane
+        .nodes
+        .iter()
+        .find(|n| n.node.name == node.name)
+        .expect("the node's agent")
+}
+
+/// Waits up to 5 s for a line of `agent`'s output since `mark` that holds every one of
+/// `parts` (its output reaches the test through a pipe and a reader thread: a line may trail
+/// what it tells of); fails showing the lines otherwise.
+pub async fn wait_logged(agent: &RunningNode<'_>, mark: usize, parts: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let logged = || {
+        let lines = agent.process.output().since(mark);
+        let found = lines.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+        (found, lines)
+    };
+    loop {
+        let (found, lines) = logged();
+        if found {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line with {parts:?} in {}'s output: {lines:?}",
+            agent.node.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The client pod, the server pod and their nodes.
