@@ -201,6 +201,10 @@ struct NodeArgs {
     /// HBONE connections one source address may hold at once (past it, new ones are reset).
     #[arg(long, value_name = "N", default_value_t = crate::proxy::hbone::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
     max_connections_per_source: usize,
+    /// Dial the pods of admitted connections from the node's own address, not from their
+    /// source's (by default a pod sees who connected, as without weft).
+    #[arg(long)]
+    dial_from_node: bool,
     /// The `nft` program.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     nft: PathBuf,
@@ -728,6 +732,7 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         table_check_interval: args.table_check_interval,
         server: crate::proxy::ServerSettings {
             max_connections_per_source: args.max_connections_per_source,
+            from_source: !args.dial_from_node,
             ..crate::proxy::ServerSettings::default()
         },
         client: crate::proxy::ClientSettings {

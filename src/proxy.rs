@@ -37,18 +37,31 @@ pub const COPY_BUFFER: usize = 64 * 1024;
 const ALPN_H2: &[u8] = b"h2";
 
 /// Connects to `target` from a socket carrying `mark` (weft's own sockets are never captured
-/// again), with Nagle off: tunnels carry interactive traffic too.
+/// again), with Nagle off: tunnels carry interactive traffic too. With `from`, the socket is
+/// transparent and bound to that address, so that the destination sees the connection's true
+/// source (the replies, addressed to it, are delivered to this socket by capture's `socket`
+/// rule); an address of the other family than `target`'s is not used.
 pub async fn connect(
     target: std::net::SocketAddr,
     mark: Option<u32>,
+    from: Option<std::net::IpAddr>,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let socket = if target.is_ipv6() {
         tokio::net::TcpSocket::new_v6()?
     } else {
         tokio::net::TcpSocket::new_v4()?
     };
+    let sock = socket2::SockRef::from(&socket);
     if let Some(mark) = mark {
-        socket2::SockRef::from(&socket).set_mark(mark)?;
+        sock.set_mark(mark)?;
+    }
+    if let Some(from) = from.filter(|from| from.is_ipv6() == target.is_ipv6()) {
+        if from.is_ipv6() {
+            sock.set_ip_transparent_v6(true)?;
+        } else {
+            sock.set_ip_transparent_v4(true)?;
+        }
+        socket.bind(std::net::SocketAddr::new(from, 0))?;
     }
     socket.set_nodelay(true)?;
     socket.connect(target).await

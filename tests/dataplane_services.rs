@@ -4,7 +4,9 @@
 //! admits, and port 81 to its echo port, which it does not. Node A resolves the ClusterIP and
 //! policy judges the endpoint at its target port; then the same with kube-proxy's DNAT of the
 //! ClusterIP in node A's namespace (an nftables nat chain at `dstnat`, -100, before capture's
-//! `prerouting` at -90): the connection is captured and judged on the endpoint. Last, a
+//! `prerouting` at -90): the connection is captured and judged on the endpoint, and the
+//! server sees it come from the client's own address (node B dials from the tunnel's source).
+//! Last, a
 //! hostPort of the client pod (a portmap DNAT of node A's address): a connection from outside
 //! is captured too and judged by the client's ingress policy, which admits nothing.
 
@@ -15,7 +17,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use weft::lab::{ExchangeOutcome, exchange};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use weft::lab::{ExchangeOutcome, Netns, exchange};
 
 use dataplane_lab::{ECHO_PORT, LINE_PORT, nft};
 
@@ -75,6 +78,26 @@ table ip kube_proxy_test {
 }
 ";
 
+/// A responder on `addr` in `netns` that answers each line as the address its connection
+/// came from (the lab's responder protocol: the line, " answered by ", who).
+fn serve_as_peer(netns: &Netns, addr: SocketAddr) {
+    let listener = netns.listen(addr).expect("the listener");
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let answer = format!("{line} answered by {}\n", peer.ip());
+                    if write.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat() {
     if !netns::prerequisites() {
@@ -96,14 +119,15 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
         .insert("cluster-1/client-isolated.yaml".into(), isolated.into());
     let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
     let (client, server, node_a, _) = dataplane_lab::ends(&lab);
-    for port in [LINE_PORT, ECHO_PORT] {
-        lab.serve_responder(
-            &server.netns,
-            dataplane_lab::server_addr(&lab, port),
-            "server",
-        )
-        .expect("the server's responder");
-    }
+    // The line port answers as the address the connection came from: the client's, through
+    // both nodes (node B dials the server from the tunnel's source).
+    serve_as_peer(&server.netns, dataplane_lab::server_addr(&lab, LINE_PORT));
+    lab.serve_responder(
+        &server.netns,
+        dataplane_lab::server_addr(&lab, ECHO_PORT),
+        "server",
+    )
+    .expect("the server's responder");
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
     let agent = dataplane_lab::agent(&plane, node_a);
     let service = |port: u16| SocketAddr::new(CLUSTER_IP.parse().expect("ip"), port);
@@ -127,9 +151,9 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
         assert_eq!(
             line,
             ExchangeOutcome::Answered {
-                by: "server".into()
+                by: client.ip.to_string()
             },
-            "port 80 (the line port) with DNAT {dnat}"
+            "port 80 (the line port) with DNAT {dnat}: the server sees the client"
         );
         let echo = exchange(&client.netns, None, service(81), "hello", PROBE_TIMEOUT)
             .await

@@ -544,7 +544,7 @@ impl Agent {
                     }
                 }
             }
-            Route::Direct { target } => match proxy::connect(target, Some(s.mark)).await {
+            Route::Direct { target } => match proxy::connect(target, Some(s.mark), None).await {
                 Ok(upstream) => {
                     let reason = format!("{why}; direct");
                     decision = decision.settled(true, Layer::NetworkPolicy, reason);
@@ -573,7 +573,9 @@ impl Agent {
             source: from,
             destination: original,
         });
-        match proxy::connect(original, Some(self.settings.mark)).await {
+        let s = &self.settings;
+        let from = s.server.from_source.then_some(from.ip());
+        match proxy::connect(original, Some(s.mark), from).await {
             Ok(upstream) => {
                 decision.record(Some(&self.metrics));
                 let opened = std::future::ready(true);

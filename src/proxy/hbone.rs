@@ -89,6 +89,9 @@ pub struct ServerSettings {
     pub keepalive_timeout: Duration,
     /// The socket mark of dials to destinations (so that capture lets them through).
     pub mark: Option<u32>,
+    /// Dials destinations from the tunnel's source address (the `forwarded` pod's, a
+    /// transparent socket) rather than from the node's, so that the pod sees who connected.
+    pub from_source: bool,
 }
 
 impl Default for ServerSettings {
@@ -107,6 +110,7 @@ impl Default for ServerSettings {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             mark: None,
+            from_source: false,
         }
     }
 }
@@ -419,7 +423,11 @@ impl<A: Admission> Server<A> {
         });
         // Tells this connection's tunnels to close: they outlive the HTTP/2 connection object.
         let (revoke, revoked) = watch::channel(false);
-        let (dial_timeout, mark) = (self.settings.dial_timeout, self.settings.mark);
+        let dial = Dial {
+            timeout: self.settings.dial_timeout,
+            mark: self.settings.mark,
+            from_source: self.settings.from_source,
+        };
         // Accepting drives the connection, the streams of every tunnel on it included.
         let served = async {
             while let Some(accepted) = connection.accept().await {
@@ -427,8 +435,7 @@ impl<A: Admission> Server<A> {
                 tokio::spawn(tunnel(
                     self.admission.clone(),
                     peer.clone(),
-                    dial_timeout,
-                    mark,
+                    dial,
                     revoked.clone(),
                     request,
                     respond,
@@ -534,12 +541,19 @@ impl Drop for Slot {
     }
 }
 
+/// How a tunnel's destination is dialled.
+#[derive(Debug, Clone, Copy)]
+struct Dial {
+    timeout: Duration,
+    mark: Option<u32>,
+    from_source: bool,
+}
+
 /// Handles one stream: checks it, asks the admission, dials, then answers 200 and pipes.
 async fn tunnel<A: Admission>(
     admission: Arc<A>,
     peer: Arc<Peer>,
-    dial_timeout: Duration,
-    mark: Option<u32>,
+    dial: Dial,
     mut revoked: watch::Receiver<bool>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -552,8 +566,9 @@ async fn tunnel<A: Admission>(
         return refuse(&peer, Some(&inbound), refusal, respond);
     }
     let destination = inbound.destination;
-    let upstream = match tokio::time::timeout(dial_timeout, super::connect(destination, mark)).await
-    {
+    let from = dial.from_source.then_some(inbound.source);
+    let dialled = super::connect(destination, dial.mark, from);
+    let upstream = match tokio::time::timeout(dial.timeout, dialled).await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(e)) => {
             tracing::info!(peer = %peer.identity, %destination, error = %e, "hbone dial failed");
