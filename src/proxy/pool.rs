@@ -13,7 +13,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::RecvStream;
 use h2::client::{Connection as H2Connection, ResponseFuture, SendRequest};
 use http::{Method, Request, StatusCode, header::FORWARDED};
 use rustls::ClientConfig;
@@ -24,7 +23,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::stream::{H2Io, Receive, keepalive, poll_receive};
+use super::stream::{H2Io, Receive, Received, keepalive};
 use crate::identity::WorkloadId;
 
 /// Default for [`ClientSettings::max_streams_per_connection`].
@@ -207,7 +206,6 @@ pub struct Tunnel {
 /// A tunnel's receiving side: the answer awaited, then the stream it opened.
 struct Answering {
     answer: Answer,
-    pending: Bytes,
     /// Told the server's answer when it arrives (see [`Tunnel::on_answer`]).
     notify: Option<oneshot::Sender<Result<(), ClientError>>>,
     node: SocketAddr,
@@ -217,7 +215,7 @@ struct Answering {
 /// Where a tunnel's answer stands.
 enum Answer {
     Awaited(ResponseFuture),
-    Open(RecvStream),
+    Open(Received),
     /// Refused or failed: nothing will come back.
     Closed,
 }
@@ -289,7 +287,6 @@ impl Pool {
         tracing::debug!(source = %key.source, destination = %key.destination, %node, %target, "hbone tunnel requested");
         let answering = Answering {
             answer: Answer::Awaited(response),
-            pending: Bytes::new(),
             notify: None,
             node,
             target,
@@ -479,7 +476,7 @@ impl Answering {
         };
         let answer = match ready!(Pin::new(response).poll(cx)) {
             Ok(response) if response.status() == StatusCode::OK => {
-                self.answer = Answer::Open(response.into_body());
+                self.answer = Answer::Open(Received::new(response.into_body()));
                 Ok(())
             }
             Ok(response) => Err(ClientError::Refused {
@@ -516,7 +513,7 @@ impl Receive for Answering {
             }
         }
         match &mut self.answer {
-            Answer::Open(recv) => poll_receive(recv, &mut self.pending, cx, out),
+            Answer::Open(received) => received.poll_receive(cx, out),
             _ => Poll::Ready(Err(io::ErrorKind::ConnectionRefused.into())),
         }
     }

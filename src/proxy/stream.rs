@@ -58,7 +58,7 @@ fn finish(send: &mut SendStream<Bytes>, finished: &mut bool) -> io::Result<()> {
 /// Reads into `out` from `pending` (what arrived and was not read yet), else from the stream;
 /// nothing read and `Ok` once the peer ended the stream. The window is opened again by what
 /// is read, so a slow reader slows the peer.
-pub(super) fn poll_receive(
+fn poll_receive(
     recv: &mut RecvStream,
     pending: &mut Bytes,
     cx: &mut Context<'_>,
@@ -81,7 +81,7 @@ pub(super) fn poll_receive(
 }
 
 /// An HTTP/2 error as an I/O error, its reason kept in the message.
-pub(super) fn h2_error(e: h2::Error) -> io::Error {
+fn h2_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e.into_io().unwrap_or_else(|| io::ErrorKind::Other.into());
     }
