@@ -208,9 +208,10 @@ struct NodeArgs {
     /// The `nft` program.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     nft: PathBuf,
-    /// Threads carrying traffic (as ztunnel's worker threads).
-    #[arg(long, value_name = "N", env = "WEFT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
-    worker_threads: u16,
+    /// Threads carrying traffic (as ztunnel's worker threads); by default half the node's
+    /// CPUs, at least one.
+    #[arg(long, value_name = "N", env = "WEFT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    worker_threads: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -742,7 +743,10 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(args.worker_threads))
+        .worker_threads(
+            args.worker_threads
+                .map_or_else(default_workers, usize::from),
+        )
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -769,6 +773,14 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Resolves at SIGINT or SIGTERM (how a DaemonSet's pod is stopped).
+/// The node agent's worker threads when not given: half the CPUs, at least one. Each byte
+/// weft carries costs as much CPU again in the kernel and the pods at both ends; on two CPUs,
+/// a second worker added 50 µs to a round trip (tokio waking it to steal work the first was
+/// already running) and no throughput.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
@@ -841,4 +853,18 @@ fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     };
     print!("{out}");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_workers_leave_half_the_cpus_to_the_pods() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = super::default_workers();
+        assert!(workers >= 1, "no worker");
+        assert!(
+            2 * workers <= cpus.max(2),
+            "{workers} workers on {cpus} CPUs"
+        );
+    }
 }

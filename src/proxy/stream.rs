@@ -11,13 +11,21 @@ use bytes::{Buf as _, Bytes};
 use h2::{Ping, PingPong, Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Most bytes one DATA frame carries: with its 9-byte header, one full TLS record. A frame of
+/// 16 KiB would be sealed as a full record and a second one of 9 bytes, each encrypted,
+/// framed and decrypted on its own.
+const FRAME_PAYLOAD: usize = 16 * 1024 - 9;
+
 /// Writes what `buf` holds that the stream's flow-control window takes now (at least one
-/// byte once the window opens): the writer feels the peer's back-pressure, h2 buffers nothing
-/// past the window.
+/// byte once the window opens, at most one record's frame): the writer feels the peer's
+/// back-pressure, h2 buffers nothing past the window but the first frame. That one is taken
+/// at once: a stream still to be opened has no capacity until its HEADERS are written, and
+/// waiting for it would send the CONNECT and the first bytes in two records and segments.
 fn poll_send(
     send: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
     buf: &[u8],
+    first: &mut bool,
 ) -> Poll<io::Result<usize>> {
     if buf.is_empty() {
         return Poll::Ready(Ok(0));
@@ -27,6 +35,12 @@ fn poll_send(
             Ok(reason) => reset_error(reason),
             Err(e) => h2_error(e),
         }));
+    }
+    if std::mem::take(first) {
+        let n = buf.len().min(FRAME_PAYLOAD);
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_error)?;
+        return Poll::Ready(Ok(n));
     }
     send.reserve_capacity(buf.len());
     let capacity = loop {
@@ -40,7 +54,7 @@ fn poll_send(
             capacity => break capacity,
         }
     };
-    let n = capacity.min(buf.len());
+    let n = capacity.min(buf.len()).min(FRAME_PAYLOAD);
     send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
         .map_err(h2_error)?;
     Poll::Ready(Ok(n))
@@ -130,6 +144,8 @@ impl Receive for Received {
 /// A tunnel's stream as a byte stream: written at once, read as `R` receives.
 pub(super) struct H2Io<R> {
     send: SendStream<Bytes>,
+    /// Nothing written yet.
+    first: bool,
     finished: bool,
     /// The receiving side.
     pub(super) recv: R,
@@ -139,6 +155,7 @@ impl<R> H2Io<R> {
     pub(super) fn new(send: SendStream<Bytes>, recv: R) -> Self {
         Self {
             send,
+            first: true,
             finished: false,
             recv,
         }
@@ -161,7 +178,8 @@ impl<R: Unpin> AsyncWrite for H2Io<R> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        poll_send(&mut self.send, cx, buf)
+        let me = &mut *self;
+        poll_send(&mut me.send, cx, buf, &mut me.first)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -186,5 +204,145 @@ pub(super) async fn keepalive(mut pings: PingPong, interval: Duration, timeout: 
             Ok(Err(_)) => std::future::pending().await,
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt as _;
+
+    /// What a transport was asked to write, call by call.
+    struct Recording<S> {
+        inner: S,
+        writes: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Recording<S> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Recording<S> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+            self.writes
+                .lock()
+                .expect("writes")
+                .push(buf[..written].to_vec());
+            Poll::Ready(Ok(written))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// An h2 server on `far` that reads every stream to its end, answering none.
+    fn drain(far: tokio::io::DuplexStream) {
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(far).await.expect("server handshake");
+            while let Some(Ok((request, respond))) = connection.accept().await {
+                let mut body = request.into_body();
+                tokio::spawn(async move {
+                    let _respond = respond;
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_streams_first_bytes_are_written_with_its_headers() {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        drain(far);
+        let writes = std::sync::Arc::default();
+        let near = Recording {
+            inner: near,
+            writes: std::sync::Arc::clone(&writes),
+        };
+        let (client, connection) = h2::client::handshake(near).await.expect("client handshake");
+        tokio::spawn(connection);
+        // The second stream too: its HEADERS are compressed against the first's.
+        for _ in 0..2 {
+            let mut client = client.clone().ready().await.expect("ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            writes.lock().expect("writes").clear();
+            let request = http::Request::post("http://weft.test/")
+                .body(())
+                .expect("request");
+            let (_, send) = client.send_request(request, false).expect("send");
+            let mut io = H2Io::new(send, ());
+            io.write_all(&[1u8; 1024]).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let writes = writes.lock().expect("writes");
+            // The first write: a HEADERS frame, then a DATA frame's header.
+            let first = writes.first().expect("a write");
+            let headers =
+                usize::from(first[0]) << 16 | usize::from(first[1]) << 8 | usize::from(first[2]);
+            assert_eq!(first[3], 1, "not a HEADERS frame: {first:?}");
+            assert!(
+                first.len() >= 9 + headers + 9 && first[9 + headers + 3] == 0,
+                "the HEADERS were written without the DATA: {:?}",
+                writes.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    /// A client stream written through `H2Io` and the DATA frames the server receives.
+    #[tokio::test]
+    async fn each_data_frame_fits_one_tls_record() {
+        let (near, far) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(far).await.expect("server handshake");
+            let (request, respond) = connection
+                .accept()
+                .await
+                .expect("a stream")
+                .expect("a request");
+            tokio::spawn(async move { while connection.accept().await.is_some() {} });
+            drop(respond);
+            let mut body = request.into_body();
+            let mut frames = Vec::new();
+            while let Some(data) = body.data().await {
+                let data = data.expect("data");
+                let _ = body.flow_control().release_capacity(data.len());
+                frames.push(data.len());
+            }
+            frames
+        });
+        let (client, connection) = h2::client::handshake(near).await.expect("client handshake");
+        tokio::spawn(connection);
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::post("http://weft.test/")
+            .body(())
+            .expect("request");
+        let (_, send) = client.send_request(request, false).expect("send");
+        let mut io = H2Io::new(send, ());
+        let bulk = vec![7u8; 64 * 1024 + 100];
+        io.write_all(&bulk).await.expect("write");
+        io.shutdown().await.expect("end of stream");
+        let frames = server.await.expect("server");
+        assert_eq!(frames.iter().sum::<usize>(), bulk.len());
+        assert!(frames.len() >= 5, "{frames:?}");
+        assert!(
+            frames.iter().all(|&n| n + 9 <= 16 * 1024),
+            "a frame with its header is larger than a TLS record: {frames:?}"
+        );
     }
 }
