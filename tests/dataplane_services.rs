@@ -6,9 +6,12 @@
 //! ClusterIP in node A's namespace (an nftables nat chain at `dstnat`, -100, before capture's
 //! `prerouting` at -90): the connection is captured and judged on the endpoint, and the
 //! server sees it come from the client's own address (node B dials from the tunnel's source).
-//! Last, a
+//! Then a
 //! hostPort of the client pod (a portmap DNAT of node A's address): a connection from outside
-//! is captured too and judged by the client's ingress policy, which admits nothing.
+//! is captured too and judged by the client's ingress policy, which admits nothing. Last, a
+//! NodePort of the Service from outside, DNATed by kube-proxy in node A to cluster-2's server
+//! and masqueraded (the endpoint is on another node): node B sees node A's address, plaintext,
+//! and judges it by the server's ingress policy at the endpoint's port.
 
 mod dataplane_lab;
 mod netns;
@@ -67,6 +70,22 @@ table ip host_port_test {
 }
 ";
 
+/// kube-proxy's NodePorts 30081 and 30082 of the Service on node A, to the endpoint on another
+/// node: DNAT, and the mark by which kube-proxy masquerades such packets as they leave.
+const NODE_PORT: &str = "\
+table ip node_port_test {
+  chain prerouting {
+    type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 192.168.1.11 tcp dport 30081 meta mark set meta mark | 0x4000 dnat to 10.2.1.10:5203
+    ip daddr 192.168.1.11 tcp dport 30082 meta mark set meta mark | 0x4000 dnat to 10.2.1.10:5202
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    meta mark & 0x4000 == 0x4000 masquerade
+  }
+}
+";
+
 /// kube-proxy's part for the Service in a node: DNAT of the ClusterIP's ports to the endpoint.
 const KUBE_PROXY: &str = "\
 table ip kube_proxy_test {
@@ -99,7 +118,7 @@ fn serve_as_peer(netns: &Netns, addr: SocketAddr) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat() {
+async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_through_dnat() {
     if !netns::prerequisites() {
         return;
     }
@@ -118,7 +137,7 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
     step.files
         .insert("cluster-1/client-isolated.yaml".into(), isolated.into());
     let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
-    let (client, server, node_a, _) = dataplane_lab::ends(&lab);
+    let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
     // The line port answers as the address the connection came from: the client's, through
     // both nodes (node B dials the server from the tunnel's source).
     serve_as_peer(&server.netns, dataplane_lab::server_addr(&lab, LINE_PORT));
@@ -196,6 +215,40 @@ async fn a_cluster_ip_and_a_host_port_are_judged_on_their_endpoint_through_dnat(
         r#""verdict":"deny""#,
     ];
     dataplane_lab::wait_logged(agent, log, &parts).await;
+
+    // A NodePort from outside, to an endpoint behind node B.
+    let rules = work.path().join("node-port.nft");
+    std::fs::write(&rules, NODE_PORT).expect("the NodePort rules written");
+    nft(node_a, &["-f", &rules.to_string_lossy()]).expect("the NodePort DNAT installed");
+    let agent_b = dataplane_lab::agent(&plane, node_b);
+    let log = agent_b.process.output().mark();
+    let node_port = |port: u16| SocketAddr::new(node_a.ip.into(), port);
+    let line = exchange(lab.wire(), None, node_port(30081), "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        line,
+        ExchangeOutcome::Answered {
+            by: node_a.ip.to_string()
+        },
+        "the NodePort to the line port: the server sees node A, which masqueraded it"
+    );
+    let echo = exchange(lab.wire(), None, node_port(30082), "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!echo.allowed(), "the NodePort to the echo port: {echo}");
+    let source = format!(r#""source":"{}:"#, node_a.ip);
+    for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
+        let destination = endpoint(port);
+        let verdict = format!(r#""verdict":"{verdict}""#);
+        let parts = [
+            r#""direction":"plaintext""#,
+            &source,
+            &destination,
+            &verdict,
+        ];
+        dataplane_lab::wait_logged(agent_b, log, &parts).await;
+    }
 
     drop(plane);
     let prefix = lab.prefix().to_owned();
