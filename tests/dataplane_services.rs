@@ -117,6 +117,44 @@ fn serve_as_peer(netns: &Netns, addr: SocketAddr) {
     });
 }
 
+/// Dials `line` and `echo` from `from`: the line port is answered as `seen` (the address the
+/// server saw), the echo port refused; then waits for both decisions in the agent's log since
+/// the mark, each a line with `parts`, the endpoint dialled and its verdict.
+async fn line_answered_echo_refused(
+    lab: &weft::lab::Lab,
+    from: &Netns,
+    (line, echo): (SocketAddr, SocketAddr),
+    seen: std::net::Ipv4Addr,
+    (agent, log): (&weft::demo::plane::RunningNode<'_>, usize),
+    parts: &[&str],
+    what: &str,
+) {
+    let answered = exchange(from, None, line, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        answered,
+        ExchangeOutcome::Answered {
+            by: seen.to_string()
+        },
+        "{what}, the line port: the server sees {seen}"
+    );
+    let refused = exchange(from, None, echo, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!refused.allowed(), "{what}, the echo port: {refused}");
+    for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
+        let destination = format!(
+            r#""destination":"{}""#,
+            dataplane_lab::server_addr(lab, port)
+        );
+        let verdict = format!(r#""verdict":"{verdict}""#);
+        let mut all = parts.to_vec();
+        all.extend([destination.as_str(), verdict.as_str()]);
+        dataplane_lab::wait_logged(agent, log, &all).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_through_dnat() {
     if !netns::prerequisites() {
@@ -150,12 +188,6 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
     let agent = dataplane_lab::agent(&plane, node_a);
     let service = |port: u16| SocketAddr::new(CLUSTER_IP.parse().expect("ip"), port);
-    let endpoint = |port: u16| {
-        format!(
-            r#""destination":"{}""#,
-            dataplane_lab::server_addr(&lab, port)
-        )
-    };
 
     for dnat in [false, true] {
         if dnat {
@@ -164,31 +196,17 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
             nft(node_a, &["-f", &rules.to_string_lossy()]).expect("kube-proxy's DNAT installed");
         }
         let log = agent.process.output().mark();
-        let line = exchange(&client.netns, None, service(80), "hello", PROBE_TIMEOUT)
-            .await
-            .outcome;
-        assert_eq!(
-            line,
-            ExchangeOutcome::Answered {
-                by: client.ip.to_string()
-            },
-            "port 80 (the line port) with DNAT {dnat}: the server sees the client"
-        );
-        let echo = exchange(&client.netns, None, service(81), "hello", PROBE_TIMEOUT)
-            .await
-            .outcome;
-        assert!(
-            !echo.allowed(),
-            "port 81 (the echo port) with DNAT {dnat}: {echo}"
-        );
-
-        // Both went through node A's outbound proxy, judged and dialled at the endpoint's port.
-        for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
-            let destination = endpoint(port);
-            let verdict = format!(r#""verdict":"{verdict}""#);
-            let parts = [r#""direction":"outbound""#, &destination, &verdict];
-            dataplane_lab::wait_logged(agent, log, &parts).await;
-        }
+        // Through node A's outbound proxy, judged and dialled at the endpoint's port.
+        line_answered_echo_refused(
+            &lab,
+            &client.netns,
+            (service(80), service(81)),
+            client.ip,
+            (agent, log),
+            &[r#""direction":"outbound""#],
+            &format!("the ClusterIP with DNAT {dnat}"),
+        )
+        .await;
     }
 
     // A hostPort: from outside (the wire between the nodes) to node A's address, DNATed to the
@@ -223,32 +241,17 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
     let agent_b = dataplane_lab::agent(&plane, node_b);
     let log = agent_b.process.output().mark();
     let node_port = |port: u16| SocketAddr::new(node_a.ip.into(), port);
-    let line = exchange(lab.wire(), None, node_port(30081), "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert_eq!(
-        line,
-        ExchangeOutcome::Answered {
-            by: node_a.ip.to_string()
-        },
-        "the NodePort to the line port: the server sees node A, which masqueraded it"
-    );
-    let echo = exchange(lab.wire(), None, node_port(30082), "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert!(!echo.allowed(), "the NodePort to the echo port: {echo}");
     let source = format!(r#""source":"{}:"#, node_a.ip);
-    for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
-        let destination = endpoint(port);
-        let verdict = format!(r#""verdict":"{verdict}""#);
-        let parts = [
-            r#""direction":"plaintext""#,
-            &source,
-            &destination,
-            &verdict,
-        ];
-        dataplane_lab::wait_logged(agent_b, log, &parts).await;
-    }
+    line_answered_echo_refused(
+        &lab,
+        lab.wire(),
+        (node_port(30081), node_port(30082)),
+        node_a.ip,
+        (agent_b, log),
+        &[r#""direction":"plaintext""#, &source],
+        "the NodePort, masqueraded by node A",
+    )
+    .await;
 
     drop(plane);
     let prefix = lab.prefix().to_owned();
