@@ -201,8 +201,9 @@ struct NodeArgs {
     /// HBONE connections one source address may hold at once (past it, new ones are reset).
     #[arg(long, value_name = "N", default_value_t = crate::proxy::hbone::DEFAULT_MAX_CONNECTIONS_PER_SOURCE)]
     max_connections_per_source: usize,
-    /// Dial the pods of admitted connections from the node's own address, not from their
-    /// source's (by default a pod sees who connected, as without weft).
+    /// Dial the pods of admitted connections, and destinations outside the mesh, from the
+    /// node's own address, not from their source's (by default each sees who connected, as
+    /// without weft).
     #[arg(long)]
     dial_from_node: bool,
     /// The `nft` program.

@@ -38,14 +38,32 @@ const ALPN_H2: &[u8] = b"h2";
 
 /// Connects to `target` from a socket carrying `mark` (weft's own sockets are never captured
 /// again), with Nagle off: tunnels carry interactive traffic too. With `from`, the socket is
-/// transparent and bound to that address, so that the destination sees the connection's true
+/// transparent and bound to its address, so that the destination sees the connection's true
 /// source (the replies, addressed to it, are delivered to this socket by capture's `socket`
-/// rule); an address of the other family than `target`'s is not used.
+/// rule), at any port but `from`'s own: the source's connection, captured on this node, holds
+/// that four-tuple in conntrack. An address of the other family than `target`'s is not used.
 pub async fn connect(
     target: std::net::SocketAddr,
     mark: Option<u32>,
-    from: Option<std::net::IpAddr>,
+    from: Option<std::net::SocketAddr>,
 ) -> std::io::Result<tokio::net::TcpStream> {
+    let from = from.filter(|from| from.is_ipv6() == target.is_ipv6());
+    let mut socket = bound(target, mark, from)?;
+    if let Some(from) = from.filter(|from| from.port() != 0) {
+        // The kernel picks a bound port at random: a second pick is another port.
+        while socket.local_addr()?.port() == from.port() {
+            socket = bound(target, mark, Some(from))?;
+        }
+    }
+    socket.connect(target).await
+}
+
+/// A socket for [`connect`] to `target`, bound to `from`'s address (an ephemeral port).
+fn bound(
+    target: std::net::SocketAddr,
+    mark: Option<u32>,
+    from: Option<std::net::SocketAddr>,
+) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if target.is_ipv6() {
         tokio::net::TcpSocket::new_v6()?
     } else {
@@ -55,14 +73,14 @@ pub async fn connect(
     if let Some(mark) = mark {
         sock.set_mark(mark)?;
     }
-    if let Some(from) = from.filter(|from| from.is_ipv6() == target.is_ipv6()) {
+    if let Some(from) = from {
         if from.is_ipv6() {
             sock.set_ip_transparent_v6(true)?;
         } else {
             sock.set_ip_transparent_v4(true)?;
         }
-        socket.bind(std::net::SocketAddr::new(from, 0))?;
+        socket.bind(std::net::SocketAddr::new(from.ip(), 0))?;
     }
     socket.set_nodelay(true)?;
-    socket.connect(target).await
+    Ok(socket)
 }

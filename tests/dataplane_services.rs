@@ -11,7 +11,9 @@
 //! is captured too and judged by the client's ingress policy, which admits nothing. Last, a
 //! NodePort of the Service from outside, DNATed by kube-proxy in node A to cluster-2's server
 //! and masqueraded (the endpoint is on another node): node B sees node A's address, plaintext,
-//! and judges it by the server's ingress policy at the endpoint's port.
+//! and judges it by the server's ingress policy at the endpoint's port. A second test dials an
+//! address outside every cluster: dialled directly from the client's own address when its
+//! egress policy admits the port, denied at the source otherwise.
 
 mod dataplane_lab;
 mod netns;
@@ -252,6 +254,65 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
         "the NodePort, masqueraded by node A",
     )
     .await;
+
+    drop(plane);
+    let prefix = lab.prefix().to_owned();
+    drop(lab);
+    assert!(
+        weft::lab::Lab::namespaces_of(&prefix).is_empty(),
+        "namespaces left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_outside_every_cluster_is_dialled_from_the_pod_after_its_egress_check() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let mut step = dataplane_lab::line_port_only();
+    step.name = "outside".into();
+    // The client may reach the nodes' segment on one port only.
+    let egress = dataplane_lab::network_policy(
+        "client-egress",
+        "{matchLabels: {app: client}}",
+        "policyTypes: [Egress]\negress:\n  - to: [{ipBlock: {cidr: 192.168.1.0/24}}]\n    \
+         ports: [{port: 7001, protocol: TCP}]",
+    );
+    step.files
+        .insert("cluster-1/client-egress.yaml".into(), egress.into());
+    let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
+    let (client, _, node_a, _) = dataplane_lab::ends(&lab);
+    // The wire's address is no pod's and no node's: outside every cluster, routed back to
+    // pods through their nodes.
+    let outside = |port: u16| SocketAddr::new(lab.wire_ip().into(), port);
+    serve_as_peer(lab.wire(), outside(7001));
+    serve_as_peer(lab.wire(), outside(7002));
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let agent = dataplane_lab::agent(&plane, node_a);
+    let log = agent.process.output().mark();
+
+    let allowed = exchange(&client.netns, None, outside(7001), "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        allowed,
+        ExchangeOutcome::Answered {
+            by: client.ip.to_string()
+        },
+        "the admitted port: the destination sees the client, not node A"
+    );
+    let denied = exchange(&client.netns, None, outside(7002), "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!denied.allowed(), "another port: {denied}");
+    for (port, verdict, reason) in [(7001, "allow", "direct"), (7002, "deny", "egress")] {
+        let destination = format!(r#""destination":"{}""#, outside(port));
+        let verdict = format!(r#""verdict":"{verdict}""#);
+        let parts = [r#""direction":"outbound""#, &destination, &verdict, reason];
+        dataplane_lab::wait_logged(agent, log, &parts).await;
+    }
 
     drop(plane);
     let prefix = lab.prefix().to_owned();

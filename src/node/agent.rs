@@ -544,18 +544,24 @@ impl Agent {
                     }
                 }
             }
-            Route::Direct { target } => match proxy::connect(target, Some(s.mark), None).await {
-                Ok(upstream) => {
-                    let reason = format!("{why}; direct");
-                    decision = decision.settled(true, Layer::NetworkPolicy, reason);
-                    self.carry(stream, upstream, decision, from.ip(), target)
-                        .await;
+            // From the pod's address too: a destination outside the mesh sees the pod, as
+            // without weft (and the node's masquerade, if any, still applies on the way out).
+            Route::Direct { target } => {
+                match proxy::connect(target, Some(s.mark), s.server.from_source.then_some(from))
+                    .await
+                {
+                    Ok(upstream) => {
+                        let reason = format!("{why}; direct");
+                        decision = decision.settled(true, Layer::NetworkPolicy, reason);
+                        self.carry(stream, upstream, decision, from.ip(), target)
+                            .await;
+                    }
+                    Err(error) => {
+                        let reason = format!("connecting to {target}: {error}");
+                        self.refuse(stream, decision.settled(false, Layer::Transport, reason));
+                    }
                 }
-                Err(error) => {
-                    let reason = format!("connecting to {target}: {error}");
-                    self.refuse(stream, decision.settled(false, Layer::Transport, reason));
-                }
-            },
+            }
         }
     }
 
@@ -574,7 +580,7 @@ impl Agent {
             destination: original,
         });
         let s = &self.settings;
-        let from = s.server.from_source.then_some(from.ip());
+        let from = s.server.from_source.then_some(from);
         match proxy::connect(original, Some(s.mark), from).await {
             Ok(upstream) => {
                 decision.record(Some(&self.metrics));

@@ -566,7 +566,10 @@ async fn tunnel<A: Admission>(
         return refuse(&peer, Some(&inbound), refusal, respond);
     }
     let destination = inbound.destination;
-    let from = dial.from_source.then_some(inbound.source);
+    // The source's own connection is on its node, not this one: no port to keep clear of.
+    let from = dial
+        .from_source
+        .then_some(SocketAddr::new(inbound.source, 0));
     let dialled = super::connect(destination, dial.mark, from);
     let upstream = match tokio::time::timeout(dial.timeout, dialled).await {
         Ok(Ok(upstream)) => upstream,
