@@ -773,7 +773,6 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Resolves at SIGINT or SIGTERM (how a DaemonSet's pod is stopped).
 /// The node agent's worker threads when not given: half the CPUs, at least one. Each byte
 /// weft carries costs as much CPU again in the kernel and the pods at both ends; on two CPUs,
 /// a second worker added 50 µs to a round trip (tokio waking it to steal work the first was
@@ -782,6 +781,7 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
+/// Resolves at SIGINT or SIGTERM (how a DaemonSet's pod is stopped).
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
