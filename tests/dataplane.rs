@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use weft::demo::plane::{ControlPlane, PlaneOptions, Stop, TRACKER_PORT};
-use weft::lab::{ExchangeOutcome, Lab, LabNode, LabPod, exchange, http_get};
+use weft::lab::{ExchangeOutcome, LabNode, LabPod, exchange, http_get};
 
 use dataplane_lab::{ECHO_PORT, LINE_PORT, config_dump, nft};
 
@@ -194,7 +194,7 @@ async fn the_data_plane_survives_a_flushed_table_a_killed_agent_and_a_tightened_
     eprintln!("the open connection ended {took:?} after the policy was written: {how}");
     assert!(!probe(client, to).await, "a new connection is denied");
     drop(plane);
-    drop_lab(lab);
+    dataplane_lab::drop_lab(lab);
 }
 
 /// Issue 5 §1: fresh nodes (no agents, no weft tables) forward the client's connection to the
@@ -338,7 +338,7 @@ async fn before_its_first_complete_view_a_node_refuses_what_it_forwards() {
     );
     eprintln!("held and released in {:?}", started.elapsed());
     drop(plane);
-    drop_lab(lab);
+    dataplane_lab::drop_lab(lab);
 }
 
 /// A neighbour of the client on node A (the allow step otherwise).
@@ -402,13 +402,7 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
         dataplane_lab::wait_logged(agent, log, &parts).await;
     }
     drop(plane);
-    drop_lab(lab);
-}
-
-fn drop_lab(lab: Lab) {
-    let prefix = lab.prefix().to_owned();
-    drop(lab);
-    assert!(Lab::namespaces_of(&prefix).is_empty(), "namespaces left");
+    dataplane_lab::drop_lab(lab);
 }
 
 /// One probe of the restart loop's prober.
@@ -584,7 +578,7 @@ async fn an_agent_restart_loop_never_lets_a_denied_connection_through() {
         );
     }
     drop(plane);
-    drop_lab(lab);
+    dataplane_lab::drop_lab(lab);
 }
 
 /// Sends a line on `lines`' connection every 100 ms until `stop`; how many were answered, and
@@ -710,5 +704,5 @@ async fn certificates_rotate_under_load_without_breaking_a_connection() {
         }
     }
     drop(plane);
-    drop_lab(lab);
+    dataplane_lab::drop_lab(lab);
 }

@@ -256,12 +256,7 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
     .await;
 
     drop(plane);
-    let prefix = lab.prefix().to_owned();
-    drop(lab);
-    assert!(
-        weft::lab::Lab::namespaces_of(&prefix).is_empty(),
-        "namespaces left"
-    );
+    dataplane_lab::drop_lab(lab);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,10 +310,5 @@ async fn an_address_outside_every_cluster_is_dialled_from_the_pod_after_its_egre
     }
 
     drop(plane);
-    let prefix = lab.prefix().to_owned();
-    drop(lab);
-    assert!(
-        weft::lab::Lab::namespaces_of(&prefix).is_empty(),
-        "namespaces left"
-    );
+    dataplane_lab::drop_lab(lab);
 }

@@ -272,6 +272,13 @@ pub fn agent<'p, 'lab>(plane: &'p ControlPlane<'lab>, node: &LabNode) -> &'p Run
         .expect("the node's agent")
 }
 
+/// Drops `lab` and checks that none of its namespaces is left.
+pub fn drop_lab(lab: Lab) {
+    let prefix = lab.prefix().to_owned();
+    drop(lab);
+    assert!(Lab::namespaces_of(&prefix).is_empty(), "namespaces left");
+}
+
 /// Waits up to 5 s for a line of `agent`'s output since `mark` that holds every one of
 /// `parts` (its output reaches the test through a pipe and a reader thread: a line may trail
 /// what it tells of); fails showing the lines otherwise.
