@@ -90,7 +90,8 @@ pub struct ServerSettings {
     /// The socket mark of dials to destinations (so that capture lets them through).
     pub mark: Option<u32>,
     /// Dials destinations from the tunnel's source address (the `forwarded` pod's, a
-    /// transparent socket) rather than from the node's, so that the pod sees who connected.
+    /// transparent socket) rather than from the node's, so that the pod sees who connected;
+    /// the node agent's plaintext and direct outbound dials follow the same setting.
     pub from_source: bool,
 }
 

@@ -36,22 +36,20 @@ fn poll_send(
             Err(e) => h2_error(e),
         }));
     }
-    if std::mem::take(first) {
-        let n = buf.len().min(FRAME_PAYLOAD);
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(h2_error)?;
-        return Poll::Ready(Ok(n));
-    }
-    send.reserve_capacity(buf.len());
-    let capacity = loop {
-        match send.capacity() {
-            0 => match ready!(send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(h2_error(e))),
-                // The stream can send no more: it ended, or the peer reset it.
-                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            },
-            capacity => break capacity,
+    let capacity = if std::mem::take(first) {
+        buf.len()
+    } else {
+        send.reserve_capacity(buf.len());
+        loop {
+            match send.capacity() {
+                0 => match ready!(send.poll_capacity(cx)) {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Poll::Ready(Err(h2_error(e))),
+                    // The stream can send no more: it ended, or the peer reset it.
+                    None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+                },
+                capacity => break capacity,
+            }
         }
     };
     let n = capacity.min(buf.len()).min(FRAME_PAYLOAD);
