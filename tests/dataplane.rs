@@ -49,23 +49,28 @@ async fn begin() -> Option<(
     ))
 }
 
-/// weft's table in `node` (`nft -j list table inet weft`), handles removed: a table made
-/// again gets new ones from the kernel (a restarted agent replaces its table in one
-/// transaction, so the table's own handle changes while everything in it is the same).
+/// weft's table in `node` (`nft -j list table inet weft`), handles and counts removed: a table
+/// made again gets new handles from the kernel (a restarted agent replaces its table in one
+/// transaction, so the table's own handle changes while everything in it is the same), and
+/// its drop rules count what they drop.
 fn table(node: &LabNode) -> Option<serde_json::Value> {
     let text = nft(node, &["-j", "list", "table", "inet", "weft"]).ok()?;
     let mut json: serde_json::Value = serde_json::from_str(&text).expect("nft's JSON");
-    strip_handles(&mut json);
+    strip_run_state(&mut json);
     Some(json)
 }
 
-fn strip_handles(value: &mut serde_json::Value) {
+/// Drops rule handles and zeroes counters: what differs between two listings of one ruleset.
+fn strip_run_state(value: &mut serde_json::Value) {
     match value {
         serde_json::Value::Object(map) => {
             map.remove("handle");
-            map.values_mut().for_each(strip_handles);
+            if let Some(serde_json::Value::Object(counter)) = map.get_mut("counter") {
+                counter.values_mut().for_each(|n| *n = 0.into());
+            }
+            map.values_mut().for_each(strip_run_state);
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_handles),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_run_state),
         _ => {}
     }
 }

@@ -312,3 +312,73 @@ async fn an_address_outside_every_cluster_is_dialled_from_the_pod_after_its_egre
     drop(plane);
     dataplane_lab::drop_lab(lab);
 }
+
+/// With its agent gone, a node passes none of its pods' TCP, whatever the destination:
+/// capture's rules stay, and a connection no listener takes is dropped, never forwarded
+/// uncaptured. Before, the egress to an address outside the mesh that policy admits is
+/// answered, and plaintext from outside to the server is refused by its ingress policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_agent_a_node_passes_none_of_its_pods_tcp() {
+    if !netns::prerequisites() {
+        return;
+    }
+    let weft = Path::new(env!("CARGO_BIN_EXE_weft"));
+    let work = tempfile::tempdir().expect("a temporary directory");
+    let mut step = dataplane_lab::step_with("agentless", &[]);
+    let egress = dataplane_lab::network_policy(
+        "client-egress",
+        "{matchLabels: {app: client}}",
+        "policyTypes: [Egress]\negress:\n  - to: [{ipBlock: {cidr: 192.168.1.0/24}}]\n    \
+         ports: [{port: 7001, protocol: TCP}]\n  - to: [{podSelector: {}, \
+         namespaceSelector: {}}]",
+    );
+    // The server admits pods only: plaintext from outside is denied.
+    let ingress = dataplane_lab::network_policy(
+        "line-port-only",
+        dataplane_lab::SELECT_SERVER,
+        "policyTypes: [Ingress]\ningress:\n  - from: [{podSelector: {}, namespaceSelector: {}}]",
+    );
+    step.files
+        .insert("cluster-1/client-egress.yaml".into(), egress.into());
+    step.files
+        .insert("cluster-2/policy.yaml".into(), ingress.into());
+    let (lab, set, step) = dataplane_lab::build_lab_of(work.path(), step);
+    let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
+    let outside = SocketAddr::new(lab.wire_ip().into(), 7001);
+    serve_as_peer(lab.wire(), outside);
+    let to_server = dataplane_lab::server_addr(&lab, LINE_PORT);
+    lab.serve_responder(&server.netns, to_server, "server")
+        .expect("the server's responder");
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let reached = async |from: &Netns, to: SocketAddr| {
+        exchange(from, None, to, "hello", PROBE_TIMEOUT)
+            .await
+            .outcome
+            .allowed()
+    };
+    assert!(reached(&client.netns, outside).await, "egress admitted");
+    assert!(reached(&client.netns, to_server).await, "client → server");
+    assert!(
+        !reached(lab.wire(), to_server).await,
+        "ingress from outside"
+    );
+
+    for node in [node_a, node_b] {
+        lab.kill(&dataplane_lab::agent(&plane, node).process).await;
+    }
+    assert!(
+        !reached(&client.netns, outside).await,
+        "egress without node A's agent"
+    );
+    assert!(
+        !reached(&client.netns, to_server).await,
+        "client → server without agents"
+    );
+    assert!(
+        !reached(lab.wire(), to_server).await,
+        "ingress without node B's agent"
+    );
+
+    drop(plane);
+    dataplane_lab::drop_lab(lab);
+}

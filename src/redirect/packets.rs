@@ -25,7 +25,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use nftables::batch::Batch;
-use nftables::expr::{CT, Expression, Meta, MetaKey, NamedExpression, Prefix, Range, SetItem};
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Prefix, Range, SetItem};
 use nftables::schema::{
     Chain, Element, NfListObject, Nftables, Set, SetFlag, SetType, SetTypeValue,
 };
@@ -33,7 +33,7 @@ use nftables::stmt::{Counter, Drop, JumpTarget, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::TABLE;
-use super::ruleset::{Drift, Family, matches, payload};
+use super::ruleset::{Drift, Family, ct, matches, payload};
 use crate::model::Protocol;
 use crate::policy::{Grant, PacketPolicy};
 
@@ -435,14 +435,6 @@ fn text<'a>(e: &'a Expression<'_>) -> Option<&'a str> {
 fn meta_l4proto() -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta {
         key: MetaKey::L4proto,
-    }))
-}
-
-fn ct(key: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::CT(CT {
-        key: key.into(),
-        family: None,
-        dir: None,
     }))
 }
 

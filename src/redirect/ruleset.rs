@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use nftables::batch::Batch;
 use nftables::expr::{
-    BinaryOperation, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
-    PayloadField, Socket, SocketAttr,
+    BinaryOperation, CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
+    Payload, PayloadField, Socket, SocketAttr,
 };
 use nftables::schema::{
     Chain, Element, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
@@ -402,6 +402,15 @@ pub(super) fn matches(
     Statement::Match(Match { left, right, op })
 }
 
+/// A conntrack key of the packet's connection (`ct state`, `ct direction`).
+pub(super) fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+
 /// Set membership: nft's JSON spells it `== "@set"` (`Operator::IN` is the bitmask operator).
 fn in_set(family: Family, field: &'static str) -> Statement<'static> {
     matches(
@@ -626,6 +635,36 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
             format!("weft: inbound plaintext tcp to local pods ({ip})"),
             inbound,
         ));
+        // A TPROXY that finds no listener (the agent down, or none of this family) lets the
+        // packet go on as if capture were not there. What the diverts above did not take is
+        // dropped here, so capture fails closed; but a pod's answers to the node's own
+        // connections (kubelet probes) are no connection of the pod's and pass.
+        rules.push((
+            "prerouting",
+            format!("weft: local pods' answers to the node's own connections ({ip})"),
+            vec![
+                in_set(family, "saddr"),
+                is_tcp(),
+                matches(
+                    ct("direction"),
+                    Operator::EQ,
+                    Expression::String("reply".into()),
+                ),
+                Statement::Accept(Some(Accept {})),
+            ],
+        ));
+        for (field, way) in [("saddr", "from"), ("daddr", "to")] {
+            rules.push((
+                "prerouting",
+                format!("weft: tcp {way} local pods that no listener took is dropped ({ip})"),
+                vec![
+                    in_set(family, field),
+                    is_tcp(),
+                    Statement::Counter(Counter::Anonymous(None)),
+                    Statement::Drop(Some(Drop {})),
+                ],
+            ));
+        }
     }
     // Only the node's own sockets reach the output hook, and marks do not survive a veth into
     // another namespace, so a pod cannot forge this exemption (THREATS 24). weft's own dials to
