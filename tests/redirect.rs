@@ -609,7 +609,7 @@ fn applying_twice_yields_the_same_table() {
         .count();
     assert_eq!(
         rules,
-        13 + 29,
+        19 + 29,
         "no rule duplicated (capture, then the packet layer)"
     );
     assert_intact(&t.node, &redirect);
