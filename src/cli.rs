@@ -164,14 +164,14 @@ struct NodeArgs {
     /// Trust bundles: one `TRUST_DOMAIN.pem` (or SPIFFE `.json`) per trust domain.
     #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
     bundles: Option<PathBuf>,
-    /// Outbound listener: captured connections of local pods.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15001")]
+    /// Outbound listener: captured connections of local pods (`[::]`: both families).
+    #[arg(long, value_name = "ADDR", default_value = "[::]:15001")]
     outbound: SocketAddr,
     /// Inbound plaintext listener.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15006")]
+    #[arg(long, value_name = "ADDR", default_value = "[::]:15006")]
     inbound: SocketAddr,
     /// HBONE listener (mTLS tunnels).
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15008")]
+    #[arg(long, value_name = "ADDR", default_value = "[::]:15008")]
     hbone: SocketAddr,
     /// Admin endpoint, with /config_dump: keep it on localhost.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]

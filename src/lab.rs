@@ -20,7 +20,7 @@ mod plan;
 mod process;
 mod traffic;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,6 +39,8 @@ use crate::model::{ClusterId, ClusterSet};
 /// The gateway every pod routes through: link-local, answered by its node's proxy ARP, so
 /// pods need no address of the node's.
 const POD_GATEWAY: &str = "169.254.1.1";
+/// A pod's IPv6 gateway: a link-local address its node's end of the link holds.
+const POD_GATEWAY6: &str = "fe80::1";
 /// The prefix of every namespace the lab makes.
 const PREFIX: &str = "weft-";
 /// How long dropping a lab waits for the processes it killed to be gone.
@@ -207,6 +209,8 @@ pub struct LabNode {
     pub name: String,
     /// Its address on the wire.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address on the wire, if it is dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     /// Its namespace.
     pub netns: Netns,
 }
@@ -222,6 +226,8 @@ pub struct LabPod {
     pub name: String,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if it and its node are dual-stack.
+    pub ip6: Option<Ipv6Addr>,
     /// Its node, an index into [`Lab::nodes`].
     pub node: usize,
     /// The TCP ports its containers declare.
@@ -271,6 +277,7 @@ impl Lab {
                 cluster: node.cluster.clone(),
                 name: node.name.clone(),
                 ip: node.ip,
+                ip6: node.ip6,
                 netns: Netns::create(&format!("{prefix}-n{i}"))?,
             });
         }
@@ -281,6 +288,7 @@ impl Lab {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
                 ip: pod.ip,
+                ip6: pod.ip6,
                 node: pod.node,
                 tcp_ports: pod.tcp_ports.clone(),
                 netns: Netns::create(&format!("{prefix}-p{j}"))?,
@@ -337,14 +345,31 @@ impl Lab {
         self.wire.ip_batch(&wire)?;
 
         for (i, node) in self.nodes.iter().enumerate() {
-            // Forwarding first: devices made after it inherit it, which proxy ARP needs.
-            node.netns
-                .sysctl(&[("net/ipv4/ip_forward".to_owned(), "1")])?;
+            // Forwarding first: devices made after it inherit it, which proxy ARP needs. No
+            // duplicate address detection: an address would stay tentative for a second.
+            node.netns.sysctl(&[
+                ("net/ipv4/ip_forward".to_owned(), "1"),
+                ("net/ipv6/conf/all/forwarding".to_owned(), "1"),
+                ("net/ipv6/conf/default/accept_dad".to_owned(), "0"),
+                ("net/ipv6/conf/eth0/accept_dad".to_owned(), "0"),
+            ])?;
             let mut commands = vec![
                 format!("addr add {}/{len} dev eth0", node.ip),
                 "link set eth0 up".to_owned(),
                 format!("route add default via {}", self.wire_ip),
             ];
+            // IPv6 has no wire address: the nodes reach one another on the bridge directly.
+            if let Some(ip6) = node.ip6 {
+                commands.push(format!("addr add {ip6}/128 dev eth0 nodad"));
+                for peer in self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.ip6)
+                    .filter(|p| *p != ip6)
+                {
+                    commands.push(format!("route add {peer}/128 dev eth0"));
+                }
+            }
             let mut sysctls = Vec::new();
             for (j, pod) in self.pods.iter().enumerate() {
                 if pod.node == i {
@@ -357,11 +382,19 @@ impl Lab {
                     sysctls.push((format!("net/ipv4/conf/p{j}/proxy_arp"), "1"));
                     // Answer the pod's first ARP at once, not after a random delay.
                     sysctls.push((format!("net/ipv4/neigh/p{j}/proxy_delay"), "0"));
+                    if let Some(ip6) = pod.ip6 {
+                        // The pod's IPv6 gateway, as proxy ARP is its IPv4 one.
+                        commands.push(format!("addr add {POD_GATEWAY6}/64 dev p{j} nodad"));
+                        commands.push(format!("route add {ip6}/128 dev p{j}"));
+                    }
                 } else {
                     commands.push(format!(
                         "route add {}/32 via {}",
                         pod.ip, self.nodes[pod.node].ip
                     ));
+                    if let (Some(ip6), Some(via)) = (pod.ip6, self.nodes[pod.node].ip6) {
+                        commands.push(format!("route add {ip6}/128 via {via} dev eth0"));
+                    }
                 }
             }
             node.netns.ip_batch(&commands)?;
@@ -369,11 +402,18 @@ impl Lab {
         }
 
         for pod in &self.pods {
-            pod.netns.ip_batch(&[
+            pod.netns
+                .sysctl(&[("net/ipv6/conf/eth0/accept_dad".to_owned(), "0")])?;
+            let mut commands = vec![
                 format!("addr add {}/32 dev eth0", pod.ip),
                 "link set eth0 up".to_owned(),
                 format!("route add default via {POD_GATEWAY} dev eth0 onlink"),
-            ])?;
+            ];
+            if let Some(ip6) = pod.ip6 {
+                commands.push(format!("addr add {ip6}/128 dev eth0 nodad"));
+                commands.push(format!("route add default via {POD_GATEWAY6} dev eth0"));
+            }
+            pod.netns.ip_batch(&commands)?;
         }
         Ok(())
     }
@@ -429,7 +469,9 @@ impl Lab {
 
     /// The pod at `ip`.
     pub fn pod_at(&self, ip: IpAddr) -> Option<&LabPod> {
-        self.pods.iter().find(|p| IpAddr::V4(p.ip) == ip)
+        self.pods
+            .iter()
+            .find(|p| IpAddr::V4(p.ip) == ip || p.ip6.map(IpAddr::V6) == Some(ip))
     }
 
     /// The node of `pod`.

@@ -60,6 +60,7 @@ pub fn original_destination(
 /// A listener for captured connections at `addr`: transparent, so that TPROXY can hand it
 /// connections to any address, and carrying weft's `mark`, which its accepted connections
 /// inherit, so that their packets are never captured again. Non-blocking, for tokio.
+/// An IPv6 listener takes IPv6 only, so that no address it reports is IPv4-mapped.
 pub fn transparent_listener(
     addr: std::net::SocketAddr,
     mark: u32,
@@ -68,6 +69,7 @@ pub fn transparent_listener(
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
         socket.set_ip_transparent_v6(true)?;
     } else {
         socket.set_ip_transparent_v4(true)?;
@@ -77,6 +79,28 @@ pub fn transparent_listener(
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
+}
+
+/// The listeners for captured connections at `addr` ([`transparent_listener`]): TPROXY hands
+/// a packet only to a listener of its own family, so `[::]` means both families, one socket
+/// each; on a kernel without IPv6, IPv4 alone. Any other address is one listener.
+pub fn transparent_listeners(
+    addr: std::net::SocketAddr,
+    mark: u32,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    if addr != SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port())) {
+        return Ok(vec![transparent_listener(addr, mark)?]);
+    }
+    let v4 = transparent_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())), mark)?;
+    match transparent_listener(addr, mark) {
+        Ok(v6) => Ok(vec![v4, v6]),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EAFNOSUPPORT) => {
+            tracing::warn!(%addr, "no IPv6 in this kernel: listening on IPv4 only");
+            Ok(vec![v4])
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What weft's table does.

@@ -6,7 +6,8 @@
 //! run short on CI's two cores. More labs, one after the other (never two at once, for the
 //! same cores): node agents stopped and restarted in a loop while a prober sends allowed and
 //! denied traffic (THREATS 29), certificates rotating every few seconds under traffic
-//! (THREATS 11), and a node that holds every connection before its first complete view.
+//! (THREATS 11), a node that holds every connection before its first complete view, a pod
+//! reaching its neighbour through its own node, and IPv6 end to end on the dual-stack lab.
 
 mod dataplane_lab;
 mod netns;
@@ -404,6 +405,58 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
     for direction in ["outbound", "inbound"] {
         let direction = format!(r#""direction":"{direction}""#);
         let parts = [&destination, r#""verdict":"allow""#, &direction];
+        dataplane_lab::wait_logged(agent, log, &parts).await;
+    }
+    drop(plane);
+    dataplane_lab::drop_lab(lab);
+}
+
+/// IPv6 end to end on the dual-stack lab: the client's connection to the server's IPv6
+/// address is taken by node A's IPv6 listener, carried in a tunnel (`CONNECT [v6]:port`) and
+/// dialled by node B from the client's own IPv6 address; a port the server's policy does not
+/// admit is refused over IPv6 as over IPv4; node B's decisions name the IPv6 addresses and the
+/// client's proven identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
+    let Some((_one_lab, weft, work)) = begin().await else {
+        return;
+    };
+    let (lab, set, step) =
+        dataplane_lab::build_lab_of(work.path(), dataplane_lab::line_port_only());
+    let (client, server, _, node_b) = dataplane_lab::ends(&lab);
+    let (client6, server6) = (
+        client.ip6.expect("a dual-stack client"),
+        server.ip6.expect("a dual-stack server"),
+    );
+    let (line, echo) = (
+        SocketAddr::new(server6.into(), LINE_PORT),
+        SocketAddr::new(server6.into(), ECHO_PORT),
+    );
+    dataplane_lab::serve_as_peer(&server.netns, line);
+    dataplane_lab::serve_as_peer(&server.netns, echo);
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let agent = dataplane_lab::agent(&plane, node_b);
+    let log = agent.process.output().mark();
+
+    let answered = exchange(&client.netns, None, line, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        answered,
+        ExchangeOutcome::Answered {
+            by: client6.to_string()
+        },
+        "the server sees the client's own IPv6 address"
+    );
+    let refused = exchange(&client.netns, None, echo, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!refused.allowed(), "the echo port over IPv6: {refused}");
+    let identity = r#""source_identity":"spiffe://cluster-1/ns/bench/sa/default""#;
+    for (to, verdict) in [(line, "allow"), (echo, "deny")] {
+        let destination = format!(r#""destination":"{to}""#);
+        let verdict = format!(r#""verdict":"{verdict}""#);
+        let parts = [r#""direction":"inbound""#, &destination, &verdict, identity];
         dataplane_lab::wait_logged(agent, log, &parts).await;
     }
     drop(plane);

@@ -241,7 +241,12 @@ async fn udp_across_clusters_obeys_network_policy_at_both_nodes() {
         .await
         .expect("nodes at the step");
     applied(node_b, "the server's UDP rule", |p| {
-        strings(&p["ingress_allowed"]) == ["10.2.1.10 . udp . 5300 . 10.1.1.10"]
+        // Both families: the pods are dual-stack.
+        strings(&p["ingress_allowed"])
+            == [
+                "10.2.1.10 . udp . 5300 . 10.1.1.10",
+                "fd00:10:2:1::10 . udp . 5300 . fd00:10:1:1::10",
+            ]
     })
     .await;
     let before = dropped(node_b).await;
@@ -314,7 +319,7 @@ async fn udp_across_clusters_obeys_network_policy_at_both_nodes() {
     );
     take(&plane, &broken, &egress, revision).await;
     applied(node_a, "the egress rule", |p| {
-        strings(&p["egress_isolated"]) == ["10.1.1.12"]
+        strings(&p["egress_isolated"]) == ["10.1.1.12", "fd00:10:1:1::12"]
     })
     .await;
     // Node B's counters lag its drops by up to a table check: wait for the two drops of

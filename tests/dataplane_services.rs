@@ -22,10 +22,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use weft::lab::{ExchangeOutcome, Netns, exchange};
 
-use dataplane_lab::{ECHO_PORT, LINE_PORT, nft};
+use dataplane_lab::{ECHO_PORT, LINE_PORT, nft, serve_as_peer};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -98,26 +97,6 @@ table ip kube_proxy_test {
   }
 }
 ";
-
-/// A responder on `addr` in `netns` that answers each line as the address its connection
-/// came from (the lab's responder protocol: the line, " answered by ", who).
-fn serve_as_peer(netns: &Netns, addr: SocketAddr) {
-    let listener = netns.listen(addr).expect("the listener");
-    tokio::spawn(async move {
-        while let Ok((stream, peer)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let answer = format!("{line} answered by {}\n", peer.ip());
-                    if write.write_all(answer.as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
 
 /// Dials `line` and `echo` from `from`: the line port is answered as `seen` (the address the
 /// server saw), the echo port refused; then waits for both decisions in the agent's log since

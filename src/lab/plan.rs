@@ -3,7 +3,7 @@
 //! address. Pure, so the rules are tested without root.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::Ipv4Net;
 
@@ -25,6 +25,8 @@ pub struct PlannedNode {
     pub name: String,
     /// Its first IPv4 InternalIP: its address on the wire.
     pub ip: Ipv4Addr,
+    /// Its first IPv6 InternalIP, if it has one: its IPv6 address on the wire.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// A pod that gets a namespace.
@@ -38,6 +40,8 @@ pub struct PlannedPod {
     pub name: String,
     /// Its IPv4 address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, if it has one and its node has one too (dual-stack).
+    pub ip6: Option<Ipv6Addr>,
     /// Its node, an index into [`Plan::nodes`].
     pub node: usize,
     /// The TCP ports its containers declare, sorted, without duplicates.
@@ -61,7 +65,8 @@ pub struct Plan {
 
 impl Plan {
     /// The plan for `clusterset`, with the wire at `wire` (else the segment's first free
-    /// address). IPv4 only: IPv6 addresses are left out.
+    /// address). Every node and pod needs an IPv4 address; a pod's IPv6 address is wired too
+    /// when its node has one (dual-stack), the wire itself being IPv4 only.
     pub fn new(clusterset: &ClusterSet, wire: Option<Ipv4Addr>) -> Result<Self, LabError> {
         let topology = |message: String| LabError::Topology { message };
         let mut skipped = Vec::new();
@@ -75,6 +80,7 @@ impl Plan {
                     cluster: node.cluster.clone(),
                     name: node.name.clone(),
                     ip,
+                    ip6: first_v6(&node.addresses),
                 }),
                 None => skipped.push(format!(
                     "node {}/{}: no IPv4 InternalIP",
@@ -87,14 +93,16 @@ impl Plan {
         }
         nodes.sort_by(|a, b| (&a.cluster, &a.name).cmp(&(&b.cluster, &b.name)));
         // Every address the plan hands out, with its owner, to refuse duplicates.
-        let mut owners: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+        let mut own = |ip: IpAddr, owner: String| match owners.insert(ip, owner.clone()) {
+            Some(first) => Err(topology(format!("{first} and {owner} both have {ip}"))),
+            None => Ok(()),
+        };
         for node in &nodes {
             let owner = format!("node {}/{}", node.cluster, node.name);
-            if let Some(first) = owners.insert(node.ip, owner.clone()) {
-                return Err(topology(format!(
-                    "{first} and {owner} both have {}",
-                    node.ip
-                )));
+            own(node.ip.into(), owner.clone())?;
+            if let Some(ip6) = node.ip6 {
+                own(ip6.into(), owner)?;
             }
         }
         let node_index: BTreeMap<(&ClusterId, &str), usize> = nodes
@@ -129,10 +137,20 @@ impl Plan {
                 ));
                 continue;
             };
-            let owner = format!("pod {name}");
-            if let Some(first) = owners.insert(ip, owner.clone()) {
-                return Err(topology(format!("{first} and {owner} both have {ip}")));
-            }
+            own(ip.into(), format!("pod {name}"))?;
+            let ip6 = match (first_v6(&pod.ips), nodes[node].ip6) {
+                (Some(ip6), Some(_)) => {
+                    own(ip6.into(), format!("pod {name}"))?;
+                    Some(ip6)
+                }
+                (Some(ip6), None) => {
+                    skipped.push(format!(
+                        "pod {name}: {ip6} left out, its node has no IPv6 InternalIP"
+                    ));
+                    None
+                }
+                (None, _) => None,
+            };
             let mut tcp_ports: Vec<u16> = pod
                 .ports
                 .iter()
@@ -146,6 +164,7 @@ impl Plan {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
                 ip,
+                ip6,
                 node,
                 tcp_ports,
             });
@@ -168,14 +187,14 @@ impl Plan {
         })?;
         let wire = match wire {
             Some(ip) => {
-                if let Some(owner) = owners.get(&ip) {
+                if let Some(owner) = owners.get(&IpAddr::V4(ip)) {
                     return Err(topology(format!("the wire's address {ip} is {owner}'s")));
                 }
                 ip
             }
             None => segment
                 .hosts()
-                .find(|ip| !owners.contains_key(ip))
+                .find(|ip| !owners.contains_key(&IpAddr::V4(*ip)))
                 .ok_or_else(|| topology(format!("no free address left in {segment}")))?,
         };
         Ok(Self {
@@ -186,6 +205,14 @@ impl Plan {
             skipped,
         })
     }
+}
+
+/// The first IPv6 address of `ips`.
+fn first_v6(ips: &[IpAddr]) -> Option<Ipv6Addr> {
+    ips.iter().find_map(|a| match a {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    })
 }
 
 /// The segment that holds every address of `ips`: their common prefix, but never narrower
@@ -270,6 +297,8 @@ mod tests {
         assert!(taken.to_string().contains("c1-node-1"), "{taken}");
     }
 
+    /// Nodes (name, addresses) and pods (name, node, addresses, host network); addresses are
+    /// comma-separated.
     fn clusterset(nodes: &[(&str, &str)], pods: &[(&str, &str, &str, bool)]) -> ClusterSet {
         let mut set = ClusterSet::default();
         let id = ClusterId::new("c").expect("id");
@@ -282,7 +311,7 @@ mod tests {
                     name: (*name).to_owned(),
                     uid: (*name).to_owned(),
                     labels: Default::default(),
-                    addresses: vec![addr.parse().expect("ip")],
+                    addresses: addr.split(',').map(|a| a.parse().expect("ip")).collect(),
                 },
             );
         }
@@ -296,7 +325,7 @@ mod tests {
                     name: (*name).to_owned(),
                     labels: Default::default(),
                     phase: PodPhase::Running,
-                    ips: vec![addr.parse().expect("ip")],
+                    ips: addr.split(',').map(|a| a.parse().expect("ip")).collect(),
                     host_network: *host,
                     node_name: Some((*node).to_owned()),
                     service_account: "default".into(),
@@ -352,5 +381,41 @@ mod tests {
         assert!(e.to_string().contains("both have 10.0.0.1"), "{e}");
         let none = clusterset(&[("v6", "fd00::1")], &[]);
         assert!(Plan::new(&none, None).is_err());
+    }
+
+    #[test]
+    fn a_dual_stack_pod_on_a_dual_stack_node_is_wired_with_both_addresses() {
+        let set = clusterset(
+            &[("a", "10.0.0.1,fd00::1"), ("b", "10.0.0.2")],
+            &[
+                ("both", "a", "10.9.0.1,fd00::9", false),
+                ("four", "a", "10.9.0.2", false),
+                ("v4-node", "b", "10.9.0.3,fd00::10", false),
+            ],
+        );
+        let plan = Plan::new(&set, None).expect("a plan");
+        let six = "fd00::1".parse().ok();
+        assert_eq!(plan.nodes[0].ip6, six);
+        assert_eq!(plan.nodes[1].ip6, None);
+        let pods: Vec<_> = plan.pods.iter().map(|p| (p.name.as_str(), p.ip6)).collect();
+        assert_eq!(
+            pods,
+            [
+                ("both", "fd00::9".parse().ok()),
+                ("four", None),
+                ("v4-node", None)
+            ]
+        );
+        assert_eq!(
+            plan.skipped,
+            ["pod c/ns/v4-node: fd00::10 left out, its node has no IPv6 InternalIP"]
+        );
+
+        let clash = clusterset(
+            &[("a", "10.0.0.1,fd00::1")],
+            &[("p", "a", "10.9.0.1,fd00::1", false)],
+        );
+        let e = Plan::new(&clash, None).expect_err("a pod at the node's IPv6 address");
+        assert!(e.to_string().contains("both have fd00::1"), "{e}");
     }
 }

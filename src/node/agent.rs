@@ -198,8 +198,12 @@ impl Agent {
         };
         // Capture's listeners: transparent (TPROXY) and carrying weft's mark.
         let transparent = |what: &'static str, addr: SocketAddr| {
-            crate::redirect::transparent_listener(addr, s.mark)
-                .and_then(TcpListener::from_std)
+            crate::redirect::transparent_listeners(addr, s.mark)
+                .and_then(|all| {
+                    all.into_iter()
+                        .map(TcpListener::from_std)
+                        .collect::<std::io::Result<Vec<_>>>()
+                })
                 .map_err(|source| AgentError::Bind { what, addr, source })
         };
         let outbound = transparent("--outbound", s.outbound)?;
@@ -241,8 +245,12 @@ impl Agent {
                 }
             }
         });
-        tasks.spawn(self.clone().accept(outbound, Self::outbound));
-        tasks.spawn(self.clone().accept(inbound, Self::plaintext));
+        for listener in outbound {
+            tasks.spawn(self.clone().accept(listener, Self::outbound));
+        }
+        for listener in inbound {
+            tasks.spawn(self.clone().accept(listener, Self::plaintext));
+        }
         let server = Arc::new(Server::with_tls(
             Box::new(NodeTls(self.clone())),
             ServerSettings {
@@ -252,7 +260,9 @@ impl Agent {
             self.admission.clone(),
         ));
         let _ = self.hbone.set(server.clone());
-        tasks.spawn(server.run(hbone));
+        for listener in hbone {
+            tasks.spawn(server.clone().run(listener));
+        }
         for (listener, dump) in [(admin, true), (metrics, false), (readiness, false)] {
             let report = NodeReport {
                 agent: self.clone(),

@@ -1,6 +1,7 @@
 //! The data-plane lab the benchmark (`benches/dataplane.rs`) and the tests on the real agents
 //! (`tests/dataplane*.rs`) share: two clusters with one node each, a client pod and an `other`
-//! pod behind cluster-1's node and a server pod behind cluster-2's, no NetworkPolicy; brought
+//! pod behind cluster-1's node and a server pod behind cluster-2's, all dual-stack (IPv4 and
+//! IPv6), no NetworkPolicy; brought
 //! up with `weft demo`'s lab and control plane (the real `weft tracker`, `weft ca` and
 //! `weft node`).
 #![allow(dead_code)] // each user takes its share
@@ -10,6 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use weft::demo::plane::{ControlPlane, PlaneOptions, RunningNode};
 use weft::demo::scenario::{Step, write_step};
 use weft::lab::{Lab, LabNode, LabOptions, LabPod, http_get};
@@ -41,6 +43,8 @@ status:
   addresses:
     - type: InternalIP
       address: 192.168.1.11
+    - type: InternalIP
+      address: fd00:192:168:1::11
 ---
 apiVersion: v1
 kind: Pod
@@ -58,6 +62,7 @@ status:
   phase: Running
   podIPs:
     - ip: 10.1.1.10
+    - ip: fd00:10:1:1::10
 ---
 apiVersion: v1
 kind: Pod
@@ -75,6 +80,7 @@ status:
   phase: Running
   podIPs:
     - ip: 10.1.1.12
+    - ip: fd00:10:1:1::12
 ";
 
 const CLUSTER_2: &str = "\
@@ -91,6 +97,8 @@ status:
   addresses:
     - type: InternalIP
       address: 192.168.1.21
+    - type: InternalIP
+      address: fd00:192:168:1::21
 ---
 apiVersion: v1
 kind: Pod
@@ -114,6 +122,7 @@ status:
   phase: Running
   podIPs:
     - ip: 10.2.1.10
+    - ip: fd00:10:2:1::10
 ";
 
 /// Denies every ingress to the server (a default deny in its namespace).
@@ -347,4 +356,24 @@ pub async fn metrics(node: &LabNode) -> String {
         .expect("/metrics answers");
     assert_eq!(answer.status, 200, "/metrics");
     String::from_utf8_lossy(&answer.body).into_owned()
+}
+
+/// A responder on `addr` in `netns` that answers each line as the address its connection
+/// came from (the lab's responder protocol: the line, " answered by ", who).
+pub fn serve_as_peer(netns: &weft::lab::Netns, addr: SocketAddr) {
+    let listener = netns.listen(addr).expect("the listener");
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let answer = format!("{line} answered by {}\n", peer.ip());
+                    if write.write_all(answer.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
 }
