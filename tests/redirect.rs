@@ -7,7 +7,7 @@
 mod netns;
 
 use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -386,6 +386,62 @@ fn a_pod_sending_from_a_made_up_source_is_dropped_and_counted_and_uplinks_are_no
 }
 
 #[test]
+fn a_pod_s_link_local_ipv6_address_carries_icmpv6_only() {
+    let Some(t) = topology() else { return };
+    t.node
+        .ip(&["addr", "add", "fe80::1/64", "dev", "pod0", "nodad"]);
+    t.pod
+        .ip(&["addr", "add", "fe80::2/64", "dev", "eth0", "nodad"]);
+    let eth0 = t
+        .pod
+        .run(|| nix::net::if_::if_nametoindex("eth0"))
+        .expect("the pod's eth0");
+    let link_local = |ip: &str, port: u16| {
+        SocketAddr::V6(SocketAddrV6::new(
+            ip.parse().expect("an address"),
+            port,
+            0,
+            eth0,
+        ))
+    };
+    // The node's own services (the kubelet's place), on every address of the node.
+    let service = bind(&t.node, "[::]:9100");
+    let at_node = udp(&t.node, "[::]:9101");
+    let reaches = || {
+        let tcp = t
+            .pod
+            .run(|| TcpStream::connect_timeout(&link_local("fe80::1", 9100), CONNECT_TIMEOUT))
+            .is_ok();
+        let sender = t
+            .pod
+            .run(|| UdpSocket::bind(link_local("fe80::2", 0)))
+            .expect("a link-local sender");
+        sender
+            .send_to(b"x", link_local("fe80::1", 9101))
+            .expect("send");
+        let mut buf = [0u8; 4];
+        (tcp, at_node.recv_from(&mut buf).is_ok())
+    };
+    // Control: without weft's table the pod reaches them from its link-local address.
+    assert_eq!(reaches(), (true, true));
+    assert!(pending(&service).is_some(), "the control's connection");
+
+    let redirect = redirect(Nft::default(), &[POD, POD6]);
+    t.node.block_on(redirect.apply()).expect("apply");
+    let drops = pod_link_drops(&t.node);
+    assert_eq!(reaches(), (false, false), "TCP and UDP from link-local");
+    assert!(pod_link_drops(&t.node) > drops, "counted as spoofed");
+    // Neighbour discovery still works: with both caches flushed, the pod's own IPv6 address
+    // reaches the node.
+    t.pod.ip(&["-6", "neigh", "flush", "dev", "eth0"]);
+    t.node.ip(&["-6", "neigh", "flush", "dev", "pod0"]);
+    assert_eq!(
+        datagram(&t.pod, &format!("[{POD6}]:0"), "[fd18:1::1]:9101", &at_node),
+        Some(POD6.parse().expect("an address"))
+    );
+}
+
+#[test]
 fn outbound_ipv6_connections_of_local_pods_reach_the_outbound_listener() {
     // A topology of its own: a dual-stack listener on [::]:15001 would clash with the IPv4 one.
     let Some(t) = topology() else { return };
@@ -609,7 +665,7 @@ fn applying_twice_yields_the_same_table() {
         .count();
     assert_eq!(
         rules,
-        19 + 29,
+        20 + 29,
         "no rule duplicated (capture, then the packet layer)"
     );
     assert_intact(&t.node, &redirect);

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use nftables::batch::Batch;
 use nftables::expr::{
     BinaryOperation, CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
-    Payload, PayloadField, Socket, SocketAttr,
+    Payload, PayloadField, Prefix, Socket, SocketAttr,
 };
 use nftables::schema::{
     Chain, Element, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
@@ -603,6 +603,35 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
         .chain(not_routed_back())
         .collect(),
     ));
+    // A pod's IPv6 link-local address is no pod address: capture and the packet layer know
+    // it not, so what it sends would reach the node's own services (the kubelet) around the
+    // pod's egress policy. Over a pod link it carries ICMPv6 only (neighbour discovery, MLD).
+    rules.push((
+        "antispoof",
+        "weft: on pod links, link-local IPv6 sources carry ICMPv6 only".to_owned(),
+        vec![
+            matches(
+                meta(MetaKey::Iifname),
+                Operator::EQ,
+                Expression::String(format!("@{POD_LINKS}").into()),
+            ),
+            matches(
+                payload("ip6", "saddr"),
+                Operator::EQ,
+                Expression::Named(NamedExpression::Prefix(Prefix {
+                    addr: Box::new(Expression::String("fe80::".into())),
+                    len: 10,
+                })),
+            ),
+            matches(
+                meta(MetaKey::L4proto),
+                Operator::NEQ,
+                Expression::String("ipv6-icmp".into()),
+            ),
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(Some(Drop {})),
+        ],
+    ));
     rules.push((
         "prerouting",
         "weft: packets of captured connections".to_owned(),
@@ -914,7 +943,7 @@ mod tests {
             .filter_map(|o| o["add"].get("rule"))
             .filter(|r| r["chain"] == "antispoof")
             .collect();
-        assert_eq!(rules.len(), 3, "{rules:?}");
+        assert_eq!(rules.len(), 4, "{rules:?}");
         // Both families (no nfproto, no address payload): fib works for either in inet.
         let expr = rules[2]["expr"].as_array().expect("expr");
         assert_eq!(
@@ -934,6 +963,50 @@ mod tests {
         assert_eq!(flags, ["iif", "saddr"]);
         assert_eq!((&fib["op"], &fib["right"]), (&json!("=="), &json!(false)));
         assert_eq!(expr[2..], [json!({"counter": null}), json!({"drop": {}})]);
+        // A link-local IPv6 source routes back the same way, so a rule of its own.
+        let expr = rules[3]["expr"].as_array().expect("expr");
+        assert_eq!(expr[0], rules[2]["expr"][0]);
+        assert_eq!(
+            expr[1..3],
+            [
+                json!({"match": {"left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": {"prefix": {"addr": "fe80::", "len": 10}}, "op": "=="}}),
+                json!({"match": {"left": {"meta": {"key": "l4proto"}}, "right": "ipv6-icmp", "op": "!="}}),
+            ]
+        );
+        assert_eq!(expr[3..], [json!({"counter": null}), json!({"drop": {}})]);
+    }
+
+    #[test]
+    fn what_no_listener_took_is_dropped_after_each_family_s_diverts() {
+        let json = serde_json::to_value(install(&capture())).expect("json");
+        let comments: Vec<&str> = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .filter(|r| r["chain"] == "prerouting")
+            .filter_map(|r| r["comment"].as_str())
+            .collect();
+        for ip in ["ip", "ip6"] {
+            let at = |what: &str| {
+                let comment = format!("weft: {what} ({ip})");
+                comments
+                    .iter()
+                    .position(|c| *c == comment)
+                    .unwrap_or_else(|| panic!("{comment} in {comments:?}"))
+            };
+            let diverts = [
+                "outbound tcp from local pods",
+                "tunnels to local pods",
+                "inbound plaintext tcp to local pods",
+            ]
+            .map(at);
+            let answers = at("local pods' answers to the node's own connections");
+            let from = at("tcp from local pods that no listener took is dropped");
+            let to = at("tcp to local pods that no listener took is dropped");
+            assert!(diverts.iter().all(|d| *d < answers), "{comments:?}");
+            assert!(answers < from && from < to, "{comments:?}");
+        }
     }
 
     #[test]
