@@ -13,7 +13,8 @@
 //! and masqueraded (the endpoint is on another node): node B sees node A's address, plaintext,
 //! and judges it by the server's ingress policy at the endpoint's port. A second test dials an
 //! address outside every cluster: dialled directly from the client's own address when its
-//! egress policy admits the port, denied at the source otherwise.
+//! egress policy admits the port, denied at the source otherwise. A third kills both agents:
+//! nothing of their pods' TCP passes, whatever its destination.
 
 mod dataplane_lab;
 mod netns;
