@@ -249,6 +249,7 @@ pub struct Lab {
     prefix: String,
     segment: Ipv4Net,
     wire_ip: Ipv4Addr,
+    wire_ip6: Option<Ipv6Addr>,
     skipped: Vec<String>,
     children: Mutex<Vec<Option<tokio::process::Child>>>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
@@ -298,6 +299,7 @@ impl Lab {
             prefix,
             segment: plan.segment,
             wire_ip: plan.wire,
+            wire_ip6: plan.wire6,
             skipped: plan.skipped,
             children: Mutex::default(),
             tasks: Mutex::default(),
@@ -342,6 +344,19 @@ impl Lab {
                 pod.ip, self.nodes[pod.node].ip
             ));
         }
+        if let Some(wire6) = self.wire_ip6 {
+            wire.push(format!("addr add {wire6}/128 dev br0 nodad"));
+            for node6 in self.nodes.iter().filter_map(|n| n.ip6) {
+                wire.push(format!("route add {node6}/128 dev br0"));
+            }
+            for pod in &self.pods {
+                if let (Some(ip6), Some(via)) = (pod.ip6, self.nodes[pod.node].ip6) {
+                    wire.push(format!("route add {ip6}/128 via {via} dev br0"));
+                }
+            }
+        }
+        self.wire
+            .sysctl(&[("net/ipv6/conf/default/accept_dad".to_owned(), "0")])?;
         self.wire.ip_batch(&wire)?;
 
         for (i, node) in self.nodes.iter().enumerate() {
@@ -358,15 +373,16 @@ impl Lab {
                 "link set eth0 up".to_owned(),
                 format!("route add default via {}", self.wire_ip),
             ];
-            // IPv6 has no wire address: the nodes reach one another on the bridge directly.
+            // IPv6 addresses are /128s: the nodes and the wire reach one another on the
+            // bridge by a route for each.
             if let Some(ip6) = node.ip6 {
                 commands.push(format!("addr add {ip6}/128 dev eth0 nodad"));
-                for peer in self
+                let peers = self
                     .nodes
                     .iter()
                     .filter_map(|n| n.ip6)
-                    .filter(|p| *p != ip6)
-                {
+                    .filter(|p| *p != ip6);
+                for peer in peers.chain(self.wire_ip6) {
                     commands.push(format!("route add {peer}/128 dev eth0"));
                 }
             }
@@ -431,6 +447,11 @@ impl Lab {
     /// The wire's address.
     pub fn wire_ip(&self) -> Ipv4Addr {
         self.wire_ip
+    }
+
+    /// The wire's IPv6 address, when the nodes are dual-stack.
+    pub fn wire_ip6(&self) -> Option<Ipv6Addr> {
+        self.wire_ip6
     }
 
     /// The segment the wire and the nodes share.

@@ -415,7 +415,7 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
 /// address is taken by node A's IPv6 listener, carried in a tunnel (`CONNECT [v6]:port`) and
 /// dialled by node B from the client's own IPv6 address; a port the server's policy does not
 /// admit is refused over IPv6 as over IPv4; node B's decisions name the IPv6 addresses and the
-/// client's proven identity.
+/// client's proven identity. Then plaintext over IPv6 from the wire, judged by source address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
     let Some((_one_lab, weft, work)) = begin().await else {
@@ -457,6 +457,33 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
         let destination = format!(r#""destination":"{to}""#);
         let verdict = format!(r#""verdict":"{verdict}""#);
         let parts = [r#""direction":"inbound""#, &destination, &verdict, identity];
+        dataplane_lab::wait_logged(agent, log, &parts).await;
+    }
+
+    // Plaintext over IPv6 from outside every cluster, taken by node B's IPv6 inbound listener
+    // and judged by the server's policy on the source's address.
+    let wire6 = lab.wire_ip6().expect("a dual-stack wire");
+
+    let log = agent.process.output().mark();
+    let answered = exchange(lab.wire(), None, line, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        answered,
+        ExchangeOutcome::Answered {
+            by: wire6.to_string()
+        },
+        "plaintext to the admitted port"
+    );
+    let refused = exchange(lab.wire(), None, echo, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!refused.allowed(), "plaintext to the echo port: {refused}");
+    let source = format!(r#""source":"[{wire6}]:"#);
+    for (to, verdict) in [(line, "allow"), (echo, "deny")] {
+        let destination = format!(r#""destination":"{to}""#);
+        let verdict = format!(r#""verdict":"{verdict}""#);
+        let parts = [r#""direction":"plaintext""#, &source, &destination, &verdict];
         dataplane_lab::wait_logged(agent, log, &parts).await;
     }
     drop(plane);

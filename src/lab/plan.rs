@@ -55,6 +55,9 @@ pub struct Plan {
     pub segment: Ipv4Net,
     /// The wire's address on it.
     pub wire: Ipv4Addr,
+    /// The wire's IPv6 address, when a node has one: the first free address of the first
+    /// such node's /64.
+    pub wire6: Option<Ipv6Addr>,
     /// Nodes, ordered by cluster and name.
     pub nodes: Vec<PlannedNode>,
     /// Pods, ordered by cluster, namespace and name.
@@ -66,7 +69,7 @@ pub struct Plan {
 impl Plan {
     /// The plan for `clusterset`, with the wire at `wire` (else the segment's first free
     /// address). Every node and pod needs an IPv4 address; a pod's IPv6 address is wired too
-    /// when its node has one (dual-stack), the wire itself being IPv4 only.
+    /// when its node has one (dual-stack).
     pub fn new(clusterset: &ClusterSet, wire: Option<Ipv4Addr>) -> Result<Self, LabError> {
         let topology = |message: String| LabError::Topology { message };
         let mut skipped = Vec::new();
@@ -197,9 +200,21 @@ impl Plan {
                 .find(|ip| !owners.contains_key(&IpAddr::V4(*ip)))
                 .ok_or_else(|| topology(format!("no free address left in {segment}")))?,
         };
+        let wire6 = match nodes.iter().find_map(|n| n.ip6) {
+            Some(node6) => {
+                let net = u128::from(node6) & !u128::from(u64::MAX);
+                let free = (1..=u128::from(u16::MAX))
+                    .map(|host| Ipv6Addr::from(net | host))
+                    .find(|ip| !owners.contains_key(&IpAddr::V6(*ip)))
+                    .ok_or_else(|| topology(format!("no free IPv6 address beside {node6}")))?;
+                Some(free)
+            }
+            None => None,
+        };
         Ok(Self {
             segment,
             wire,
+            wire6,
             nodes,
             pods,
             skipped,
@@ -375,6 +390,7 @@ mod tests {
         assert_eq!(plan.pods[0].tcp_ports, [8080], "TCP ports only");
         assert_eq!(plan.wire, ip("10.0.0.3"), "the first address no node has");
         assert_eq!(plan.skipped.len(), 4, "{:?}", plan.skipped);
+        assert_eq!(plan.wire6, None, "no wired node has IPv6");
 
         let clash = clusterset(&[("a", "10.0.0.1")], &[("p", "a", "10.0.0.1", false)]);
         let e = Plan::new(&clash, None).expect_err("a pod at the node's address");
@@ -397,6 +413,11 @@ mod tests {
         let six = "fd00::1".parse().ok();
         assert_eq!(plan.nodes[0].ip6, six);
         assert_eq!(plan.nodes[1].ip6, None);
+        assert_eq!(
+            plan.wire6,
+            "fd00::2".parse().ok(),
+            "the first free one beside fd00::1"
+        );
         let pods: Vec<_> = plan.pods.iter().map(|p| (p.name.as_str(), p.ip6)).collect();
         assert_eq!(
             pods,
