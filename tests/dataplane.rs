@@ -483,7 +483,12 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
     for (to, verdict) in [(line, "allow"), (echo, "deny")] {
         let destination = format!(r#""destination":"{to}""#);
         let verdict = format!(r#""verdict":"{verdict}""#);
-        let parts = [r#""direction":"plaintext""#, &source, &destination, &verdict];
+        let parts = [
+            r#""direction":"plaintext""#,
+            &source,
+            &destination,
+            &verdict,
+        ];
         dataplane_lab::wait_logged(agent, log, &parts).await;
     }
     drop(plane);
