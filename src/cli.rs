@@ -206,6 +206,12 @@ struct NodeArgs {
     /// without weft).
     #[arg(long)]
     dial_from_node: bool,
+    /// The interfaces local pods' traffic arrives by, as the CNI names them (`cali*`, `lxc*`,
+    /// `cni0`; a trailing `*` matches a prefix): an address behind them that is no local pod
+    /// weft knows yet (a pod started before the view has it) sends and receives nothing until
+    /// it is one. Empty (the default): such a pod's traffic passes uncaptured until then.
+    #[arg(long, value_name = "PATTERN,...", value_delimiter = ',')]
+    pod_interfaces: Vec<String>,
     /// The `nft` program.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     nft: PathBuf,
@@ -684,7 +690,7 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
 
 fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     use crate::node::agent::{Agent, Settings};
-    use crate::redirect::{Capture, Nft, Ports, Redirect};
+    use crate::redirect::{Capture, Nft, PodInterfaces, Ports, Redirect};
     let ports = Ports {
         outbound: args.outbound.port(),
         inbound: args.inbound.port(),
@@ -692,7 +698,11 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     };
     let redirect = Redirect::new(
         Nft::new(&args.nft),
-        Capture::new(ports, args.mark).context("capture")?,
+        Capture::new(ports, args.mark)
+            .context("capture")?
+            .with_pod_interfaces(
+                PodInterfaces::new(&args.pod_interfaces).context("--pod-interfaces")?,
+            ),
     );
     if args.cleanup {
         runtime()?.block_on(redirect.cleanup())?;

@@ -39,6 +39,8 @@ use crate::model::{ClusterId, ClusterSet};
 /// The gateway every pod routes through: link-local, answered by its node's proxy ARP, so
 /// pods need no address of the node's.
 const POD_GATEWAY: &str = "169.254.1.1";
+/// The node ends of pod links (`p0`, `p1`, …) as `weft node --pod-interfaces` names them.
+pub const POD_INTERFACES: &str = "p*";
 /// A pod's IPv6 gateway: a link-local address its node's end of the link holds.
 const POD_GATEWAY6: &str = "fe80::1";
 /// The prefix of every namespace the lab makes.

@@ -163,6 +163,58 @@ pub enum RedirectError {
     /// The policy routing of captured packets could not be read or changed.
     #[error("policy routing of captured packets: {0}")]
     Routing(#[from] routing::RoutingError),
+    /// A pod interface pattern that is no interface name (with an optional trailing `*`).
+    #[error(
+        "pod interface pattern {pattern:?}: {why} (an interface name of at most 15 letters, \
+         digits, '-', '_' or '.', with an optional trailing '*')"
+    )]
+    PodInterface { pattern: String, why: &'static str },
+}
+
+/// The longest interface name Linux takes (IFNAMSIZ less its terminating zero).
+const IFNAME_MAX: usize = 15;
+
+/// The names of the interfaces local pods' traffic arrives by (`cali*`, `lxc*`, `cni0`): a
+/// CNI's naming, which an operator knows and weft cannot guess. An address behind them that
+/// is not yet a known local pod (a pod that started before the view has it) sends and
+/// receives nothing until it is one, as Calico drops traffic of an interface it has no
+/// endpoint for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PodInterfaces(Vec<String>);
+
+impl PodInterfaces {
+    /// Patterns as nft matches them: a name, or a prefix with a trailing `*`.
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self, RedirectError> {
+        patterns
+            .iter()
+            .map(|p| {
+                let pattern = p.as_ref();
+                let bad = |why| RedirectError::PodInterface {
+                    pattern: pattern.to_owned(),
+                    why,
+                };
+                let name = pattern.strip_suffix('*').unwrap_or(pattern);
+                if name.is_empty() {
+                    Err(bad("it names no interface"))
+                } else if name.len() > IFNAME_MAX {
+                    Err(bad("too long"))
+                } else if !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    Err(bad("a character no interface name has"))
+                } else {
+                    Ok(pattern.to_owned())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+
+    /// The patterns.
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
 }
 
 /// The ports weft's listeners use on the node.
@@ -241,6 +293,7 @@ pub struct Capture {
     ports: Ports,
     mark: u32,
     pods: BTreeSet<PodAddr>,
+    pod_interfaces: PodInterfaces,
     /// The interface each local pod is routed through, where known (pods whose route is not
     /// there yet are looked up again at the next check).
     links: BTreeMap<PodAddr, String>,
@@ -273,9 +326,23 @@ impl Capture {
             ports,
             mark,
             pods: BTreeSet::new(),
+            pod_interfaces: PodInterfaces::default(),
             links: BTreeMap::new(),
             packets: Arc::default(),
         })
+    }
+
+    /// The same capture, keeping addresses that are no known local pod off `interfaces`.
+    pub fn with_pod_interfaces(self, interfaces: PodInterfaces) -> Self {
+        Self {
+            pod_interfaces: interfaces,
+            ..self
+        }
+    }
+
+    /// The interfaces only known local pods may use.
+    pub fn pod_interfaces(&self) -> &PodInterfaces {
+        &self.pod_interfaces
     }
 
     /// What the table does.
@@ -799,6 +866,31 @@ impl Redirect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_interface_patterns_are_interface_names_or_prefixes() {
+        let good = PodInterfaces::new(&["cali*", "cni0", "lxc*", "veth.1_a-b", "fifteen-letters"])
+            .expect("good patterns");
+        assert_eq!(good.patterns().len(), 5);
+        for (bad, why) in [
+            ("", "names no interface"),
+            ("*", "names no interface"),
+            ("sixteen-letters-*", "too long"),
+            ("sixteen-letters-", "too long"),
+            ("cali/0", "a character"),
+            ("ca*li", "a character"),
+            ("eth 0", "a character"),
+            ("\"x\"", "a character"),
+            ("{a,b}", "a character"),
+        ] {
+            let e = PodInterfaces::new(&["cali*", bad]).expect_err(bad);
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("{bad:?}")) && text.contains(why),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn ports_must_be_distinct_and_non_zero() {

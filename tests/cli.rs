@@ -350,6 +350,12 @@ fn weft_node_refuses_bad_flags_naming_the_culprit() {
     refused(&base(&["--table-check-interval", "soon"]), "soon");
     refused(&base(&["--hbone", "15008"]), "15008");
     refused(&base(&["--inbound", "0.0.0.0:15001"]), "capture");
+    refused(&base(&["--pod-interfaces", "cali*,veth/0"]), "\"veth/0\"");
+    refused(&base(&["--pod-interfaces", "*"]), "names no interface");
+    refused(
+        &base(&["--pod-interfaces", "a-name-longer-than-15*"]),
+        "too long",
+    );
     // An empty bundle directory holds no trust domain: named, with why.
     refused(&base(&[]), &format!("--bundles {dir_text}: "));
     refused(&weft(&["node", "--node", "n1"]), "--cluster");

@@ -7,7 +7,8 @@
 //! same cores): node agents stopped and restarted in a loop while a prober sends allowed and
 //! denied traffic (THREATS 29), certificates rotating every few seconds under traffic
 //! (THREATS 11), a node that holds every connection before its first complete view, a pod
-//! reaching its neighbour through its own node, and IPv6 end to end on the dual-stack lab.
+//! reaching its neighbour through its own node, IPv6 end to end on the dual-stack lab, and a
+//! pod cut off until the view has it.
 
 mod dataplane_lab;
 mod netns;
@@ -491,6 +492,76 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
         ];
         dataplane_lab::wait_logged(agent, log, &parts).await;
     }
+    drop(plane);
+    dataplane_lab::drop_lab(lab);
+}
+
+/// A pod that runs before the view has it (between its CNI wiring it and its status reaching
+/// the tracker): capture does not know its address, but the lab's agents run with
+/// `--pod-interfaces`, so its node passes nothing of its, either way, until the view has it;
+/// then its connection is captured and judged as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_view_does_not_have_yet_is_cut_off_until_it_has_it() {
+    let Some((_one_lab, weft, work)) = begin().await else {
+        return;
+    };
+    let without = dataplane_lab::step(false);
+    let mut with = dataplane_lab::step(false);
+    with.name = "newcomer".into();
+    with.files
+        .insert("cluster-1/neighbour.yaml".into(), NEIGHBOUR.into());
+    let (lab, set, with) = dataplane_lab::build_lab_of(work.path(), with);
+    let (_, server, _, node_b) = dataplane_lab::ends(&lab);
+    let newcomer = lab
+        .pod("cluster-1", "bench", "neighbour")
+        .expect("the newcomer");
+    let to_server = dataplane_lab::server_addr(&lab, LINE_PORT);
+    let to_newcomer = SocketAddr::new(newcomer.ip.into(), LINE_PORT);
+    dataplane_lab::serve_as_peer(&server.netns, to_server);
+    dataplane_lab::serve_as_peer(&newcomer.netns, to_newcomer);
+    let before = dataplane_lab::clusterset(&without, &work.path().join("staging-before"));
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &before, &without).await;
+    let reached = async |from: &weft::lab::Netns, to: SocketAddr| {
+        exchange(from, None, to, "hello", PROBE_TIMEOUT)
+            .await
+            .outcome
+    };
+    let out = reached(&newcomer.netns, to_server).await;
+    assert!(!out.allowed(), "from the newcomer while unknown: {out}");
+    let into = reached(lab.wire(), to_newcomer).await;
+    assert!(!into.allowed(), "to the newcomer while unknown: {into}");
+
+    let agent = dataplane_lab::agent(&plane, node_b);
+    let log = agent.process.output().mark();
+    let revision = plane.revision().await.expect("revision");
+    let revision = plane
+        .next_step(&without, &with, true, revision)
+        .await
+        .expect("the tracker takes the step");
+    plane
+        .wait_nodes(&set, revision)
+        .await
+        .expect("the nodes know the newcomer");
+    assert_eq!(
+        reached(&newcomer.netns, to_server).await,
+        ExchangeOutcome::Answered {
+            by: newcomer.ip.to_string()
+        },
+        "from the newcomer once known"
+    );
+    let source = format!(r#""source":"{}:"#, newcomer.ip);
+    let identity = r#""source_identity":"spiffe://cluster-1/ns/bench/sa/default""#;
+    let parts = [
+        r#""direction":"inbound""#,
+        &source,
+        identity,
+        r#""verdict":"allow""#,
+    ];
+    dataplane_lab::wait_logged(agent, log, &parts).await;
+    assert!(
+        reached(lab.wire(), to_newcomer).await.allowed(),
+        "to the newcomer once known"
+    );
     drop(plane);
     dataplane_lab::drop_lab(lab);
 }

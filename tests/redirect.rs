@@ -18,8 +18,8 @@ use nix::sys::socket::{
 use serde_json::Value;
 use weft::redirect::routing::ROUTE_TABLE;
 use weft::redirect::{
-    Capture, Nft, NftError, PodAddr, Ports, Redirect, RedirectError, TableState, WEFT_MARK,
-    transparent_listener,
+    Capture, Nft, NftError, PodAddr, PodInterfaces, Ports, Redirect, RedirectError, TableState,
+    WEFT_MARK, transparent_listener,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -438,6 +438,80 @@ fn a_pod_s_link_local_ipv6_address_carries_icmpv6_only() {
     assert_eq!(
         datagram(&t.pod, &format!("[{POD6}]:0"), "[fd18:1::1]:9101", &at_node),
         Some(POD6.parse().expect("an address"))
+    );
+}
+
+#[test]
+fn a_pod_weft_does_not_know_yet_on_a_pod_interface_sends_and_receives_nothing() {
+    let Some(t) = topology() else { return };
+    let at_peer = udp(&t.peer, "198.18.2.2:9000");
+    let at_pod = udp(&t.pod, "0.0.0.0:9001");
+    let at_pod6 = udp(&t.pod, "[::]:9002");
+    let at_node6 = udp(&t.node, "[fd18:1::1]:9003");
+    // The node's own service and the pod's: the kubelet's probe of the pod.
+    let probed = bind(&t.pod, &format!("{POD}:8080"));
+    let traffic = || {
+        let out = datagram(&t.pod, &format!("{POD}:0"), "198.18.2.2:9000", &at_peer).is_some();
+        let back = datagram(&t.peer, "198.18.2.2:0", "198.18.1.2:9001", &at_pod).is_some();
+        let six = datagram(
+            &t.pod,
+            &format!("[{POD6}]:0"),
+            "[fd18:1::1]:9003",
+            &at_node6,
+        );
+        let to_six = datagram(
+            &t.node,
+            "[fd18:1::1]:0",
+            &format!("[{POD6}]:9002"),
+            &at_pod6,
+        );
+        let probe = t
+            .node
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &format!("{POD}:8080").parse().expect("an address"),
+                    CONNECT_TIMEOUT,
+                )
+            })
+            .is_ok();
+        (out, back, six.is_some(), to_six.is_some(), probe)
+    };
+    // The pod is not yet among the capture's pods: without pod interfaces its traffic passes.
+    let mut capture = Capture::new(Ports::default(), WEFT_MARK).expect("default capture");
+    let plain = Redirect::new(Nft::default(), capture.clone());
+    t.node.block_on(plain.apply()).expect("apply");
+    assert_eq!(traffic(), (true, true, true, true, true), "control");
+    assert!(pending(&probed).is_some());
+
+    // With the pod's interface named, nothing but its answers to the node: dropped both
+    // ways, IPv4 and IPv6, and counted with the spoofed sources.
+    capture = capture.with_pod_interfaces(PodInterfaces::new(&["pod*"]).expect("a pattern"));
+    let guarded = Redirect::new(Nft::default(), capture.clone());
+    t.node.block_on(guarded.apply()).expect("apply");
+    let drops = t
+        .node
+        .block_on(guarded.check())
+        .map(|_| guarded.spoofed_dropped());
+    assert_eq!(
+        traffic(),
+        (false, false, false, true, true),
+        "an unknown pod: the node's own traffic to it (the last two) passes, as upstream requires"
+    );
+    assert!(pending(&probed).is_some(), "the node's probe answered");
+    t.node.block_on(guarded.check()).expect("check");
+    assert!(guarded.spoofed_dropped() > drops.expect("check"), "counted");
+    assert_intact(&t.node, &guarded);
+
+    // Once weft knows the pod, its traffic flows again (UDP as before, TCP captured).
+    capture.insert(pod(POD));
+    capture.insert(pod(POD6));
+    let known = Redirect::new(Nft::default(), capture);
+    t.node.block_on(known.apply()).expect("apply");
+    let (out, back, six, to_six, _) = traffic();
+    assert_eq!(
+        (out, back, six, to_six),
+        (true, true, true, true),
+        "a known pod"
     );
 }
 

@@ -241,6 +241,7 @@ impl<'lab> ControlPlane<'lab> {
                 .arg(token)
                 .arg("--bundles")
                 .arg(&bundles)
+                .args(["--pod-interfaces", crate::lab::POD_INTERFACES])
                 .args(&options.node_args);
             let process = lab.spawn(
                 &node.netns,

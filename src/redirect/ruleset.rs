@@ -411,11 +411,32 @@ pub(super) fn ct(key: &'static str) -> Expression<'static> {
     }))
 }
 
+/// For IPv6, a match of everything but ICMPv6: neighbour discovery (solicitations to
+/// multicast and link-local addresses, which no pod set holds) must pass.
+fn not_neighbour_discovery(family: Family) -> Option<Statement<'static>> {
+    (family == Family::V6).then(|| {
+        matches(
+            meta(MetaKey::L4proto),
+            Operator::NEQ,
+            Expression::String("ipv6-icmp".into()),
+        )
+    })
+}
+
 /// Set membership: nft's JSON spells it `== "@set"` (`Operator::IN` is the bitmask operator).
 fn in_set(family: Family, field: &'static str) -> Statement<'static> {
+    set_match(family, field, Operator::EQ)
+}
+
+/// Set non-membership (`!= "@set"`).
+fn not_in_set(family: Family, field: &'static str) -> Statement<'static> {
+    set_match(family, field, Operator::NEQ)
+}
+
+fn set_match(family: Family, field: &'static str, op: Operator) -> Statement<'static> {
     matches(
         payload(family.protocol(), field),
-        Operator::EQ,
+        op,
         Expression::String(format!("@{}", family.set()).into()),
     )
 }
@@ -623,15 +644,60 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
                     len: 10,
                 })),
             ),
-            matches(
-                meta(MetaKey::L4proto),
-                Operator::NEQ,
-                Expression::String("ipv6-icmp".into()),
-            ),
+        ]
+        .into_iter()
+        .chain(not_neighbour_discovery(Family::V6))
+        .chain([
             Statement::Counter(Counter::Anonymous(None)),
             Statement::Drop(Some(Drop {})),
-        ],
+        ])
+        .collect(),
     ));
+    // Pod interfaces the operator named: an address behind them that no known local pod has
+    // (a pod that started before the view has it, which capture would not take) sends only
+    // its answers to the node's own connections (kubelet probes), and receives nothing (below,
+    // after dstnat). IPv6 keeps ICMPv6 (neighbour discovery).
+    for pattern in capture.pod_interfaces().patterns() {
+        for family in Family::ALL {
+            let ip = family.protocol();
+            let unknown = || {
+                let mut unknown = vec![
+                    matches(
+                        meta(MetaKey::Iifname),
+                        Operator::EQ,
+                        Expression::String(pattern.clone().into()),
+                    ),
+                    not_in_set(family, "saddr"),
+                ];
+                unknown.extend(not_neighbour_discovery(family));
+                unknown
+            };
+            let mut answers = unknown();
+            answers.extend([
+                matches(
+                    ct("direction"),
+                    Operator::EQ,
+                    Expression::String("reply".into()),
+                ),
+                Statement::Accept(Some(Accept {})),
+            ]);
+            rules.push((
+                "antispoof",
+                format!("weft: unknown pods on {pattern} answer the node's own connections ({ip})"),
+                answers,
+            ));
+            let mut dropped = unknown();
+            dropped.extend([
+                Statement::Counter(Counter::Anonymous(None)),
+                Statement::Drop(Some(Drop {})),
+            ]);
+            rules.push((
+                "antispoof",
+                format!("weft: nothing else from unknown pods on {pattern} ({ip})"),
+                dropped,
+            ));
+        }
+    }
     rules.push((
         "prerouting",
         "weft: packets of captured connections".to_owned(),
@@ -692,6 +758,30 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
                     Statement::Counter(Counter::Anonymous(None)),
                     Statement::Drop(Some(Drop {})),
                 ],
+            ));
+        }
+        for pattern in capture.pod_interfaces().patterns() {
+            rules.push((
+                "prerouting",
+                format!("weft: nothing to unknown pods on {pattern} ({ip})"),
+                [
+                    matches(
+                        Expression::Named(NamedExpression::Fib(Fib {
+                            result: FibResult::Oifname,
+                            flags: [FibFlag::Daddr].into_iter().collect(),
+                        })),
+                        Operator::EQ,
+                        Expression::String(pattern.clone().into()),
+                    ),
+                    not_in_set(family, "daddr"),
+                ]
+                .into_iter()
+                .chain(not_neighbour_discovery(family))
+                .chain([
+                    Statement::Counter(Counter::Anonymous(None)),
+                    Statement::Drop(Some(Drop {})),
+                ])
+                .collect(),
             ));
         }
     }
@@ -974,6 +1064,66 @@ mod tests {
             ]
         );
         assert_eq!(expr[3..], [json!({"counter": null}), json!({"drop": {}})]);
+    }
+
+    #[test]
+    fn named_pod_interfaces_keep_unknown_pods_off_them_both_ways() {
+        let plain = serde_json::to_value(install(&capture())).expect("json");
+        let named = capture().with_pod_interfaces(
+            crate::redirect::PodInterfaces::new(&["cali*", "cni0"]).expect("patterns"),
+        );
+        let json = serde_json::to_value(install(&named)).expect("json");
+        let comments = |json: &Value, chain: &str| -> Vec<String> {
+            json["nftables"]
+                .as_array()
+                .expect("objects")
+                .iter()
+                .filter_map(|o| o["add"].get("rule"))
+                .filter(|r| r["chain"] == chain)
+                .filter_map(|r| r["comment"].as_str().map(str::to_owned))
+                .collect()
+        };
+        // Without patterns, none of these rules.
+        let antispoof = comments(&plain, "antispoof");
+        assert!(
+            antispoof.iter().all(|c| !c.contains("unknown pods")),
+            "{antispoof:?}"
+        );
+        // Each pattern, each family: the answers to the node first, then the drop, after the
+        // other antispoof rules; and a drop of what goes to unknown pods in prerouting.
+        let antispoof = comments(&json, "antispoof");
+        assert_eq!(antispoof.len(), 4 + 2 * 2 * 2, "{antispoof:?}");
+        assert_eq!(
+            antispoof[4..6],
+            [
+                "weft: unknown pods on cali* answer the node's own connections (ip)",
+                "weft: nothing else from unknown pods on cali* (ip)"
+            ]
+        );
+        let prerouting = comments(&json, "prerouting");
+        for name in ["cali*", "cni0"] {
+            for ip in ["ip", "ip6"] {
+                let to = format!("weft: nothing to unknown pods on {name} ({ip})");
+                let at = prerouting.iter().position(|c| *c == to).expect("the rule");
+                let dropped =
+                    format!("weft: tcp to local pods that no listener took is dropped ({ip})");
+                assert!(prerouting.iter().position(|c| *c == dropped) < Some(at));
+            }
+        }
+        let rule = json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .find(|r| r["comment"] == "weft: nothing to unknown pods on cali* (ip6)")
+            .expect("the rule");
+        assert_eq!(
+            rule["expr"].as_array().expect("expr")[..2],
+            [
+                json!({"match": {"left": {"fib": {"result": "oifname", "flags": ["daddr"]}}, "right": "cali*", "op": "=="}}),
+                json!({"match": {"left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "@pods_v6", "op": "!="}}),
+            ]
+        );
     }
 
     #[test]
