@@ -437,6 +437,8 @@ pub struct Redirect {
     packets: std::sync::Mutex<Arc<Packets>>,
     /// The pod links as the capture has them, for readers that cannot wait on its lock.
     links: std::sync::Mutex<PodLinkState>,
+    /// The capture's pod interfaces (they never change).
+    pod_interfaces: PodInterfaces,
 }
 
 /// The pod links as last looked up: what `/config_dump` shows.
@@ -490,6 +492,7 @@ impl Redirect {
     pub fn new(nft: Nft, capture: Capture) -> Self {
         Self {
             nft,
+            pod_interfaces: capture.pod_interfaces.clone(),
             capture: Mutex::new(capture),
             restores: AtomicU64::new(0),
             captured: AtomicBool::new(false),
@@ -579,9 +582,14 @@ impl Redirect {
             .clone()
     }
 
-    /// Packets the antispoof chain has dropped (a local pod's address from elsewhere, or a
-    /// source not routed back through the pod link it came in by) since this process
-    /// installed weft's table, as of the last check.
+    /// The interfaces only known local pods may use (`--pod-interfaces`).
+    pub fn pod_interfaces(&self) -> &PodInterfaces {
+        &self.pod_interfaces
+    }
+
+    /// Packets the antispoof chain has dropped (a local pod's address from elsewhere, a
+    /// source not routed back through the pod link it came in by, an unknown pod on a pod
+    /// interface) since this process installed weft's table, as of the last check.
     pub fn spoofed_dropped(&self) -> u64 {
         self.dropped
             .lock()

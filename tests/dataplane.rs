@@ -338,6 +338,7 @@ async fn before_its_first_complete_view_a_node_refuses_what_it_forwards() {
                 .all(|l| l.as_str().is_some_and(|l| l.starts_with('p'))),
         "{capture}"
     );
+    assert_eq!(capture["pod_interfaces"], serde_json::json!(["p*"]));
     assert_eq!(
         capture["pods_without_link"],
         serde_json::json!([]),

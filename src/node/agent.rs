@@ -793,6 +793,8 @@ impl Agent {
                 // Interfaces leading to local pods, where a source must route back the same way.
                 "pod_links": pod_links.links,
                 "pods_without_link": pod_links.pods_without_link,
+                // Where an address no known local pod has sends and receives nothing.
+                "pod_interfaces": self.redirect.pod_interfaces().patterns(),
                 "spoofed_dropped": self.redirect.spoofed_dropped(),
                 "outbound": s.outbound.port(),
                 "inbound": s.inbound.port(),
