@@ -502,7 +502,8 @@ fn a_pod_weft_does_not_know_yet_on_a_pod_interface_sends_and_receives_nothing() 
     assert!(guarded.spoofed_dropped() > drops.expect("check"), "counted");
     assert_intact(&t.node, &guarded);
 
-    // Once weft knows the pod, its traffic flows again (UDP as before, TCP captured).
+    // Once weft knows the pod, its traffic flows again (UDP as before, TCP captured), to the
+    // node's own address on the pod's interface too (no pod's, yet not dropped).
     capture.insert(pod(POD));
     capture.insert(pod(POD6));
     let known = Redirect::new(Nft::default(), capture);

@@ -33,7 +33,7 @@ use nftables::stmt::{Counter, Drop, JumpTarget, Operator, Return, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::TABLE;
-use super::ruleset::{Drift, Family, ct, matches, payload};
+use super::ruleset::{Drift, Family, ct, is_reply, matches, payload};
 use crate::model::Protocol;
 use crate::policy::{Grant, PacketPolicy};
 
@@ -498,11 +498,7 @@ fn rules() -> Vec<(&'static str, String, Vec<Statement<'static>>)> {
                 accept(),
             ],
         ));
-        let reply = matches(
-            ct("direction"),
-            Operator::EQ,
-            Expression::String("reply".into()),
-        );
+        let reply = is_reply();
         if chain == "packets_input" {
             // Address resolution between a pod and its node is the link's, not policy's.
             rules.push((

@@ -411,6 +411,23 @@ pub(super) fn ct(key: &'static str) -> Expression<'static> {
     }))
 }
 
+/// Whether the packet is an answer: it travels its connection's reply direction.
+pub(super) fn is_reply() -> Statement<'static> {
+    matches(
+        ct("direction"),
+        Operator::EQ,
+        Expression::String("reply".into()),
+    )
+}
+
+/// Counts the packet, then drops it: every drop of weft's is counted.
+fn counted_drop() -> [Statement<'static>; 2] {
+    [
+        Statement::Counter(Counter::Anonymous(None)),
+        Statement::Drop(Some(Drop {})),
+    ]
+}
+
 /// For IPv6, a match of everything but ICMPv6: neighbour discovery (solicitations to
 /// multicast and link-local addresses, which no pod set holds) must pass.
 fn not_neighbour_discovery(family: Family) -> Option<Statement<'static>> {
@@ -560,10 +577,7 @@ fn hold_rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'st
     rules.push((
         "hold_forward",
         "weft hold: nothing else is forwarded".to_owned(),
-        vec![
-            Statement::Counter(Counter::Anonymous(None)),
-            Statement::Drop(Some(Drop {})),
-        ],
+        counted_drop().to_vec(),
     ));
     rules
 }
@@ -571,19 +585,17 @@ fn hold_rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'st
 /// Counts and drops a packet whose source is not routed back through the interface it came
 /// in by: with `. iif` the lookup answers only a route leaving by that interface, otherwise
 /// nothing (`missing`). Counted, so that an operator sees spoofing attempts.
-fn not_routed_back() -> [Statement<'static>; 3] {
-    [
-        matches(
-            Expression::Named(NamedExpression::Fib(Fib {
-                result: FibResult::Oif,
-                flags: [FibFlag::Saddr, FibFlag::Iif].into_iter().collect(),
-            })),
-            Operator::EQ,
-            Expression::Boolean(false),
-        ),
-        Statement::Counter(Counter::Anonymous(None)),
-        Statement::Drop(Some(Drop {})),
-    ]
+fn not_routed_back() -> Vec<Statement<'static>> {
+    let mut statements = vec![matches(
+        Expression::Named(NamedExpression::Fib(Fib {
+            result: FibResult::Oif,
+            flags: [FibFlag::Saddr, FibFlag::Iif].into_iter().collect(),
+        })),
+        Operator::EQ,
+        Expression::Boolean(false),
+    )];
+    statements.extend(counted_drop());
+    statements
 }
 
 /// weft's rules: (chain, comment, statements), in chain order. Comments name each rule so
@@ -647,10 +659,7 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
         ]
         .into_iter()
         .chain(not_neighbour_discovery(Family::V6))
-        .chain([
-            Statement::Counter(Counter::Anonymous(None)),
-            Statement::Drop(Some(Drop {})),
-        ])
+        .chain(counted_drop())
         .collect(),
     ));
     // Pod interfaces the operator named: an address behind them that no known local pod has
@@ -673,24 +682,14 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
                 unknown
             };
             let mut answers = unknown();
-            answers.extend([
-                matches(
-                    ct("direction"),
-                    Operator::EQ,
-                    Expression::String("reply".into()),
-                ),
-                Statement::Accept(Some(Accept {})),
-            ]);
+            answers.extend([is_reply(), Statement::Accept(Some(Accept {}))]);
             rules.push((
                 "antispoof",
                 format!("weft: unknown pods on {pattern} answer the node's own connections ({ip})"),
                 answers,
             ));
             let mut dropped = unknown();
-            dropped.extend([
-                Statement::Counter(Counter::Anonymous(None)),
-                Statement::Drop(Some(Drop {})),
-            ]);
+            dropped.extend(counted_drop());
             rules.push((
                 "antispoof",
                 format!("weft: nothing else from unknown pods on {pattern} ({ip})"),
@@ -740,11 +739,7 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
             vec![
                 in_set(family, "saddr"),
                 is_tcp(),
-                matches(
-                    ct("direction"),
-                    Operator::EQ,
-                    Expression::String("reply".into()),
-                ),
+                is_reply(),
                 Statement::Accept(Some(Accept {})),
             ],
         ));
@@ -752,12 +747,10 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
             rules.push((
                 "prerouting",
                 format!("weft: tcp {way} local pods that no listener took is dropped ({ip})"),
-                vec![
-                    in_set(family, field),
-                    is_tcp(),
-                    Statement::Counter(Counter::Anonymous(None)),
-                    Statement::Drop(Some(Drop {})),
-                ],
+                [in_set(family, field), is_tcp()]
+                    .into_iter()
+                    .chain(counted_drop())
+                    .collect(),
             ));
         }
         for pattern in capture.pod_interfaces().patterns() {
@@ -773,14 +766,13 @@ fn rules(capture: &Capture) -> Vec<(&'static str, String, Vec<Statement<'static>
                         Operator::EQ,
                         Expression::String(pattern.clone().into()),
                     ),
+                    // fib answers no interface for the node's own addresses (a bridge's
+                    // gateway address), so they never match.
                     not_in_set(family, "daddr"),
                 ]
                 .into_iter()
                 .chain(not_neighbour_discovery(family))
-                .chain([
-                    Statement::Counter(Counter::Anonymous(None)),
-                    Statement::Drop(Some(Drop {})),
-                ])
+                .chain(counted_drop())
                 .collect(),
             ));
         }
