@@ -440,59 +440,32 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
     let agent = dataplane_lab::agent(&plane, node_b);
     let log = agent.process.output().mark();
 
-    let answered = exchange(&client.netns, None, line, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert_eq!(
-        answered,
-        ExchangeOutcome::Answered {
-            by: client6.to_string()
-        },
-        "the server sees the client's own IPv6 address"
-    );
-    let refused = exchange(&client.netns, None, echo, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert!(!refused.allowed(), "the echo port over IPv6: {refused}");
     let identity = r#""source_identity":"spiffe://cluster-1/ns/bench/sa/default""#;
-    for (to, verdict) in [(line, "allow"), (echo, "deny")] {
-        let destination = format!(r#""destination":"{to}""#);
-        let verdict = format!(r#""verdict":"{verdict}""#);
-        let parts = [r#""direction":"inbound""#, &destination, &verdict, identity];
-        dataplane_lab::wait_logged(agent, log, &parts).await;
-    }
+    dataplane_lab::line_answered_echo_refused(
+        &client.netns,
+        (line, echo),
+        server6.into(),
+        client6.into(),
+        (agent, log),
+        &[r#""direction":"inbound""#, identity],
+        "through a tunnel over IPv6, the client's own address",
+    )
+    .await;
 
     // Plaintext over IPv6 from outside every cluster, taken by node B's IPv6 inbound listener
     // and judged by the server's policy on the source's address.
     let wire6 = lab.wire_ip6().expect("a dual-stack wire");
-
-    let log = agent.process.output().mark();
-    let answered = exchange(lab.wire(), None, line, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert_eq!(
-        answered,
-        ExchangeOutcome::Answered {
-            by: wire6.to_string()
-        },
-        "plaintext to the admitted port"
-    );
-    let refused = exchange(lab.wire(), None, echo, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert!(!refused.allowed(), "plaintext to the echo port: {refused}");
     let source = format!(r#""source":"[{wire6}]:"#);
-    for (to, verdict) in [(line, "allow"), (echo, "deny")] {
-        let destination = format!(r#""destination":"{to}""#);
-        let verdict = format!(r#""verdict":"{verdict}""#);
-        let parts = [
-            r#""direction":"plaintext""#,
-            &source,
-            &destination,
-            &verdict,
-        ];
-        dataplane_lab::wait_logged(agent, log, &parts).await;
-    }
+    dataplane_lab::line_answered_echo_refused(
+        lab.wire(),
+        (line, echo),
+        server6.into(),
+        wire6.into(),
+        (agent, agent.process.output().mark()),
+        &[r#""direction":"plaintext""#, &source],
+        "plaintext over IPv6",
+    )
+    .await;
     drop(plane);
     dataplane_lab::drop_lab(lab);
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use weft::lab::{ExchangeOutcome, Netns, exchange};
 
-use dataplane_lab::{ECHO_PORT, LINE_PORT, nft, serve_as_peer};
+use dataplane_lab::{ECHO_PORT, LINE_PORT, line_answered_echo_refused, nft, serve_as_peer};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -99,44 +99,6 @@ table ip kube_proxy_test {
 }
 ";
 
-/// Dials `line` and `echo` from `from`: the line port is answered as `seen` (the address the
-/// server saw), the echo port refused; then waits for both decisions in the agent's log since
-/// the mark, each a line with `parts`, the endpoint dialled and its verdict.
-async fn line_answered_echo_refused(
-    lab: &weft::lab::Lab,
-    from: &Netns,
-    (line, echo): (SocketAddr, SocketAddr),
-    seen: std::net::Ipv4Addr,
-    (agent, log): (&weft::demo::plane::RunningNode<'_>, usize),
-    parts: &[&str],
-    what: &str,
-) {
-    let answered = exchange(from, None, line, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert_eq!(
-        answered,
-        ExchangeOutcome::Answered {
-            by: seen.to_string()
-        },
-        "{what}, the line port: the server sees {seen}"
-    );
-    let refused = exchange(from, None, echo, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert!(!refused.allowed(), "{what}, the echo port: {refused}");
-    for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
-        let destination = format!(
-            r#""destination":"{}""#,
-            dataplane_lab::server_addr(lab, port)
-        );
-        let verdict = format!(r#""verdict":"{verdict}""#);
-        let mut all = parts.to_vec();
-        all.extend([destination.as_str(), verdict.as_str()]);
-        dataplane_lab::wait_logged(agent, log, &all).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_through_dnat() {
     if !netns::prerequisites() {
@@ -180,10 +142,10 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
         let log = agent.process.output().mark();
         // Through node A's outbound proxy, judged and dialled at the endpoint's port.
         line_answered_echo_refused(
-            &lab,
             &client.netns,
             (service(80), service(81)),
-            client.ip,
+            server.ip.into(),
+            client.ip.into(),
             (agent, log),
             &[r#""direction":"outbound""#],
             &format!("the ClusterIP with DNAT {dnat}"),
@@ -225,10 +187,10 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
     let node_port = |port: u16| SocketAddr::new(node_a.ip.into(), port);
     let source = format!(r#""source":"{}:"#, node_a.ip);
     line_answered_echo_refused(
-        &lab,
         lab.wire(),
         (node_port(30081), node_port(30082)),
-        node_a.ip,
+        server.ip.into(),
+        node_a.ip.into(),
         (agent_b, log),
         &[r#""direction":"plaintext""#, &source],
         "the NodePort, masqueraded by node A",

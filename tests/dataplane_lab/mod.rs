@@ -7,14 +7,14 @@
 #![allow(dead_code)] // each user takes its share
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use weft::demo::plane::{ControlPlane, PlaneOptions, RunningNode};
 use weft::demo::scenario::{Step, write_step};
-use weft::lab::{Lab, LabNode, LabOptions, LabPod, http_get};
+use weft::lab::{ExchangeOutcome, Lab, LabNode, LabOptions, LabPod, Netns, exchange, http_get};
 use weft::model::ClusterSet;
 use weft::model::loader;
 
@@ -28,6 +28,8 @@ pub const UDP_PORT: u16 = 5301;
 
 /// How long an agent's admin endpoint may take to answer.
 const ANSWER: Duration = Duration::from_secs(2);
+/// How long a probe's exchange may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const CLUSTER_1: &str = "\
 apiVersion: v1
@@ -376,4 +378,40 @@ pub fn serve_as_peer(netns: &weft::lab::Netns, addr: SocketAddr) {
             });
         }
     });
+}
+
+/// Dials `line` and `echo` from `from`: the line port is answered as `seen` (the address the
+/// server saw), the echo port refused; then waits for both decisions in the agent's log since
+/// the mark, each a line with `parts`, the endpoint dialled (`endpoint` at [`LINE_PORT`] and
+/// [`ECHO_PORT`]) and its verdict.
+pub async fn line_answered_echo_refused(
+    from: &Netns,
+    (line, echo): (SocketAddr, SocketAddr),
+    endpoint: IpAddr,
+    seen: IpAddr,
+    (agent, log): (&RunningNode<'_>, usize),
+    parts: &[&str],
+    what: &str,
+) {
+    let answered = exchange(from, None, line, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        answered,
+        ExchangeOutcome::Answered {
+            by: seen.to_string()
+        },
+        "{what}, the line port: the server sees {seen}"
+    );
+    let refused = exchange(from, None, echo, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!refused.allowed(), "{what}, the echo port: {refused}");
+    for (port, verdict) in [(LINE_PORT, "allow"), (ECHO_PORT, "deny")] {
+        let destination = format!(r#""destination":"{}""#, SocketAddr::new(endpoint, port));
+        let verdict = format!(r#""verdict":"{verdict}""#);
+        let mut all = parts.to_vec();
+        all.extend([destination.as_str(), verdict.as_str()]);
+        wait_logged(agent, log, &all).await;
+    }
 }
