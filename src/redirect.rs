@@ -452,20 +452,23 @@ pub struct PodLinkState {
 
 /// Where [`DropTally`] keeps the antispoof chain's drops (after the packet layer's [`Way`]s).
 const SPOOFED: usize = 2;
+/// Where [`DropTally`] keeps capture's fail-closed drops (the prerouting chain's).
+const UNCAPTURED: usize = 3;
 
-/// The packet layer's drop counters, per [`Way`], and the antispoof chain's ([`SPOOFED`]),
-/// kept monotonic across table installs (each starts the kernel's counters at zero again).
+/// The packet layer's drop counters, per [`Way`], the antispoof chain's ([`SPOOFED`]) and
+/// the prerouting chain's ([`UNCAPTURED`]), kept monotonic across table installs (each
+/// starts the kernel's counters at zero again).
 #[derive(Debug, Default)]
 struct DropTally {
     /// What earlier tables counted.
-    before: [u64; 3],
+    before: [u64; 4],
     /// What the current table counted when last read.
-    current: [u64; 3],
+    current: [u64; 4],
 }
 
 impl DropTally {
     /// Takes a reading of the current table's counters.
-    fn read(&mut self, now: [u64; 3]) {
+    fn read(&mut self, now: [u64; 4]) {
         for (i, n) in now.into_iter().enumerate() {
             // Lower than before: the table was made again under us (a flush, a restore).
             if n < self.current[i] {
@@ -477,7 +480,7 @@ impl DropTally {
 
     /// The current table is about to be replaced: what it counted is kept.
     fn replaced(&mut self) {
-        for i in 0..3 {
+        for i in 0..self.current.len() {
             self.before[i] += std::mem::take(&mut self.current[i]);
         }
     }
@@ -585,6 +588,16 @@ impl Redirect {
     /// The interfaces only known local pods may use (`--pod-interfaces`).
     pub fn pod_interfaces(&self) -> &PodInterfaces {
         &self.pod_interfaces
+    }
+
+    /// Packets capture dropped because no listener took them (no agent, no listener of their
+    /// family) or because they were bound for an unknown pod on a pod interface, since this
+    /// process installed weft's table, as of the last check.
+    pub fn uncaptured_dropped(&self) -> u64 {
+        self.dropped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .total(UNCAPTURED)
     }
 
     /// Packets the antispoof chain has dropped (a local pod's address from elsewhere, a
@@ -797,13 +810,13 @@ impl Redirect {
         let Some(json) = listing else {
             return Ok(TableState::Missing);
         };
-        if let (Some([ingress, egress]), Some(spoofed)) =
-            (packets::dropped(&json), ruleset::spoofed(&json))
+        if let (Some([ingress, egress]), Some([spoofed, uncaptured])) =
+            (packets::dropped(&json), ruleset::capture_drops(&json))
         {
             self.dropped
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .read([ingress, egress, spoofed]);
+                .read([ingress, egress, spoofed, uncaptured]);
         }
         let table = ruleset::compare(capture, &json);
         Ok(if missing.is_empty() {

@@ -485,7 +485,7 @@ async fn a_pod_the_view_does_not_have_yet_is_cut_off_until_it_has_it() {
     with.files
         .insert("cluster-1/neighbour.yaml".into(), NEIGHBOUR.into());
     let (lab, set, with) = dataplane_lab::build_lab_of(work.path(), with);
-    let (_, server, _, node_b) = dataplane_lab::ends(&lab);
+    let (_, server, node_a, node_b) = dataplane_lab::ends(&lab);
     let newcomer = lab
         .pod("cluster-1", "bench", "neighbour")
         .expect("the newcomer");
@@ -504,6 +504,14 @@ async fn a_pod_the_view_does_not_have_yet_is_cut_off_until_it_has_it() {
     assert!(!out.allowed(), "from the newcomer while unknown: {out}");
     let into = reached(lab.wire(), to_newcomer).await;
     assert!(!into.allowed(), "to the newcomer while unknown: {into}");
+    // Node A counts what it dropped on the way to the newcomer (read at each table check).
+    let counted = eventually(Duration::from_secs(5), async || {
+        config_dump(node_a).await["capture"]["uncaptured_dropped"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    })
+    .await;
+    assert!(counted.is_some(), "node A's uncaptured_dropped");
 
     let agent = dataplane_lab::agent(&plane, node_b);
     let log = agent.process.output().mark();

@@ -500,6 +500,10 @@ fn a_pod_weft_does_not_know_yet_on_a_pod_interface_sends_and_receives_nothing() 
     assert!(pending(&probed).is_some(), "the node's probe answered");
     t.node.block_on(guarded.check()).expect("check");
     assert!(guarded.spoofed_dropped() > drops.expect("check"), "counted");
+    assert!(
+        guarded.uncaptured_dropped() > 0,
+        "the peer's datagram to it, counted"
+    );
     assert_intact(&t.node, &guarded);
 
     // Once weft knows the pod, its traffic flows again (UDP as before, TCP captured), to the

@@ -796,6 +796,7 @@ impl Agent {
                 // Where an address no known local pod has sends and receives nothing.
                 "pod_interfaces": self.redirect.pod_interfaces().patterns(),
                 "spoofed_dropped": self.redirect.spoofed_dropped(),
+                "uncaptured_dropped": self.redirect.uncaptured_dropped(),
                 "outbound": s.outbound.port(),
                 "inbound": s.inbound.port(),
                 "hbone": s.hbone.port(),
@@ -889,8 +890,15 @@ impl Agent {
         spoofed.inc_by(self.redirect.spoofed_dropped());
         registry.register(
             "spoofed_dropped",
-            "Packets weft's antispoof chain dropped: a local pod's address from another interface, or a source not routed back through the pod link it came in by; as of the last table check.",
+            "Packets weft's antispoof chain dropped: a local pod's address from another interface, a source not routed back through the pod link it came in by, a link-local IPv6 source, or an unknown pod on a --pod-interfaces interface; as of the last table check.",
             spoofed,
+        );
+        let uncaptured: Counter = Counter::default();
+        uncaptured.inc_by(self.redirect.uncaptured_dropped());
+        registry.register(
+            "uncaptured_dropped",
+            "Packets capture dropped rather than pass unjudged: TCP of local pods that no listener took (none of its family), or anything bound for an unknown pod on a --pod-interfaces interface; as of the last table check.",
+            uncaptured,
         );
         gauge(
             &mut registry,

@@ -945,20 +945,21 @@ pub fn compare(capture: &Capture, listing: &str) -> TableState {
     }
 }
 
-/// Packets the antispoof chain dropped (its counters summed), as a listing of weft's table
-/// says; `None` if the listing cannot be read.
-pub(super) fn spoofed(listing: &str) -> Option<u64> {
+/// Packets capture's chains dropped (their counters summed), as a listing of weft's table
+/// says: `[antispoof, prerouting]` (spoofed or unknown sources; what no listener took, or
+/// what was bound for an unknown pod); `None` if the listing cannot be read.
+pub(super) fn capture_drops(listing: &str) -> Option<[u64; 2]> {
     // Read untyped, as the packet layer's counters: they grow past the crate's types.
     let listing: serde_json::Value = serde_json::from_str(listing).ok()?;
-    let dropped = listing
-        .get("nftables")?
-        .as_array()?
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .filter(|r| r.get("chain").and_then(|c| c.as_str()) == Some("antispoof"))
-        .map(packets::counted)
-        .fold(0, u64::saturating_add);
-    Some(dropped)
+    let rules = listing.get("nftables")?.as_array()?;
+    Some(["antispoof", "prerouting"].map(|chain| {
+        rules
+            .iter()
+            .filter_map(|o| o.get("rule"))
+            .filter(|r| r.get("chain").and_then(|c| c.as_str()) == Some(chain))
+            .map(packets::counted)
+            .fold(0, u64::saturating_add)
+    }))
 }
 
 #[cfg(test)]
@@ -1239,14 +1240,18 @@ mod tests {
     }
 
     #[test]
-    fn spoofed_drops_are_the_antispoof_chain_s_counters() {
+    fn capture_drops_are_the_antispoof_and_prerouting_chains_counters() {
         let listing = json!({"nftables": [
             {"rule": {"chain": "antispoof", "expr": [{"counter": {"packets": 3, "bytes": 90}}, {"drop": null}]}},
             {"rule": {"chain": "antispoof", "expr": [{"counter": {"packets": 5_000_000_000u64, "bytes": 1}}, {"drop": null}]}},
+            {"rule": {"chain": "prerouting", "expr": [{"counter": {"packets": 7, "bytes": 420}}, {"drop": null}]}},
             {"rule": {"chain": "packets_egress", "expr": [{"counter": {"packets": 2, "bytes": 60}}, {"drop": null}]}},
         ]});
-        assert_eq!(spoofed(&listing.to_string()), Some(5_000_000_003));
-        assert_eq!(spoofed("not json"), None);
+        assert_eq!(
+            capture_drops(&listing.to_string()),
+            Some([5_000_000_003, 7])
+        );
+        assert_eq!(capture_drops("not json"), None);
     }
 
     #[test]
