@@ -512,6 +512,12 @@ async fn a_pod_the_view_does_not_have_yet_is_cut_off_until_it_has_it() {
     })
     .await;
     assert!(counted.is_some(), "node A's uncaptured_dropped");
+    let metrics = dataplane_lab::metrics(node_a).await;
+    let total = metrics.lines().find_map(|l| {
+        l.strip_prefix("weft_node_uncaptured_dropped_total ")
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    assert!(total.is_some_and(|n| n > 0), "{metrics}");
 
     let agent = dataplane_lab::agent(&plane, node_b);
     let log = agent.process.output().mark();

@@ -837,6 +837,14 @@ impl Agent {
             g.set(value);
             registry.register(name, help, g);
         };
+        let counter = |registry: &mut prometheus_client::registry::Registry,
+                       name: &str,
+                       help: &str,
+                       value: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(value);
+            registry.register(name, help, c);
+        };
         let stale = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
             view.stale_for().map_or(0.0, |d| d.as_secs_f64())
@@ -886,19 +894,17 @@ impl Agent {
             "Packets the packet layer dropped (NetworkPolicy on traffic the proxy does not carry: UDP, SCTP, ICMP and the rest), by direction; as of the last table check.",
             dropped,
         );
-        let spoofed: Counter = Counter::default();
-        spoofed.inc_by(self.redirect.spoofed_dropped());
-        registry.register(
+        counter(
+            &mut registry,
             "spoofed_dropped",
             "Packets weft's antispoof chain dropped: a local pod's address from another interface, a source not routed back through the pod link it came in by, a link-local IPv6 source, or an unknown pod on a --pod-interfaces interface; as of the last table check.",
-            spoofed,
+            self.redirect.spoofed_dropped(),
         );
-        let uncaptured: Counter = Counter::default();
-        uncaptured.inc_by(self.redirect.uncaptured_dropped());
-        registry.register(
+        counter(
+            &mut registry,
             "uncaptured_dropped",
             "Packets capture dropped rather than pass unjudged: TCP of local pods that no listener took (none of its family), or anything bound for an unknown pod on a --pod-interfaces interface; as of the last table check.",
-            uncaptured,
+            self.redirect.uncaptured_dropped(),
         );
         gauge(
             &mut registry,
