@@ -979,6 +979,25 @@ mod tests {
         capture
     }
 
+    /// The rules an install batch adds, in order.
+    fn added_rules(json: &Value) -> Vec<&Value> {
+        json["nftables"]
+            .as_array()
+            .expect("objects")
+            .iter()
+            .filter_map(|o| o["add"].get("rule"))
+            .collect()
+    }
+
+    /// The comments of the rules an install batch adds to `chain`, in order.
+    fn comments<'a>(json: &'a Value, chain: &str) -> Vec<&'a str> {
+        added_rules(json)
+            .into_iter()
+            .filter(|r| r["chain"] == chain)
+            .filter_map(|r| r["comment"].as_str())
+            .collect()
+    }
+
     /// What nft would list after `install`: its added objects, as a listing.
     fn listing_of(capture: &Capture) -> Nftables<'static> {
         let objects: Vec<_> = install(capture)
@@ -1019,11 +1038,8 @@ mod tests {
     #[test]
     fn on_pod_links_a_source_must_route_back_the_same_way_in_one_counted_rule() {
         let json = serde_json::to_value(install(&capture())).expect("json");
-        let rules: Vec<&Value> = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .filter_map(|o| o["add"].get("rule"))
+        let rules: Vec<&Value> = added_rules(&json)
+            .into_iter()
             .filter(|r| r["chain"] == "antispoof")
             .collect();
         assert_eq!(rules.len(), 4, "{rules:?}");
@@ -1066,16 +1082,6 @@ mod tests {
             crate::redirect::PodInterfaces::new(&["cali*", "cni0"]).expect("patterns"),
         );
         let json = serde_json::to_value(install(&named)).expect("json");
-        let comments = |json: &Value, chain: &str| -> Vec<String> {
-            json["nftables"]
-                .as_array()
-                .expect("objects")
-                .iter()
-                .filter_map(|o| o["add"].get("rule"))
-                .filter(|r| r["chain"] == chain)
-                .filter_map(|r| r["comment"].as_str().map(str::to_owned))
-                .collect()
-        };
         // Without patterns, none of these rules.
         let antispoof = comments(&plain, "antispoof");
         assert!(
@@ -1103,11 +1109,8 @@ mod tests {
                 assert!(prerouting.iter().position(|c| *c == dropped) < Some(at));
             }
         }
-        let rule = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .filter_map(|o| o["add"].get("rule"))
+        let rule = added_rules(&json)
+            .into_iter()
             .find(|r| r["comment"] == "weft: nothing to unknown pods on cali* (ip6)")
             .expect("the rule");
         assert_eq!(
@@ -1122,14 +1125,7 @@ mod tests {
     #[test]
     fn what_no_listener_took_is_dropped_after_each_family_s_diverts() {
         let json = serde_json::to_value(install(&capture())).expect("json");
-        let comments: Vec<&str> = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .filter_map(|o| o["add"].get("rule"))
-            .filter(|r| r["chain"] == "prerouting")
-            .filter_map(|r| r["comment"].as_str())
-            .collect();
+        let comments = comments(&json, "prerouting");
         for ip in ["ip", "ip6"] {
             let at = |what: &str| {
                 let comment = format!("weft: {what} ({ip})");
@@ -1282,12 +1278,7 @@ mod tests {
         let set = json!({"mangle": {"key": mark.clone(), "value": {"|": [
             {"&": [mark, !MARK_MASK]}, TPROXY_MARK
         ]}}});
-        let rules: Vec<&Value> = json["nftables"]
-            .as_array()
-            .expect("objects")
-            .iter()
-            .filter_map(|o| o["add"].get("rule"))
-            .collect();
+        let rules = added_rules(&json);
         for rule in &rules {
             let expr = rule["expr"].as_array().expect("expr");
             let diverts = expr.iter().any(|e| e.get("tproxy").is_some());
