@@ -224,7 +224,8 @@ struct NodeArgs {
 #[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Writes a development PKI per trust domain: a root, the CA's and the tracker's serving
-    /// certificates, tracker client certificates (admin, nodes) and bootstrap tokens.
+    /// certificates, tracker client certificates (admin, each node, every node) and bootstrap
+    /// tokens.
     Init(CertsInitArgs),
 }
 
@@ -239,6 +240,10 @@ struct CertsInitArgs {
     /// Nodes to write bootstrap tokens and tracker client certificates for.
     #[arg(long, value_name = "N", default_value_t = 2)]
     nodes: usize,
+    /// A DNS name the tracker's and the CA's serving certificates are for, besides localhost
+    /// (`weft-tracker.weft-system.svc`); repeat for several.
+    #[arg(long = "server-name", value_name = "DNS")]
+    server_names: Vec<String>,
     /// Replace a trust domain's existing files.
     #[arg(long)]
     force: bool,
@@ -815,7 +820,8 @@ fn certs_init(args: CertsInitArgs) -> anyhow::Result<ExitCode> {
         .map(|td| id::trust_domain(td).with_context(|| format!("--trust-domain {td}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     for td in &domains {
-        let written = ca::dev_pki::generate(&args.out, td, args.nodes, args.force)?;
+        let written =
+            ca::dev_pki::generate(&args.out, td, args.nodes, &args.server_names, args.force)?;
         println!("{}: {}", written.dir.display(), written.files.join(" "));
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! The tracker's stream over mutual TLS: who a subscriber is comes from its client
 //! certificate (a SPIFFE id), never from its request; a node agent gets its own cluster's
-//! policies only and may not subscribe as another node or cluster; certificates from another
+//! policies only and may not subscribe as another node or cluster (the certificate of every
+//! agent of a cluster: as any of its nodes); certificates from another
 //! CA, none at all, or an identity that is no weft subscriber are refused; and `weft policy
 //! check --tracker https://…` answers as the offline check.
 
@@ -126,6 +127,37 @@ async fn a_node_is_who_its_certificate_says() {
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("as cluster \"cluster-1\""), "{e}");
     let e = policies_seen(&c2, request("", "", AllClusters))
+        .await
+        .expect_err("all clusters");
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    // The certificate of every agent of a cluster (one Secret a DaemonSet mounts): any node
+    // of that cluster, its policies only.
+    let agents = Target::new(
+        &url,
+        Some(tls(&pki.issue(
+            "agents",
+            &format!("{TD}/weft/cluster/cluster-2/nodes"),
+        ))),
+    )
+    .expect("target");
+    for node in ["node-a", "node-b"] {
+        let seen = policies_seen(&agents, request(node, "cluster-2", OwnCluster))
+            .await
+            .expect("admitted");
+        assert!(
+            !seen.is_empty() && seen.iter().all(|c| c == "cluster-2"),
+            "{seen:?}"
+        );
+    }
+    let e = policies_seen(&agents, request("node-a", "cluster-1", OwnCluster))
+        .await
+        .expect_err("another cluster");
+    assert_eq!(
+        e.message(),
+        "a node agent of cluster cluster-2 may not subscribe as cluster \"cluster-1\""
+    );
+    let e = policies_seen(&agents, request("node-a", "", AllClusters))
         .await
         .expect_err("all clusters");
     assert_eq!(e.code(), Code::PermissionDenied);

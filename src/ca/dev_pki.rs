@@ -54,6 +54,12 @@ pub enum DevPkiError {
     /// No random bytes for a token.
     #[error("no random bytes for a bootstrap token")]
     Random,
+    /// A server name is no DNS name.
+    #[error("--server-name {name:?}: not a DNS name")]
+    ServerName {
+        /// The name.
+        name: String,
+    },
 }
 
 /// Writes `contents` to `path`, readable by its owner only when `secret`.
@@ -91,16 +97,30 @@ pub struct Written {
 }
 
 /// Writes the development PKI of `trust_domain` into `out/TRUST-DOMAIN/`, with bootstrap tokens
-/// and tracker client certificates for `nodes` nodes (`node-0`, `node-1`, …). The trust
-/// domain is also the cluster id in the tracker's SPIFFE ids, as it is by default in weft. A
-/// directory that has files already is refused unless `force`.
+/// and tracker client certificates for `nodes` nodes (`node-0`, `node-1`, …) and one for every
+/// node agent of the cluster (`nodes`, as a DaemonSet mounts it). The serving certificates
+/// are for localhost and `server_names`. The trust domain is also the cluster id in the
+/// tracker's SPIFFE ids, as it is by default in weft. A directory that has files already is
+/// refused unless `force`.
 pub fn generate(
     out: &Path,
     trust_domain: &TrustDomain,
     nodes: usize,
+    server_names: &[String],
     force: bool,
 ) -> Result<Written, DevPkiError> {
     let td = trust_domain.as_str();
+    let server_names = server_names
+        .iter()
+        .map(|name| {
+            let bad = || DevPkiError::ServerName { name: name.clone() };
+            rustls_pki_types::DnsName::try_from(name.as_str()).map_err(|_| bad())?;
+            name.clone()
+                .try_into()
+                .map(SanType::DnsName)
+                .map_err(|_| bad())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let cluster = ClusterId::new(td).map_err(|e| DevPkiError::ClusterId {
         trust_domain: td.to_owned(),
         error: e.reason,
@@ -178,6 +198,12 @@ pub fn generate(
         server: false,
         client: true,
     }));
+    leaves.push(Leaf {
+        file: "nodes",
+        spiffe_id: cluster_id("nodes"),
+        server: false,
+        client: true,
+    });
     for leaf in leaves {
         let what = generate(leaf.file);
         let mut p = CertificateParams::default();
@@ -193,6 +219,7 @@ pub fn generate(
                 SanType::IpAddress([127, 0, 0, 1].into()),
                 SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()),
             ]);
+            p.subject_alt_names.extend(server_names.iter().cloned());
             p.extended_key_usages
                 .push(ExtendedKeyUsagePurpose::ServerAuth);
         }
@@ -238,7 +265,8 @@ mod tests {
     async fn the_files_work_where_they_are_meant_to() {
         let out = tempfile::tempdir().expect("tempdir");
         let td = TrustDomain::new("cluster-1").expect("td");
-        let written = generate(out.path(), &td, 2, false).expect("written");
+        let names = ["weft-tracker.weft-system.svc".to_owned()];
+        let written = generate(out.path(), &td, 2, &names, false).expect("written");
         let dir = &written.dir;
         assert_eq!(dir, &out.path().join("cluster-1"));
         Signer::load(
@@ -249,7 +277,7 @@ mod tests {
             TtlLimits::default(),
         )
         .expect("the root signs");
-        for name in ["tracker", "admin", "node-0", "node-1", "ca"] {
+        for name in ["tracker", "admin", "node-0", "node-1", "nodes", "ca"] {
             TlsFiles::load(
                 &dir.join(format!("{name}.pem")),
                 &dir.join(format!("{name}-key.pem")),
@@ -269,8 +297,28 @@ mod tests {
         ));
         assert!(matches!(subscriber("admin"), Ok(Subscriber::Admin { .. })));
         assert!(
-            matches!(subscriber("node-1"), Ok(Subscriber::Node { node, .. }) if node == "node-1")
+            matches!(subscriber("node-1"), Ok(Subscriber::Node { node: Some(node), .. }) if node == "node-1")
         );
+        assert!(matches!(
+            subscriber("nodes"),
+            Ok(Subscriber::Node { node: None, .. })
+        ));
+        for serving in ["tracker", "ca"] {
+            let pem = std::fs::read(dir.join(format!("{serving}.pem"))).expect("read");
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+            let cert = pem.parse_x509().expect("x509");
+            let sans = cert
+                .subject_alternative_name()
+                .expect("extension")
+                .expect("names");
+            assert!(
+                sans.value.general_names.iter().any(|n| matches!(
+                    n,
+                    x509_parser::extensions::GeneralName::DNSName("weft-tracker.weft-system.svc")
+                )),
+                "{serving}"
+            );
+        }
         let tokens = BootstrapTokens::load(&dir.join("bootstrap-tokens")).expect("tokens");
         let text = std::fs::read_to_string(dir.join("bootstrap-tokens")).expect("read");
         let token = text
@@ -288,11 +336,18 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0, "keys are private");
         }
-        let e = generate(out.path(), &td, 1, false).expect_err("exists");
+        let e = generate(out.path(), &td, 1, &[], false).expect_err("exists");
         assert!(e.to_string().contains("--force"), "{e}");
-        generate(out.path(), &td, 1, true).expect("forced");
+        generate(out.path(), &td, 1, &[], true).expect("forced");
+        for bad in ["bäd.example", "a b", "", "10.0.0.1"] {
+            let e = generate(out.path(), &td, 1, &[bad.to_owned()], true).expect_err(bad);
+            assert_eq!(
+                e.to_string(),
+                format!("--server-name {bad:?}: not a DNS name")
+            );
+        }
         let long = TrustDomain::new("a".repeat(70)).expect("td");
-        let e = generate(out.path(), &long, 1, false).expect_err("not a cluster id");
+        let e = generate(out.path(), &long, 1, &[], false).expect_err("not a cluster id");
         assert!(e.to_string().starts_with("--trust-domain "), "{e}");
     }
 }

@@ -128,7 +128,7 @@ impl<'lab> ControlPlane<'lab> {
             let td = trust_domain_for(id, cluster.settings.trust_domain.as_deref())?;
             cluster_domains.insert(id.clone(), td.to_string());
             if !domains.contains_key(td.as_str()) {
-                let written = dev_pki::generate(&pki, &td, 0, false)?;
+                let written = dev_pki::generate(&pki, &td, 0, &[], false)?;
                 let bundle = bundles.join(format!("{td}.pem"));
                 std::fs::copy(written.dir.join("root.pem"), &bundle).map_err(io(&bundle))?;
                 domains.insert(

@@ -3,6 +3,9 @@
 //!
 //! - `spiffe://TD/weft/cluster/CLUSTER/node/NODE`: a node agent, which gets its own cluster's
 //!   policies only (policies are local);
+//! - `spiffe://TD/weft/cluster/CLUSTER/nodes`: any node agent of the cluster, the same: one
+//!   certificate that a DaemonSet mounts on every node (what a node gets does not depend on
+//!   which node it is; what proves a node to the CA is its own token);
 //! - `spiffe://TD/weft/cluster/CLUSTER/tracker`: a spoke tracker, which gets the whole view;
 //! - `spiffe://TD/weft/admin/NAME`: an operator's tool (`weft policy check --tracker`), which
 //!   gets the whole view.
@@ -23,7 +26,7 @@ pub enum SubscriberError {
     Certificate(String),
     /// The SPIFFE id names no kind of subscriber weft knows.
     #[error(
-        "client certificate {id}: not a weft subscriber (expected /weft/cluster/CLUSTER/node/NODE, /weft/cluster/CLUSTER/tracker or /weft/admin/NAME)"
+        "client certificate {id}: not a weft subscriber (expected /weft/cluster/CLUSTER/node/NODE, /weft/cluster/CLUSTER/nodes, /weft/cluster/CLUSTER/tracker or /weft/admin/NAME)"
     )]
     UnknownIdentity {
         /// The SPIFFE id.
@@ -72,8 +75,8 @@ pub enum Subscriber {
     Node {
         /// Its cluster.
         cluster: ClusterId,
-        /// Its node's name.
-        node: String,
+        /// Its node's name, or `None` for any node agent of the cluster.
+        node: Option<String>,
     },
     /// A spoke tracker of a cluster.
     Tracker {
@@ -90,7 +93,14 @@ pub enum Subscriber {
 impl std::fmt::Display for Subscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Subscriber::Node { cluster, node } => write!(f, "node {node} of cluster {cluster}"),
+            Subscriber::Node {
+                cluster,
+                node: Some(node),
+            } => write!(f, "node {node} of cluster {cluster}"),
+            Subscriber::Node {
+                cluster,
+                node: None,
+            } => write!(f, "a node agent of cluster {cluster}"),
             Subscriber::Tracker { cluster } => write!(f, "the tracker of cluster {cluster}"),
             Subscriber::Admin { name } => write!(f, "admin {name}"),
         }
@@ -117,9 +127,13 @@ impl Subscriber {
                 node_name(node).map_err(bad)?;
                 Ok(Subscriber::Node {
                     cluster: cluster(c)?,
-                    node: (*node).to_owned(),
+                    node: Some((*node).to_owned()),
                 })
             }
+            ["weft", "cluster", c, "nodes"] => Ok(Subscriber::Node {
+                cluster: cluster(c)?,
+                node: None,
+            }),
             ["weft", "cluster", c, "tracker"] => Ok(Subscriber::Tracker {
                 cluster: cluster(c)?,
             }),
@@ -139,7 +153,8 @@ impl Subscriber {
     }
 
     /// What this subscriber gets for `request`: a node agent its own cluster's policies only,
-    /// and only as itself; a tracker or an admin whatever scope it asks for.
+    /// and only as itself (any node of its cluster for the cluster-wide identity); a tracker or
+    /// an admin whatever scope it asks for.
     pub fn authorize(&self, request: &pb::SubscribeRequest) -> Result<Scope, SubscriberError> {
         let asked = policy_scope(request)?;
         let impersonation = |field, claimed: &str| SubscriberError::Impersonation {
@@ -149,7 +164,10 @@ impl Subscriber {
         };
         match self {
             Subscriber::Node { cluster, node } => {
-                if !request.node.is_empty() && request.node != *node {
+                if node
+                    .as_ref()
+                    .is_some_and(|node| !request.node.is_empty() && request.node != *node)
+                {
                     return Err(impersonation("node", &request.node));
                 }
                 if !request.cluster.is_empty() && request.cluster != cluster.as_str() {
@@ -238,7 +256,14 @@ mod tests {
             id("spiffe://c1.weft/weft/cluster/cluster-1/node/node-a"),
             Ok(Subscriber::Node {
                 cluster: ClusterId::new("cluster-1").expect("id"),
-                node: "node-a".into()
+                node: Some("node-a".into())
+            })
+        );
+        assert_eq!(
+            id("spiffe://c1.weft/weft/cluster/cluster-1/nodes"),
+            Ok(Subscriber::Node {
+                cluster: ClusterId::new("cluster-1").expect("id"),
+                node: None
             })
         );
         assert!(matches!(
@@ -253,6 +278,7 @@ mod tests {
             "spiffe://c1.weft/ns/default/sa/web",
             "spiffe://c1.weft/weft/cluster/cluster-1/node",
             "spiffe://c1.weft/weft/cluster/cluster-1/node/a/b",
+            "spiffe://c1.weft/weft/cluster/cluster-1/nodes/a",
             "spiffe://c1.weft",
         ] {
             assert!(
@@ -310,6 +336,35 @@ mod tests {
                 field: "policy_scope",
                 ..
             })
+        ));
+    }
+
+    #[test]
+    fn the_cluster_wide_agent_identity_is_any_node_of_its_cluster_and_no_more() {
+        use pb::PolicyScope::{AllClusters, OwnCluster};
+        let agents = id("spiffe://c1.weft/weft/cluster/cluster-1/nodes").expect("agents");
+        let own = Scope::Cluster(ClusterId::new("cluster-1").expect("id"));
+        for node in ["", "node-a", "node-b"] {
+            assert_eq!(
+                agents.authorize(&request(node, "cluster-1", OwnCluster)),
+                Ok(own.clone()),
+                "{node}"
+            );
+        }
+        let e = agents
+            .authorize(&request("node-a", "cluster-2", OwnCluster))
+            .expect_err("another cluster");
+        assert_eq!(
+            e.to_string(),
+            "a node agent of cluster cluster-1 may not subscribe as cluster \"cluster-2\""
+        );
+        assert!(matches!(
+            agents.authorize(&request("node-a", "", AllClusters)),
+            Err(SubscriberError::Forbidden { .. })
+        ));
+        assert!(matches!(
+            agents.authorize(&request("Node_A", "", OwnCluster)),
+            Err(SubscriberError::BadRequest { field: "node", .. })
         ));
     }
 

@@ -4,7 +4,9 @@
 //! inject faults (down, 500, hang, slow events, events held back then delivered out of order, a
 //! kind not installed), and authentication: a required bearer token, and HTTPS with a required
 //! client certificate; and kubeconfig files naming servers. It also reviews tokens (POST
-//! TokenReview) that a test registers with who they are ([`ApiServer::add_reviewed_token`]).
+//! TokenReview) that a test registers with who they are ([`ApiServer::add_reviewed_token`]),
+//! and can authorize requests by RBAC rules ([`ApiServer::authorize`]), answering 403 to
+//! what they do not grant, as a real server does.
 //! Reusable by every test that needs a cluster: include it with `mod apiserver;`.
 #![allow(dead_code)]
 
@@ -27,6 +29,70 @@ use tokio::sync::broadcast;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// An RBAC rule granted to the client: for every namespace (a ClusterRole bound by a
+/// ClusterRoleBinding) or for one (bound by a RoleBinding in it).
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The namespace it is for, or `None` for all and for cluster-scoped resources.
+    pub namespace: Option<String>,
+    /// The rule.
+    pub rule: k8s_openapi::api::rbac::v1::PolicyRule,
+}
+
+/// What a request asks, as RBAC sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attributes {
+    /// `get`, `list`, `watch` or `create`.
+    pub verb: String,
+    /// The API group (`""` for the core group).
+    pub group: String,
+    /// The resource (plural).
+    pub resource: String,
+    /// The namespace of a namespaced request.
+    pub namespace: Option<String>,
+    /// The object's name, for a `get`.
+    pub name: Option<String>,
+}
+
+impl Attributes {
+    /// Whether `grant` allows it: verb, group and resource match (or `*`), the grant is for
+    /// its namespace, and names, if the rule lists any, include its name.
+    fn allowed_by(&self, grant: &Grant) -> bool {
+        let has = |list: &[String], v: &str| list.iter().any(|x| x == "*" || x == v);
+        let rule = &grant.rule;
+        let names = rule.resource_names.as_deref().unwrap_or_default();
+        grant
+            .namespace
+            .as_ref()
+            .is_none_or(|ns| self.namespace.as_ref() == Some(ns))
+            && has(&rule.verbs, &self.verb)
+            && has(rule.api_groups.as_deref().unwrap_or_default(), &self.group)
+            && has(
+                rule.resources.as_deref().unwrap_or_default(),
+                &self.resource,
+            )
+            && (names.is_empty() || self.name.as_ref().is_some_and(|n| names.contains(n)))
+    }
+}
+
+impl std::fmt::Display for Attributes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            &self.group
+        };
+        write!(f, "{} {group}/{}", self.verb, self.resource)?;
+        if let Some(name) = &self.name {
+            write!(f, " {name}")?;
+        }
+        if let Some(ns) = &self.namespace {
+            write!(f, " in {ns}")?;
+        }
+        Ok(())
+    }
+}
 
 /// The kinds the server serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -200,6 +266,10 @@ struct State {
     uninstalled: BTreeSet<Kind>,
     /// Tokens the TokenReview endpoint authenticates, and who they are.
     reviewed: BTreeMap<String, TokenUser>,
+    /// When set, only what these grant is served (403 otherwise).
+    grants: Option<Vec<Grant>>,
+    /// What requests asked under [`State::grants`], and whether it was allowed.
+    authorized: Vec<(Attributes, bool)>,
 }
 
 /// Who a token is, as TokenReview answers: its user and the audiences it was issued for.
@@ -599,6 +669,18 @@ impl ApiServer {
         lock(&self.state).token = token.map(str::to_owned);
     }
 
+    /// Serves from now on only what `grants` allow, answering anything else 403 Forbidden as
+    /// RBAC does; `None` serves everything.
+    pub fn authorize(&self, grants: Option<Vec<Grant>>) {
+        lock(&self.state).grants = grants;
+    }
+
+    /// What requests asked while grants were set ([`ApiServer::authorize`]), and whether they
+    /// were allowed, oldest first.
+    pub fn authorized(&self) -> Vec<(Attributes, bool)> {
+        lock(&self.state).authorized.clone()
+    }
+
     /// Makes TokenReview authenticate `token` as `user` (for the audiences it is for).
     pub fn add_reviewed_token(&self, token: &str, user: TokenUser) {
         lock(&self.state).reviewed.insert(token.to_owned(), user);
@@ -794,9 +876,25 @@ async fn handle(
             );
         }
     }
-    if req.method() == http::Method::POST
-        && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews"
-    {
+    if let Some(asked) = attributes(&req, &q) {
+        let mut st = lock(&state);
+        if let Some(grants) = &st.grants {
+            let allowed = grants.iter().any(|g| asked.allowed_by(g));
+            st.authorized.push((asked.clone(), allowed));
+            if !allowed {
+                let scope = match &asked.namespace {
+                    Some(ns) => format!("in the namespace \"{ns}\""),
+                    None => "at the cluster scope".to_owned(),
+                };
+                let message = format!(
+                    "{} is forbidden: User \"test\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+                    asked.resource, asked.verb, asked.resource, asked.group
+                );
+                return full(StatusCode::FORBIDDEN, status(403, "Forbidden", &message));
+            }
+        }
+    }
+    if req.method() == http::Method::POST && req.uri().path() == TOKEN_REVIEWS {
         return token_review(req, &state).await;
     }
     let Some(target) = Kind::target(req.uri().path()) else {
@@ -826,11 +924,53 @@ async fn handle(
     } = target;
     if let Some(name) = name {
         get(kind, namespace.as_deref(), &name, &state)
-    } else if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+    } else if is_watch(&q) {
         watch(kind, namespace, &q, state, signals)
     } else {
         list(kind, namespace.as_deref(), &q, &state)
     }
+}
+
+/// Whether a request's query asks for a watch.
+fn is_watch(q: &BTreeMap<String, String>) -> bool {
+    q.get("watch").is_some_and(|w| w == "true" || w == "1")
+}
+
+/// Where TokenReviews are created.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// What `req` asks, as RBAC sees it; `None` for a path the server does not serve.
+fn attributes(req: &Request<Incoming>, q: &BTreeMap<String, String>) -> Option<Attributes> {
+    let path = req.uri().path();
+    if path == TOKEN_REVIEWS {
+        return Some(Attributes {
+            verb: "create".into(),
+            group: "authentication.k8s.io".into(),
+            resource: "tokenreviews".into(),
+            namespace: None,
+            name: None,
+        });
+    }
+    let target = Kind::target(path)?;
+    let (prefix, plural, ..) = target.kind.api();
+    let group = prefix
+        .strip_prefix("/apis/")
+        .and_then(|gv| gv.split_once('/'))
+        .map_or("", |(group, _)| group);
+    let verb = if target.name.is_some() {
+        "get"
+    } else if is_watch(q) {
+        "watch"
+    } else {
+        "list"
+    };
+    Some(Attributes {
+        verb: verb.into(),
+        group: group.into(),
+        resource: plural.into(),
+        namespace: target.namespace,
+        name: target.name,
+    })
 }
 
 /// A TokenReview: a registered token for one of the audiences asked for is authenticated,

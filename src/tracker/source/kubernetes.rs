@@ -566,11 +566,11 @@ async fn client(found: &Found) -> Result<::kube::Client, SourceError> {
     })
 }
 
-/// The id of the cluster behind `client`, in order: its own `ClusterProperty`, the context's
-/// mapping, the context's name.
 /// How long the `ClusterProperty` lookup waits for an answer before it is retried.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The id of the cluster behind `client`, in order: its own `ClusterProperty`, the context's
+/// mapping, the context's name.
 async fn resolve(client: &::kube::Client, found: &Found) -> Result<ClusterId, SourceError> {
     let gvk = GroupVersionKind::gvk("about.k8s.io", "v1alpha1", "ClusterProperty");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "clusterproperties");

@@ -1,0 +1,779 @@
+//! The manifests of `deploy/`: every field one Kubernetes knows, every container's arguments
+//! ones weft accepts, the parts wired to one another (Services to ports, files to volumes,
+//! the agents' token to the CA's audience), and the RBAC they grant: the tracker syncs a
+//! cluster and the CA reviews an agent's token with exactly those permissions, on the test API
+//! server enforcing them, and no granted permission goes unused.
+
+mod apiserver;
+mod tracking;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use apiserver::{ApiServer, Attributes, Grant, Kind, TokenUser};
+use clap::Parser as _;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use weft::ca::{Authenticator as _, TokenReviewer};
+use weft::tracker::replica::Replica;
+
+/// Every document of every `deploy/*.yaml`, with its file's name.
+fn documents() -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("deploy/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for file in files {
+        let name = file
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(&file).expect("read");
+        let mut first_line = 0;
+        for part in text.split("\n---\n") {
+            let doc = weft::model::loader::parse_yaml(part, first_line)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            first_line += part.lines().count() + 1;
+            if !doc.is_null() {
+                docs.push((name.clone(), doc));
+            }
+        }
+    }
+    assert!(docs.len() > 10, "deploy/ holds the manifests");
+    docs
+}
+
+/// The one document of `kind` named `name`.
+fn find(docs: &[(String, Value)], kind: &str, name: &str) -> Value {
+    let found: Vec<&Value> = docs
+        .iter()
+        .map(|(_, d)| d)
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} {name}");
+    found[0].clone()
+}
+
+fn typed<T: DeserializeOwned>(doc: Value) -> T {
+    serde_json::from_value(doc).expect("typed")
+}
+
+/// The fields of `original` that `round_trip` lacks: those the type does not know.
+fn lost(original: &Value, round_trip: &Value, path: &str, out: &mut Vec<String>) {
+    match (original, round_trip) {
+        (Value::Object(o), Value::Object(r)) => {
+            for (k, v) in o {
+                let at = format!("{path}.{k}");
+                match r.get(k) {
+                    Some(rv) => lost(v, rv, &at, out),
+                    None => out.push(at),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(r)) => {
+            for (i, v) in o.iter().enumerate() {
+                match r.get(i) {
+                    Some(rv) => lost(v, rv, &format!("{path}[{i}]"), out),
+                    None => out.push(format!("{path}[{i}]")),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The fields of `doc` that Kubernetes' type `T` does not know.
+fn unknown_fields<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<Vec<String>, String> {
+    let t: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&t).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    lost(doc, &back, "", &mut out);
+    Ok(out)
+}
+
+#[test]
+fn every_manifest_is_made_of_kubernetes_objects_and_fields() {
+    for (file, doc) in documents() {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let unknown = match kind {
+            "Namespace" => unknown_fields::<Namespace>(&doc),
+            "ConfigMap" => unknown_fields::<ConfigMap>(&doc),
+            "ServiceAccount" => unknown_fields::<ServiceAccount>(&doc),
+            "Service" => unknown_fields::<Service>(&doc),
+            "ClusterRole" => unknown_fields::<ClusterRole>(&doc),
+            "ClusterRoleBinding" => unknown_fields::<ClusterRoleBinding>(&doc),
+            "Role" => unknown_fields::<Role>(&doc),
+            "RoleBinding" => unknown_fields::<RoleBinding>(&doc),
+            "Deployment" => unknown_fields::<Deployment>(&doc),
+            "DaemonSet" => unknown_fields::<DaemonSet>(&doc),
+            "CustomResourceDefinition" => unknown_fields::<CustomResourceDefinition>(&doc),
+            other => Err(format!("a kind deploy/ has no business with: {other:?}")),
+        };
+        let name = &doc["metadata"]["name"];
+        assert_eq!(
+            unknown,
+            Ok(vec![]),
+            "{file}: {kind} {name}: fields Kubernetes does not know"
+        );
+        let namespaced = !matches!(
+            kind,
+            "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition"
+        );
+        if namespaced {
+            assert_eq!(
+                doc["metadata"]["namespace"], "weft-system",
+                "{file}: {name}"
+            );
+        }
+    }
+}
+
+/// The workloads' pod specs, by name.
+fn workloads(docs: &[(String, Value)]) -> BTreeMap<String, (String, PodSpec)> {
+    let mut out = BTreeMap::new();
+    for (_, doc) in docs {
+        let name = doc["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let (labels, spec) = match doc["kind"].as_str() {
+            Some("Deployment") => {
+                let d: Deployment = typed(doc.clone());
+                let t = d.spec.template;
+                (
+                    t.metadata.expect("metadata").labels,
+                    t.spec.expect("pod spec"),
+                )
+            }
+            Some("DaemonSet") => {
+                let d: DaemonSet = typed(doc.clone());
+                let t = d.spec.template;
+                (
+                    t.metadata.expect("metadata").labels,
+                    t.spec.expect("pod spec"),
+                )
+            }
+            _ => continue,
+        };
+        let app = labels
+            .and_then(|l| l.get("app.kubernetes.io/name").cloned())
+            .expect("the app label");
+        out.insert(name, (app, spec));
+    }
+    out
+}
+
+/// `container`'s command line as the kubelet runs it: `$(VAR)` replaced by the variable's value
+/// (a literal, a key of a ConfigMap of `docs`, or `node-1` for the node's name).
+fn command_line(docs: &[(String, Value)], container: &Container) -> Vec<String> {
+    let mut vars = BTreeMap::new();
+    for var in container.env.as_deref().unwrap_or_default() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                if let Some(key) = &from.config_map_key_ref {
+                    let map: ConfigMap = typed(find(docs, "ConfigMap", &key.name));
+                    map.data
+                        .and_then(|d| d.get(&key.key).cloned())
+                        .unwrap_or_else(|| panic!("ConfigMap {} has no {}", key.name, key.key))
+                } else if from.field_ref.as_ref().map(|f| f.field_path.as_str())
+                    == Some("spec.nodeName")
+                {
+                    "node-1".to_owned()
+                } else {
+                    panic!("an environment source the test does not know: {from:?}")
+                }
+            }
+            (None, None) => String::new(),
+        };
+        vars.insert(var.name.clone(), value);
+    }
+    let expand = |arg: &String| {
+        let mut arg = arg.clone();
+        for (name, value) in &vars {
+            arg = arg.replace(&format!("$({name})"), value);
+        }
+        assert!(!arg.contains("$("), "an undefined variable in {arg}");
+        arg
+    };
+    let command = container.command.as_deref().unwrap_or_default();
+    let args = container.args.as_deref().unwrap_or_default();
+    command.iter().chain(args).map(expand).collect()
+}
+
+/// The value of `--flag=VALUE` in `line`.
+fn flag<'a>(line: &'a [String], name: &str) -> Option<&'a str> {
+    let prefix = format!("{name}=");
+    line.iter().find_map(|a| a.strip_prefix(&prefix))
+}
+
+/// The port of `ADDR` or `URL` (its last `:PORT`).
+fn port_of(addr: &str) -> i32 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port")
+}
+
+/// The container port named `name`.
+fn named_port(container: &Container, name: &str) -> i32 {
+    container
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{}: no port {name}", container.name))
+        .container_port
+}
+
+/// The (path, port name) of an HTTP probe.
+fn http_probe(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, String) {
+    let get = probe
+        .and_then(|p| p.http_get.as_ref())
+        .expect("an HTTP probe");
+    let IntOrString::String(port) = &get.port else {
+        panic!("probes name their port");
+    };
+    (get.path.clone().expect("a path"), port.clone())
+}
+
+#[test]
+fn every_container_runs_weft_with_arguments_it_accepts_and_files_it_mounts() {
+    let docs = documents();
+    let workloads = workloads(&docs);
+    assert_eq!(
+        workloads.keys().collect::<Vec<_>>(),
+        ["weft-ca", "weft-node", "weft-tracker"]
+    );
+    for (name, (_, spec)) in &workloads {
+        for container in &spec.containers {
+            let line = command_line(&docs, container);
+            assert_eq!(line[0], "weft", "{name}");
+            if let Err(e) = weft::cli::Cli::try_parse_from(&line) {
+                panic!("{name}: weft refuses {line:?}:\n{e}");
+            }
+            let mounts = container.volume_mounts.as_deref().unwrap_or_default();
+            let volumes: BTreeSet<&str> = spec
+                .volumes
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect();
+            for mount in mounts {
+                assert!(
+                    volumes.contains(mount.name.as_str()),
+                    "{name}: {}",
+                    mount.name
+                );
+                assert_eq!(mount.read_only, Some(true), "{name}: {}", mount.name);
+            }
+            // Every file or directory weft is told of is in a volume of the pod.
+            for path in line
+                .iter()
+                .filter_map(|a| a.split_once("=/").map(|(_, p)| p))
+            {
+                let path = format!("/{path}");
+                assert!(
+                    mounts.iter().any(|m| path.starts_with(&m.mount_path)),
+                    "{name}: {path} is in no volume"
+                );
+            }
+            let security = container
+                .security_context
+                .as_ref()
+                .expect("a security context");
+            assert_eq!(security.allow_privilege_escalation, Some(false), "{name}");
+            assert_eq!(security.read_only_root_filesystem, Some(true), "{name}");
+            let caps = security.capabilities.as_ref().expect("capabilities");
+            assert_eq!(
+                caps.drop.as_deref(),
+                Some(&["ALL".to_owned()][..]),
+                "{name}"
+            );
+            for (probe, path) in [
+                (container.liveness_probe.as_ref(), "/healthz"),
+                (container.readiness_probe.as_ref(), ""),
+            ] {
+                let (at, port) = http_probe(probe);
+                assert!(at.starts_with(path), "{name}: {at}");
+                named_port(container, &port);
+            }
+        }
+    }
+}
+
+/// The one container of workload `name`, and its command line.
+fn container(docs: &[(String, Value)], name: &str) -> (PodSpec, Container, Vec<String>) {
+    let (_, spec) = workloads(docs).remove(name).expect("the workload");
+    let [container] = <[Container; 1]>::try_from(spec.containers.clone()).expect("one container");
+    let line = command_line(docs, &container);
+    (spec, container, line)
+}
+
+/// The port number a Service's port `target` names in the container it selects.
+fn service_target(docs: &[(String, Value)], service: &str, port: i32) -> i32 {
+    let s: Service = typed(find(docs, "Service", service));
+    let spec = s.spec.expect("spec");
+    let app = spec
+        .selector
+        .and_then(|s| s.get("app.kubernetes.io/name").cloned())
+        .expect("a selector");
+    let (workload, _) = workloads(docs)
+        .into_iter()
+        .find(|(_, (a, _))| *a == app)
+        .expect("the Service selects a workload");
+    let (_, c, _) = container(docs, &workload);
+    let p = spec
+        .ports
+        .expect("ports")
+        .into_iter()
+        .find(|p| p.port == port)
+        .unwrap_or_else(|| panic!("{service} has no port {port}"));
+    match p.target_port.expect("a target port") {
+        IntOrString::String(name) => named_port(&c, &name),
+        IntOrString::Int(n) => n,
+    }
+}
+
+#[test]
+fn the_parts_are_wired_to_one_another() {
+    let docs = documents();
+    let (node_pod, node, node_line) = container(&docs, "weft-node");
+    let (_, tracker, tracker_line) = container(&docs, "weft-tracker");
+    let (_, _, ca_line) = container(&docs, "weft-ca");
+
+    // The agent runs on every node, in its network namespace, with what capture needs.
+    assert_eq!(node_pod.host_network, Some(true));
+    assert_eq!(
+        node_pod.dns_policy.as_deref(),
+        Some("ClusterFirstWithHostNet")
+    );
+    assert!(
+        node_pod
+            .tolerations
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none())
+    );
+    let caps = node
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone());
+    assert_eq!(
+        caps.and_then(|c| c.add),
+        Some(vec!["NET_ADMIN".to_owned()]),
+        "NET_ADMIN, and nothing more"
+    );
+    assert!(
+        node.env.as_deref().unwrap_or_default().iter().any(|v| {
+            v.name == "NODE_NAME"
+                && v.value_from
+                    .as_ref()
+                    .and_then(|f| f.field_ref.as_ref())
+                    .map(|f| f.field_path.as_str())
+                    == Some("spec.nodeName")
+        }),
+        "--node is the node the pod runs on"
+    );
+    assert_eq!(flag(&node_line, "--node"), Some("node-1"));
+    let patterns: Vec<&str> = flag(&node_line, "--pod-interfaces")
+        .expect("--pod-interfaces")
+        .split(',')
+        .collect();
+    weft::redirect::PodInterfaces::new(&patterns).expect("patterns weft accepts");
+    // The ports it serves are the ports its probes and metrics name.
+    let (ready, port) = http_probe(node.readiness_probe.as_ref());
+    assert_eq!(ready, "/healthz/ready");
+    assert_eq!(
+        named_port(&node, &port),
+        port_of(flag(&node_line, "--readiness").expect("--readiness"))
+    );
+    assert_eq!(
+        named_port(&node, "metrics"),
+        port_of(flag(&node_line, "--metrics").expect("--metrics"))
+    );
+    assert!(
+        flag(&node_line, "--admin").is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "the config dump stays on the node"
+    );
+
+    // The agent's token is for the CA, of the ServiceAccount the CA takes tokens of.
+    let token_file = flag(&node_line, "--token-file").expect("--token-file");
+    let (dir, file) = token_file.rsplit_once('/').expect("a path");
+    let mount = node
+        .volume_mounts
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|m| m.mount_path == dir)
+        .expect("the token's mount")
+        .clone();
+    let volume = node_pod
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .expect("the token's volume")
+        .clone();
+    let token = volume
+        .projected
+        .and_then(|p| p.sources)
+        .and_then(|s| s.into_iter().find_map(|s| s.service_account_token))
+        .expect("a projected ServiceAccount token");
+    assert_eq!(token.path, file);
+    assert_eq!(
+        Some(token.audience.as_deref().unwrap_or_default()),
+        flag(&ca_line, "--token-audience")
+    );
+    let account = format!(
+        "weft-system/{}",
+        node_pod
+            .service_account_name
+            .as_deref()
+            .expect("an account")
+    );
+    assert_eq!(
+        flag(&ca_line, "--agent-service-account"),
+        Some(account.as_str())
+    );
+
+    // The tracker and the CA are reached by their Services, at the ports they listen on.
+    for (line, url_flag) in [
+        (&node_line, "--tracker"),
+        (&ca_line, "--tracker"),
+        (&node_line, "--ca"),
+    ] {
+        let url = flag(line, url_flag).expect("a URL");
+        let host = url
+            .strip_prefix("https://")
+            .and_then(|h| h.split(':').next())
+            .expect("https");
+        let service = host
+            .strip_suffix(".weft-system.svc")
+            .unwrap_or_else(|| panic!("{url}: a Service of weft-system"));
+        let target = service_target(&docs, service, port_of(url));
+        let listen = match service {
+            "weft-tracker" => flag(&tracker_line, "--listen"),
+            _ => flag(&ca_line, "--listen"),
+        };
+        assert_eq!(target, port_of(listen.expect("--listen")), "{url}");
+    }
+
+    // The tracker's own cluster is the context of the in-cluster kubeconfig.
+    let local = local_kubeconfig(&docs);
+    let context = local["current-context"].as_str().expect("a context");
+    let mapping = flag(&tracker_line, "--cluster-name").expect("--cluster-name");
+    let cluster: ConfigMap = typed(find(&docs, "ConfigMap", "weft-config"));
+    let id = cluster
+        .data
+        .and_then(|d| d.get("cluster").cloned())
+        .expect("cluster");
+    assert_eq!(mapping, format!("{context}={id}"));
+    weft::model::ClusterId::new(&id).expect("a valid cluster id");
+    assert!(
+        tracker
+            .volume_mounts
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|m| Some(m.mount_path.as_str()) == flag(&tracker_line, "--kubeconfig-dir"))
+    );
+}
+
+/// The in-cluster kubeconfig of ConfigMap `weft-local-cluster`.
+fn local_kubeconfig(docs: &[(String, Value)]) -> Value {
+    let map: ConfigMap = typed(find(docs, "ConfigMap", "weft-local-cluster"));
+    let text = map
+        .data
+        .and_then(|d| d.get("local.yaml").cloned())
+        .expect("local.yaml");
+    weft::model::loader::parse_yaml(&text, 0).expect("a kubeconfig")
+}
+
+/// What the manifests grant ServiceAccount `weft-system/account`: the rules of every role a
+/// binding gives it, for all namespaces (ClusterRoleBinding) or the binding's (RoleBinding).
+fn grants(docs: &[(String, Value)], account: &str) -> Vec<Grant> {
+    let mut out = Vec::new();
+    for (_, doc) in docs {
+        let (namespace, role_ref, subjects) = match doc["kind"].as_str() {
+            Some("ClusterRoleBinding") => {
+                let b: ClusterRoleBinding = typed(doc.clone());
+                (None, b.role_ref, b.subjects)
+            }
+            Some("RoleBinding") => {
+                let b: RoleBinding = typed(doc.clone());
+                (b.metadata.namespace, b.role_ref, b.subjects)
+            }
+            _ => continue,
+        };
+        let bound = subjects.unwrap_or_default().iter().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_deref() == Some("weft-system")
+        });
+        if !bound {
+            continue;
+        }
+        let rules = match role_ref.kind.as_str() {
+            "ClusterRole" => typed::<ClusterRole>(find(docs, "ClusterRole", &role_ref.name)).rules,
+            "Role" => typed::<Role>(find(docs, "Role", &role_ref.name)).rules,
+            other => panic!("a role kind RBAC does not have: {other}"),
+        };
+        for rule in rules.unwrap_or_default() {
+            out.push(Grant {
+                namespace: namespace.clone(),
+                rule,
+            });
+        }
+    }
+    assert!(!out.is_empty(), "{account} is granted something");
+    out
+}
+
+/// Every (verb, group, resource) a grant names, each with the requests that used it: a grant
+/// nobody used is more than the component needs.
+fn unused(grants: &[Grant], asked: &[(Attributes, bool)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for grant in grants {
+        let rule = &grant.rule;
+        for group in rule.api_groups.as_deref().unwrap_or_default() {
+            for resource in rule.resources.as_deref().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    let used = asked.iter().any(|(a, allowed)| {
+                        *allowed && &a.verb == verb && &a.group == group && &a.resource == resource
+                    });
+                    if !used {
+                        out.push(format!("{verb} {group}/{resource}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The in-cluster kubeconfig of the manifests pointed at `server`, its token in a file: the
+/// same user entry (`tokenFile`) the tracker and the CA use in a cluster.
+fn in_cluster_kubeconfig(docs: &[(String, Value)], server: &ApiServer, dir: &Path, token: &str) {
+    let mut config = local_kubeconfig(docs);
+    // Hidden: the tracker reads every other file of the directory as a kubeconfig.
+    let token_file = dir.join(".token");
+    std::fs::write(&token_file, token).expect("token");
+    config["clusters"][0]["cluster"] = json!({"server": server.url()});
+    let user = &mut config["users"][0]["user"];
+    assert!(
+        user["tokenFile"].is_string(),
+        "the token is read from its file"
+    );
+    user["tokenFile"] = json!(token_file.to_string_lossy());
+    std::fs::write(dir.join("local.yaml"), config.to_string()).expect("kubeconfig");
+}
+
+/// A cluster with one of everything the tracker watches, serving only what `grants` allow to
+/// the bearer of `token`.
+async fn cluster(grants: Vec<Grant>, token: &str) -> ApiServer {
+    let s = ApiServer::start().await;
+    s.set_token(Some(token));
+    s.authorize(Some(grants));
+    s.apply(
+        Kind::Namespace,
+        json!({"metadata": {"name": "kube-system"}}),
+    );
+    s.apply(Kind::Namespace, json!({"metadata": {"name": "demo"}}));
+    s.apply(
+        Kind::Pod,
+        json!({"metadata": {"name": "web-1", "namespace": "demo", "labels": {"app": "web"}},
+               "spec": {"nodeName": "node-1", "serviceAccountName": "web"},
+               "status": {"phase": "Running", "podIP": "10.1.0.1"}}),
+    );
+    s.apply(
+        Kind::Node,
+        json!({"metadata": {"name": "node-1"},
+               "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.11"}]}}),
+    );
+    s.apply(
+        Kind::Service,
+        json!({"metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": 8080}]}}),
+    );
+    s.apply(
+        Kind::EndpointSlice,
+        json!({"metadata": {"name": "web-1", "namespace": "demo",
+                            "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "endpoints": [{"addresses": ["10.1.0.1"], "conditions": {"ready": true}}],
+               "ports": [{"port": 8080}]}),
+    );
+    s.apply(
+        Kind::NetworkPolicy,
+        json!({"metadata": {"name": "deny", "namespace": "demo"}, "spec": {"podSelector": {}}}),
+    );
+    s.apply(
+        Kind::IdentityPolicy,
+        json!({"metadata": {"name": "web", "namespace": "demo"},
+               "spec": {"podSelector": {}, "rules": [{"from": [{"serviceAccount": "client"}]}]}}),
+    );
+    s.apply(
+        Kind::ClusterProperty,
+        json!({"metadata": {"name": "cluster.clusterset.k8s.io"}, "spec": {"value": "cluster-1"}}),
+    );
+    s
+}
+
+/// A tracker on the in-cluster kubeconfig of `dir`, and a subscriber's stream of it.
+async fn follow(dir: &Path) -> (tonic::Streaming<weft::tracker::wire::pb::Update>, Replica) {
+    let tracker = tracking::kube_tracker(dir, &[], Duration::from_millis(300));
+    let url = tracking::serve(&tracker).await;
+    (tracking::subscribe_all(&url).await, Replica::new())
+}
+
+fn synced(r: &Replica) -> bool {
+    tracking::status(r, "cluster-1").is_some_and(|s| s.synced && s.error.is_empty())
+}
+
+fn refused(server: &ApiServer) -> Vec<String> {
+    server
+        .authorized()
+        .into_iter()
+        .filter(|(_, allowed)| !allowed)
+        .map(|(a, _)| a.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_tracker_syncs_a_cluster_with_exactly_the_permissions_its_role_grants() {
+    let docs = documents();
+    let granted = grants(&docs, "weft-tracker");
+    let server = cluster(granted.clone(), "tracker-token").await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    in_cluster_kubeconfig(&docs, &server, tmp.path(), "tracker-token");
+    let (mut stream, mut r) = follow(tmp.path()).await;
+    tracking::until(&mut stream, &mut r, "the cluster synced", |r| {
+        synced(r) && tracking::has_pod(r, "cluster-1", "demo", "web-1")
+    })
+    .await;
+    assert_eq!(r.engine().counts().2, 1, "the NetworkPolicy");
+    let web = r
+        .engine()
+        .pod_by_name("cluster-1", "demo", "web-1")
+        .expect("web");
+    let client =
+        weft::identity::WorkloadId::parse("spiffe://cluster-1/ns/demo/sa/client").expect("id");
+    assert!(
+        r.engine()
+            .decide_identity(web, 80, weft::model::Protocol::Tcp, Some(&client))
+            .enforced
+            .passes(),
+        "the IdentityPolicy"
+    );
+    assert_eq!(refused(&server), Vec::<String>::new(), "nothing refused");
+    assert_eq!(
+        unused(&granted, &server.authorized()),
+        Vec::<String>::new(),
+        "granted but never needed"
+    );
+
+    // Control: without one of its rules the tracker is refused, and says it is not synced.
+    let fewer: Vec<Grant> = granted
+        .into_iter()
+        .filter(|g| g.rule.resources.as_deref() != Some(&["networkpolicies".to_owned()][..]))
+        .collect();
+    let server = cluster(fewer, "tracker-token").await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    in_cluster_kubeconfig(&docs, &server, tmp.path(), "tracker-token");
+    let (mut stream, mut r) = follow(tmp.path()).await;
+    tracking::until(&mut stream, &mut r, "the cluster's status", |r| {
+        tracking::status(r, "cluster-1").is_some()
+    })
+    .await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        tracking::until(&mut stream, &mut r, "never", |_| false),
+    )
+    .await;
+    assert!(!synced(&r), "{:?}", tracking::status(&r, "cluster-1"));
+    assert!(
+        refused(&server)
+            .iter()
+            .any(|a| a.starts_with("list networking.k8s.io/networkpolicies")),
+        "{:?}",
+        refused(&server)
+    );
+}
+
+#[tokio::test]
+async fn the_ca_reviews_an_agent_s_token_with_exactly_the_permissions_its_roles_grant() {
+    let docs = &documents();
+    let (_, _, ca_line) = container(docs, "weft-ca");
+    let audience = flag(&ca_line, "--token-audience").expect("--token-audience");
+    let (namespace, account) = flag(&ca_line, "--agent-service-account")
+        .and_then(|a| a.split_once('/'))
+        .expect("--agent-service-account");
+    let review = |granted: Vec<Grant>| async move {
+        let server = ApiServer::start().await;
+        server.set_token(Some("ca-token"));
+        server.authorize(Some(granted));
+        // A token of a cluster before 1.30 names the agent's pod, not its node: the CA reads
+        // the pod.
+        server.apply(
+            Kind::Pod,
+            json!({"metadata": {"name": "weft-node-x1", "namespace": namespace, "uid": "uid-x1"},
+                   "spec": {"nodeName": "node-1", "serviceAccountName": account, "containers": []},
+                   "status": {"phase": "Running"}}),
+        );
+        server.add_reviewed_token(
+            "agent-token",
+            TokenUser::bound(namespace, account, audience, "weft-node-x1", "uid-x1", None),
+        );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        in_cluster_kubeconfig(docs, &server, tmp.path(), "ca-token");
+        let kubeconfig =
+            kube::config::Kubeconfig::read_from(tmp.path().join("local.yaml")).expect("read");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("config");
+        let client = kube::Client::try_from(config).expect("client");
+        let reviewer = TokenReviewer::new(client, audience, namespace, account);
+        (reviewer.authenticate("agent-token").await, server)
+    };
+    let granted = grants(docs, "weft-ca");
+    let (node, server) = review(granted.clone()).await;
+    assert_eq!(node, Ok("node-1".to_owned()));
+    assert_eq!(refused(&server), Vec::<String>::new(), "nothing refused");
+    assert_eq!(
+        unused(&granted, &server.authorized()),
+        Vec::<String>::new(),
+        "granted but never needed"
+    );
+
+    // Control: the pod read is refused outside the agent's namespace's RoleBinding.
+    let cluster_wide: Vec<Grant> = granted
+        .into_iter()
+        .filter(|g| g.namespace.is_none())
+        .collect();
+    let (node, server) = review(cluster_wide).await;
+    let e = node.expect_err("the bound pod cannot be read");
+    assert!(e.to_string().contains("forbidden"), "{e}");
+    assert_eq!(
+        refused(&server),
+        [format!("get core/pods weft-node-x1 in {namespace}")]
+    );
+}
