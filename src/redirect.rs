@@ -591,8 +591,9 @@ impl Redirect {
     }
 
     /// Packets capture dropped because no listener took them (no agent, no listener of their
-    /// family) or because they were bound for an unknown pod on a pod interface, since this
-    /// process installed weft's table, as of the last check.
+    /// family) or because they were bound for an unknown pod on a pod interface, since weft's
+    /// table was installed on this node (earlier agents' counts, and what was dropped while no
+    /// agent ran, included), as of the last check.
     pub fn uncaptured_dropped(&self) -> u64 {
         self.dropped
             .lock()
@@ -602,7 +603,7 @@ impl Redirect {
 
     /// Packets the antispoof chain has dropped (a local pod's address from elsewhere, a
     /// source not routed back through the pod link it came in by, an unknown pod on a pod
-    /// interface) since this process installed weft's table, as of the last check.
+    /// interface) since weft's table was installed on this node, as of the last check.
     pub fn spoofed_dropped(&self) -> u64 {
         self.dropped
             .lock()
@@ -611,6 +612,15 @@ impl Redirect {
     }
 
     async fn apply_locked(&self, capture: &Capture) -> Result<(), RedirectError> {
+        // What the table counted until now, a previous agent's table among them (drops while
+        // no agent ran), is kept: read it last thing before it is replaced.
+        match self.nft.list_table(FAMILY, TABLE).await {
+            Ok(Some(json)) => self.read_drops(&json),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the drop counters of the table it replaces")
+            }
+        }
         self.nft
             .apply(&ruleset::install(capture))
             .await
@@ -685,8 +695,8 @@ impl Redirect {
             .clone()
     }
 
-    /// Packets the packet layer has dropped in `way` since this process installed weft's
-    /// table, as of the last check ([`Redirect::check`], which [`Redirect::watch`] runs).
+    /// Packets the packet layer has dropped in `way` since weft's table was installed on this
+    /// node, as of the last check ([`Redirect::check`], which [`Redirect::watch`] runs).
     pub fn packets_dropped(&self, way: Way) -> u64 {
         self.dropped
             .lock()
@@ -810,14 +820,7 @@ impl Redirect {
         let Some(json) = listing else {
             return Ok(TableState::Missing);
         };
-        if let (Some([ingress, egress]), Some([spoofed, uncaptured])) =
-            (packets::dropped(&json), ruleset::capture_drops(&json))
-        {
-            self.dropped
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .read([ingress, egress, spoofed, uncaptured]);
-        }
+        self.read_drops(&json);
         let table = ruleset::compare(capture, &json);
         Ok(if missing.is_empty() {
             table
@@ -829,6 +832,19 @@ impl Redirect {
             drifts.push(Drift::Routing { missing });
             TableState::Drifted(drifts)
         })
+    }
+
+    /// Takes a reading of the drop counters of the table `json` lists (none from a table
+    /// without them: a hold, or another version's).
+    fn read_drops(&self, json: &str) {
+        if let (Some([ingress, egress]), Some([spoofed, uncaptured])) =
+            (packets::dropped(json), ruleset::capture_drops(json))
+        {
+            self.dropped
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .read([ingress, egress, spoofed, uncaptured]);
+        }
     }
 
     /// Removes weft's table and its policy routing, and so all of weft's capture; other

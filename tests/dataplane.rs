@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use weft::demo::plane::{ControlPlane, PlaneOptions, Stop, TRACKER_PORT};
 use weft::lab::{ExchangeOutcome, LabNode, LabPod, exchange, http_get};
 
-use dataplane_lab::{ECHO_PORT, LINE_PORT, config_dump, nft};
+use dataplane_lab::{ECHO_PORT, LINE_PORT, config_dump, eventually, nft};
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -83,18 +83,6 @@ async fn probe(client: &LabPod, to: SocketAddr) -> bool {
         .await
         .outcome
         .allowed()
-}
-
-/// Polls `check` every 100 ms until it holds or `within` passes; how long it took.
-async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < within {
-        if check().await {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,6 +305,14 @@ async fn without_its_agent_a_node_passes_none_of_its_pods_tcp() {
         "ingress from outside"
     );
 
+    let uncaptured = async || {
+        dataplane_lab::config_dump(node_a).await["capture"]["uncaptured_dropped"]
+            .as_u64()
+            .expect("uncaptured_dropped")
+    };
+    // Read at each table check: a second's wait makes it current.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = uncaptured().await;
     for node in [node_a, node_b] {
         lab.kill(&dataplane_lab::agent(&plane, node).process).await;
     }
@@ -319,6 +327,32 @@ async fn without_its_agent_a_node_passes_none_of_its_pods_tcp() {
     assert!(
         !reached(lab.wire(), to_server).await,
         "ingress without node B's agent"
+    );
+
+    // The next agent counts what its table dropped while no agent ran, with what it had
+    // counted before: the counts survive the table it replaces.
+    let mut plane = plane;
+    let revision = plane.revision().await.expect("the tracker's revision");
+    for index in 0..plane.nodes.len() {
+        plane.start_node(index).expect("the agent starts again");
+    }
+    plane
+        .wait_nodes(&set, revision)
+        .await
+        .expect("the agents are ready again");
+    let counted = dataplane_lab::eventually(Duration::from_secs(5), async || {
+        // The SYNs of two connections, each sent at least twice within the probe's time.
+        uncaptured().await >= before + 4
+    })
+    .await;
+    assert!(
+        counted.is_some(),
+        "before the outage {before}, after {:?}",
+        uncaptured().await
+    );
+    assert!(
+        reached(&client.netns, to_server).await,
+        "client → server again"
     );
 
     drop(plane);

@@ -415,3 +415,18 @@ pub async fn line_answered_echo_refused(
         wait_logged(agent, log, &all).await;
     }
 }
+
+/// Polls `check` every 100 ms until it holds or `within` passes; how long it took.
+pub async fn eventually(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
