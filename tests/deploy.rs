@@ -358,12 +358,16 @@ fn the_parts_are_wired_to_one_another() {
     let (_, tracker, tracker_line) = container(&docs, "weft-tracker");
     let (_, _, ca_line) = container(&docs, "weft-ca");
 
-    // The agent runs on every node, in its network namespace, with what capture needs.
-    assert_eq!(node_pod.host_network, Some(true));
-    assert_eq!(
-        node_pod.dns_policy.as_deref(),
-        Some("ClusterFirstWithHostNet")
-    );
+    // The agent runs on every node, in its network namespace, with what capture needs; the
+    // tracker and the CA too, as agents waiting for them would hold their captured traffic.
+    for (name, (_, spec)) in workloads(&docs) {
+        assert_eq!(spec.host_network, Some(true), "{name}");
+        assert_eq!(
+            spec.dns_policy.as_deref(),
+            Some("ClusterFirstWithHostNet"),
+            "{name}"
+        );
+    }
     assert!(
         node_pod
             .tolerations
