@@ -99,16 +99,25 @@ struct CaArgs {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "kubeconfig",
-        conflicts_with = "kubeconfig"
+        required_unless_present_any = ["kubeconfig", "in_cluster"],
+        conflicts_with_all = ["kubeconfig", "in_cluster"]
     )]
     bootstrap_tokens: Option<PathBuf>,
     /// Nodes authenticate with the node agent's projected ServiceAccount token, reviewed by
     /// the API server of this kubeconfig's current context (TokenReview).
-    #[arg(long, value_name = "FILE", requires = "token_audience")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "token_audience",
+        conflicts_with = "in_cluster"
+    )]
     kubeconfig: Option<PathBuf>,
+    /// As --kubeconfig, with the API server of the cluster this CA runs in, reached as a pod
+    /// reaches it (the kubelet's address, no DNS; the pod's ServiceAccount).
+    #[arg(long, requires = "token_audience")]
+    in_cluster: bool,
     /// The audience node agents' tokens must be for.
-    #[arg(long, value_name = "AUD", requires = "kubeconfig")]
+    #[arg(long, value_name = "AUD")]
     token_audience: Option<String>,
     /// The node agent's ServiceAccount: only its tokens authenticate nodes.
     #[arg(
@@ -121,6 +130,9 @@ struct CaArgs {
     /// or `http://HOST:PORT` with --insecure.
     #[arg(long, value_name = "URL")]
     tracker: String,
+    /// The name the tracker's certificate must carry (default: the host of --tracker).
+    #[arg(long, value_name = "NAME")]
+    tracker_server_name: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
     /// The longest lifetime granted (seconds, or with a unit: 90s, 30m, 24h, 7d).
@@ -146,6 +158,9 @@ struct NodeArgs {
     /// --insecure.
     #[arg(long, value_name = "URL", required_unless_present = "cleanup")]
     tracker: Option<String>,
+    /// The name the tracker's certificate must carry (default: the host of --tracker).
+    #[arg(long, value_name = "NAME")]
+    tracker_server_name: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
     /// The cluster's CA: `https://HOST:PORT`.
@@ -252,11 +267,16 @@ struct CertsInitArgs {
 #[derive(Debug, clap::Args)]
 struct TrackerArgs {
     /// Clusterset directory: one subdirectory of manifests per cluster, named by cluster id.
-    #[arg(long, value_name = "DIR", required_unless_present = "kubeconfig_dir")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["kubeconfig_dir", "in_cluster"])]
     clusters: Option<PathBuf>,
     /// Directory of kubeconfig files: every context of every file is a cluster.
     #[arg(long, value_name = "DIR")]
     kubeconfig_dir: Option<PathBuf>,
+    /// Also watch the cluster this tracker runs in, reached as a pod reaches its API server:
+    /// the address the kubelet gives every pod (no DNS, which node agents may be holding),
+    /// the pod's ServiceAccount token and CA. Its context is `in-cluster`.
+    #[arg(long)]
+    in_cluster: bool,
     /// Another tracker to take every other cluster from (hub and spoke): `https://HOST:PORT`
     /// with the TLS flags (this tracker's certificate is its client certificate), or
     /// `http://HOST:PORT` with --insecure.
@@ -462,12 +482,17 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
     let debounce = Duration::from_millis(args.debounce_ms);
     let max_staleness = Duration::from_secs(args.max_staleness);
     let names: BTreeMap<String, ClusterId> = args.cluster_name.into_iter().collect();
+    let in_cluster = if args.in_cluster {
+        Some(source::kubernetes::in_cluster()?)
+    } else {
+        None
+    };
     // The clusters this tracker's own sources name (kubeconfig contexts as named at start).
-    let mut local: BTreeSet<ClusterId> = args
-        .kubeconfig_dir
-        .as_deref()
-        .map(|dir| source::kubernetes::cluster_ids(dir, &names))
-        .unwrap_or_default();
+    let mut local: BTreeSet<ClusterId> = source::kubernetes::cluster_ids(
+        args.kubeconfig_dir.as_deref(),
+        in_cluster.as_ref(),
+        &names,
+    );
     let mut clusterset = None;
     if let Some(dir) = &args.clusters {
         // At start, a clusterset that does not load is an error; later, a bad file is
@@ -485,11 +510,14 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .filter_map(|s| ClusterId::new(&s.cluster).ok())
         {
-            if let (false, Some(kubeconfigs)) = (local.insert(id.clone()), &args.kubeconfig_dir) {
+            if !local.insert(id.clone()) {
+                let kubernetes = match &args.kubeconfig_dir {
+                    Some(kubeconfigs) => kubeconfigs.display().to_string(),
+                    None => "--in-cluster".to_owned(),
+                };
                 bail!(
-                    "cluster {id} is claimed by both {} and {}",
-                    dir.display(),
-                    kubeconfigs.display()
+                    "cluster {id} is claimed by both {} and {kubernetes}",
+                    dir.display()
                 );
             }
         }
@@ -526,10 +554,11 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
                 Duration::from_secs(1),
             ));
         }
-        if let Some(dir) = args.kubeconfig_dir {
+        if args.kubeconfig_dir.is_some() || in_cluster.is_some() {
             let watched = tracker.clone();
+            let dir = args.kubeconfig_dir.clone();
             tokio::spawn(async move {
-                if let Err(e) = source::kubernetes::watch_kubeconfigs(dir, names, watched, debounce, max_staleness).await {
+                if let Err(e) = source::kubernetes::watch_kubeconfigs(dir, in_cluster, names, watched, debounce, max_staleness).await {
                     tracing::error!(error = %e, "kubeconfig watch failed: clusters no longer follow the directory");
                 }
             });
@@ -619,18 +648,27 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
                 args.agent_service_account
             )
         })?;
-    let target = client::Target::new(&args.tracker, args.tls.load("weft ca --tracker")?)?;
+    let target = server_named(
+        client::Target::new(&args.tracker, args.tls.load("weft ca --tracker")?)?,
+        args.tracker_server_name.as_deref(),
+    )?;
     runtime()?.block_on(async {
-        let authn: Arc<dyn ca::Authenticator> = match (&args.bootstrap_tokens, &args.kubeconfig) {
+        let reviewer = match (&args.kubeconfig, args.in_cluster) {
+            (Some(file), _) => Some((
+                kube::config::Kubeconfig::read_from(file)
+                    .with_context(|| format!("--kubeconfig {}", file.display()))?,
+                format!("--kubeconfig {}", file.display()),
+            )),
+            (None, true) => Some((source::kubernetes::in_cluster()?, "--in-cluster".to_owned())),
+            (None, false) => None,
+        };
+        let authn: Arc<dyn ca::Authenticator> = match (&args.bootstrap_tokens, reviewer) {
             (Some(file), _) => Arc::new(ca::BootstrapTokens::load(file)?),
-            (None, Some(file)) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(file)
-                    .with_context(|| format!("--kubeconfig {}", file.display()))?;
+            (None, Some((kubeconfig, what))) => {
                 let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                     .await
-                    .with_context(|| format!("--kubeconfig {}", file.display()))?;
-                let client = kube::Client::try_from(config)
-                    .with_context(|| format!("--kubeconfig {}", file.display()))?;
+                    .with_context(|| what.clone())?;
+                let client = kube::Client::try_from(config).with_context(|| what.clone())?;
                 let audience = args.token_audience.as_deref().unwrap_or_default();
                 Arc::new(ca::TokenReviewer::new(
                     client,
@@ -639,7 +677,7 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
                     agent_account,
                 ))
             }
-            (None, None) => bail!("--bootstrap-tokens or --kubeconfig is required"),
+            (None, None) => bail!("--bootstrap-tokens, --kubeconfig or --in-cluster is required"),
         };
         let view = Arc::new(RwLock::new(Replica::new()));
         let request = pb::SubscribeRequest {
@@ -728,7 +766,10 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let token_file = args.token_file.ok_or_else(|| missing("--token-file"))?;
     let bundles = args.bundles.ok_or_else(|| missing("--bundles"))?;
 
-    let target = client::Target::new(&tracker, args.tls.load("weft node --tracker")?)?;
+    let target = server_named(
+        client::Target::new(&tracker, args.tls.load("weft node --tracker")?)?,
+        args.tracker_server_name.as_deref(),
+    )?;
     // main prints an error's outer message: each names its flag and carries its cause.
     let bundle_set = crate::identity::BundleSet::load_dir(&bundles)
         .map_err(|e| anyhow::anyhow!("--bundles {}: {e}", bundles.display()))?;
@@ -811,6 +852,16 @@ async fn stop_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// `target`, whose certificate must carry `name` when one is given.
+fn server_named(target: client::Target, name: Option<&str>) -> anyhow::Result<client::Target> {
+    Ok(match name {
+        Some(name) => target
+            .with_server_name(name)
+            .context("--tracker-server-name")?,
+        None => target,
+    })
 }
 
 fn certs_init(args: CertsInitArgs) -> anyhow::Result<ExitCode> {

@@ -356,12 +356,32 @@ fn weft_node_refuses_bad_flags_naming_the_culprit() {
         &base(&["--pod-interfaces", "a-name-longer-than-15*"]),
         "too long",
     );
+    refused(
+        &base(&["--tracker-server-name", "localhost"]),
+        "a server name was given for a plaintext URL",
+    );
     // An empty bundle directory holds no trust domain: named, with why.
     refused(&base(&[]), &format!("--bundles {dir_text}: "));
     refused(&weft(&["node", "--node", "n1"]), "--cluster");
     refused(
         &weft(&["node", "--cleanup", "--nft", "/nonexistent/nft"]),
         "/nonexistent/nft",
+    );
+}
+
+#[test]
+fn in_cluster_outside_a_pod_is_refused_naming_what_is_missing() {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["tracker", "--in-cluster", "--insecure"])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .expect("run weft");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--in-cluster: KUBERNETES_SERVICE_HOST is not set"),
+        "{stderr}"
     );
 }
 

@@ -1,8 +1,9 @@
 //! The manifests of `deploy/`: every field one Kubernetes knows, every container's arguments
 //! ones weft accepts, the parts wired to one another (Services to ports, files to volumes,
 //! the agents' token to the CA's audience), and the RBAC they grant: the tracker syncs a
-//! cluster and the CA reviews an agent's token with exactly those permissions, on the test API
-//! server enforcing them, and no granted permission goes unused.
+//! cluster and the CA reviews an agent's token with exactly those permissions, reaching the
+//! test API server as a pod does (its address, a ServiceAccount token, the cluster's CA) while
+//! it enforces them, and no granted permission goes unused.
 
 mod apiserver;
 mod tracking;
@@ -25,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use weft::ca::{Authenticator as _, TokenReviewer};
 use weft::tracker::replica::Replica;
+use weft::tracker::source::kubernetes::{IN_CLUSTER_CONTEXT, in_cluster_kubeconfig};
 
 /// Every document of every `deploy/*.yaml`, with its file's name.
 fn documents() -> Vec<(String, Value)> {
@@ -177,10 +179,30 @@ fn workloads(docs: &[(String, Value)]) -> BTreeMap<String, (String, PodSpec)> {
     out
 }
 
+/// The address the kubelet gives pods for each Service of `docs`, by the Service's name: a
+/// made-up ClusterIP, the same at every call.
+fn service_addresses(docs: &[(String, Value)]) -> BTreeMap<String, String> {
+    docs.iter()
+        .filter(|(_, d)| d["kind"] == "Service")
+        .enumerate()
+        .map(|(i, (_, d))| {
+            let name = d["metadata"]["name"].as_str().expect("a name").to_owned();
+            (name, format!("10.96.0.{}", 100 + i))
+        })
+        .collect()
+}
+
 /// `container`'s command line as the kubelet runs it: `$(VAR)` replaced by the variable's value
-/// (a literal, a key of a ConfigMap of `docs`, or `node-1` for the node's name).
+/// (a literal, a key of a ConfigMap of `docs`, `node-1` for the node's name, or a Service's
+/// address, `NAME_SERVICE_HOST`, as the kubelet gives every pod of the namespace).
 fn command_line(docs: &[(String, Value)], container: &Container) -> Vec<String> {
-    let mut vars = BTreeMap::new();
+    let mut vars: BTreeMap<String, String> = service_addresses(docs)
+        .into_iter()
+        .map(|(name, ip)| {
+            let var = format!("{}_SERVICE_HOST", name.to_uppercase().replace('-', "_"));
+            (var, ip)
+        })
+        .collect();
     for var in container.env.as_deref().unwrap_or_default() {
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => v.clone(),
@@ -360,13 +382,10 @@ fn the_parts_are_wired_to_one_another() {
 
     // The agent runs on every node, in its network namespace, with what capture needs; the
     // tracker and the CA too, as agents waiting for them would hold their captured traffic.
+    // None depends on cluster DNS, whose pods the agents hold too.
     for (name, (_, spec)) in workloads(&docs) {
         assert_eq!(spec.host_network, Some(true), "{name}");
-        assert_eq!(
-            spec.dns_policy.as_deref(),
-            Some("ClusterFirstWithHostNet"),
-            "{name}"
-        );
+        assert_eq!(spec.dns_policy.as_deref(), Some("Default"), "{name}");
     }
     assert!(
         node_pod
@@ -459,20 +478,28 @@ fn the_parts_are_wired_to_one_another() {
         Some(account.as_str())
     );
 
-    // The tracker and the CA are reached by their Services, at the ports they listen on.
-    for (line, url_flag) in [
-        (&node_line, "--tracker"),
-        (&ca_line, "--tracker"),
-        (&node_line, "--ca"),
+    // The tracker and the CA are reached by their Services' addresses (no DNS), at the ports
+    // they listen on, their certificates checked for the Services' names.
+    let addresses = service_addresses(&docs);
+    for (line, url_flag, name_flag) in [
+        (&node_line, "--tracker", "--tracker-server-name"),
+        (&ca_line, "--tracker", "--tracker-server-name"),
+        (&node_line, "--ca", "--ca-server-name"),
     ] {
         let url = flag(line, url_flag).expect("a URL");
         let host = url
             .strip_prefix("https://")
             .and_then(|h| h.split(':').next())
             .expect("https");
-        let service = host
-            .strip_suffix(".weft-system.svc")
-            .unwrap_or_else(|| panic!("{url}: a Service of weft-system"));
+        let service = addresses
+            .iter()
+            .find_map(|(service, ip)| (ip == host).then_some(service.as_str()))
+            .unwrap_or_else(|| panic!("{url}: the address of a Service of weft-system"));
+        assert_eq!(
+            flag(line, name_flag),
+            Some(format!("{service}.weft-system.svc").as_str()),
+            "{url}"
+        );
         let target = service_target(&docs, service, port_of(url));
         let listen = match service {
             "weft-tracker" => flag(&tracker_line, "--listen"),
@@ -481,16 +508,16 @@ fn the_parts_are_wired_to_one_another() {
         assert_eq!(target, port_of(listen.expect("--listen")), "{url}");
     }
 
-    // The tracker's own cluster is the context of the in-cluster kubeconfig.
-    let local = local_kubeconfig(&docs);
-    let context = local["current-context"].as_str().expect("a context");
+    // The tracker's own cluster is the in-cluster context, named by the cluster's id.
+    assert!(tracker_line.iter().any(|a| a == "--in-cluster"));
+    assert!(ca_line.iter().any(|a| a == "--in-cluster"));
     let mapping = flag(&tracker_line, "--cluster-name").expect("--cluster-name");
     let cluster: ConfigMap = typed(find(&docs, "ConfigMap", "weft-config"));
     let id = cluster
         .data
         .and_then(|d| d.get("cluster").cloned())
         .expect("cluster");
-    assert_eq!(mapping, format!("{context}={id}"));
+    assert_eq!(mapping, format!("{IN_CLUSTER_CONTEXT}={id}"));
     weft::model::ClusterId::new(&id).expect("a valid cluster id");
     assert!(
         tracker
@@ -500,16 +527,6 @@ fn the_parts_are_wired_to_one_another() {
             .iter()
             .any(|m| Some(m.mount_path.as_str()) == flag(&tracker_line, "--kubeconfig-dir"))
     );
-}
-
-/// The in-cluster kubeconfig of ConfigMap `weft-local-cluster`.
-fn local_kubeconfig(docs: &[(String, Value)]) -> Value {
-    let map: ConfigMap = typed(find(docs, "ConfigMap", "weft-local-cluster"));
-    let text = map
-        .data
-        .and_then(|d| d.get("local.yaml").cloned())
-        .expect("local.yaml");
-    weft::model::loader::parse_yaml(&text, 0).expect("a kubeconfig")
 }
 
 /// What the manifests grant ServiceAccount `weft-system/account`: the rules of every role a
@@ -574,28 +591,24 @@ fn unused(grants: &[Grant], asked: &[(Attributes, bool)]) -> Vec<String> {
     out
 }
 
-/// The in-cluster kubeconfig of the manifests pointed at `server`, its token in a file: the
-/// same user entry (`tokenFile`) the tracker and the CA use in a cluster.
-fn in_cluster_kubeconfig(docs: &[(String, Value)], server: &ApiServer, dir: &Path, token: &str) {
-    let mut config = local_kubeconfig(docs);
-    // Hidden: the tracker reads every other file of the directory as a kubeconfig.
-    let token_file = dir.join(".token");
-    std::fs::write(&token_file, token).expect("token");
-    config["clusters"][0]["cluster"] = json!({"server": server.url()});
-    let user = &mut config["users"][0]["user"];
-    assert!(
-        user["tokenFile"].is_string(),
-        "the token is read from its file"
-    );
-    user["tokenFile"] = json!(token_file.to_string_lossy());
-    std::fs::write(dir.join("local.yaml"), config.to_string()).expect("kubeconfig");
+/// What a pod of `server`'s cluster is given to reach it: the server's address, and in
+/// `dir` its ServiceAccount's token and the cluster's CA, as the kubelet mounts them.
+fn in_cluster(server: &ApiServer, dir: &Path, token: &str) -> kube::config::Kubeconfig {
+    std::fs::write(dir.join("token"), token).expect("token");
+    let ca = &server.pki().expect("TLS").ca_pem;
+    std::fs::write(dir.join("ca.crt"), ca).expect("CA");
+    let url = server.url();
+    let (host, port) = url
+        .strip_prefix("https://")
+        .and_then(|a| a.rsplit_once(':'))
+        .expect("https://HOST:PORT");
+    in_cluster_kubeconfig(host, port, dir)
 }
 
 /// A cluster with one of everything the tracker watches, serving only what `grants` allow to
 /// the bearer of `token`.
 async fn cluster(grants: Vec<Grant>, token: &str) -> ApiServer {
-    let s = ApiServer::start().await;
-    s.set_token(Some(token));
+    let s = ApiServer::start_tls_for_tokens(token).await;
     s.authorize(Some(grants));
     s.apply(
         Kind::Namespace,
@@ -642,9 +655,12 @@ async fn cluster(grants: Vec<Grant>, token: &str) -> ApiServer {
     s
 }
 
-/// A tracker on the in-cluster kubeconfig of `dir`, and a subscriber's stream of it.
-async fn follow(dir: &Path) -> (tonic::Streaming<weft::tracker::wire::pb::Update>, Replica) {
-    let tracker = tracking::kube_tracker(dir, &[], Duration::from_millis(300));
+/// A tracker of the cluster it runs in (`in_cluster`), and a subscriber's stream of it.
+async fn follow(
+    in_cluster: kube::config::Kubeconfig,
+) -> (tonic::Streaming<weft::tracker::wire::pb::Update>, Replica) {
+    let tracker =
+        tracking::kube_tracker_with(None, Some(in_cluster), &[], Duration::from_millis(300));
     let url = tracking::serve(&tracker).await;
     (tracking::subscribe_all(&url).await, Replica::new())
 }
@@ -668,8 +684,7 @@ async fn the_tracker_syncs_a_cluster_with_exactly_the_permissions_its_role_grant
     let granted = grants(&docs, "weft-tracker");
     let server = cluster(granted.clone(), "tracker-token").await;
     let tmp = tempfile::tempdir().expect("tempdir");
-    in_cluster_kubeconfig(&docs, &server, tmp.path(), "tracker-token");
-    let (mut stream, mut r) = follow(tmp.path()).await;
+    let (mut stream, mut r) = follow(in_cluster(&server, tmp.path(), "tracker-token")).await;
     tracking::until(&mut stream, &mut r, "the cluster synced", |r| {
         synced(r) && tracking::has_pod(r, "cluster-1", "demo", "web-1")
     })
@@ -702,8 +717,7 @@ async fn the_tracker_syncs_a_cluster_with_exactly_the_permissions_its_role_grant
         .collect();
     let server = cluster(fewer, "tracker-token").await;
     let tmp = tempfile::tempdir().expect("tempdir");
-    in_cluster_kubeconfig(&docs, &server, tmp.path(), "tracker-token");
-    let (mut stream, mut r) = follow(tmp.path()).await;
+    let (mut stream, mut r) = follow(in_cluster(&server, tmp.path(), "tracker-token")).await;
     tracking::until(&mut stream, &mut r, "the cluster's status", |r| {
         tracking::status(r, "cluster-1").is_some()
     })
@@ -732,8 +746,7 @@ async fn the_ca_reviews_an_agent_s_token_with_exactly_the_permissions_its_roles_
         .and_then(|a| a.split_once('/'))
         .expect("--agent-service-account");
     let review = |granted: Vec<Grant>| async move {
-        let server = ApiServer::start().await;
-        server.set_token(Some("ca-token"));
+        let server = ApiServer::start_tls_for_tokens("ca-token").await;
         server.authorize(Some(granted));
         // A token of a cluster before 1.30 names the agent's pod, not its node: the CA reads
         // the pod.
@@ -748,9 +761,7 @@ async fn the_ca_reviews_an_agent_s_token_with_exactly_the_permissions_its_roles_
             TokenUser::bound(namespace, account, audience, "weft-node-x1", "uid-x1", None),
         );
         let tmp = tempfile::tempdir().expect("tempdir");
-        in_cluster_kubeconfig(docs, &server, tmp.path(), "ca-token");
-        let kubeconfig =
-            kube::config::Kubeconfig::read_from(tmp.path().join("local.yaml")).expect("read");
+        let kubeconfig = in_cluster(&server, tmp.path(), "ca-token");
         let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
             .expect("config");

@@ -191,6 +191,47 @@ async fn a_node_is_who_its_certificate_says() {
 }
 
 #[tokio::test]
+async fn a_tracker_reached_by_address_is_checked_for_the_name_it_is_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "mesh");
+    let url = serve_tls(&pki).await;
+    let agents = tls(&pki.issue("agents", &format!("{TD}/weft/cluster/cluster-2/nodes")));
+    let request = || request("node-a", "cluster-2", pb::PolicyScope::OwnCluster);
+    // The tracker's certificate names localhost (and 127.0.0.1, which the URL has).
+    let named = |name: &str| {
+        Target::new(&url, Some(agents.clone()))
+            .expect("target")
+            .with_server_name(name)
+            .expect("a name")
+    };
+    policies_seen(&named("localhost"), request())
+        .await
+        .expect("the name the certificate carries");
+    match client::subscribe(&named("weft-tracker.weft-system.svc"), request()).await {
+        Err(client::ClientError::Connect { .. }) => {}
+        other => panic!(
+            "a certificate without the name is refused: {:?}",
+            other.err()
+        ),
+    }
+    for bad in ["", "a b", "-.example"] {
+        let e = Target::new(&url, Some(agents.clone()))
+            .expect("target")
+            .with_server_name(bad)
+            .expect_err(bad);
+        assert!(
+            e.to_string().contains(&format!("server name {bad:?}")),
+            "{e}"
+        );
+    }
+    let e = Target::new("http://127.0.0.1:1", None)
+        .expect("target")
+        .with_server_name("localhost")
+        .expect_err("plaintext");
+    assert!(e.to_string().contains("plaintext"), "{e}");
+}
+
+#[tokio::test]
 async fn certificates_from_another_ca_or_none_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path(), "mesh");

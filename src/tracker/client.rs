@@ -79,6 +79,8 @@ pub struct Target {
     url: String,
     tls: Option<TlsFiles>,
     keepalive: Duration,
+    /// The name the tracker's certificate must carry, when not the URL's host.
+    server_name: Option<String>,
 }
 
 impl Target {
@@ -93,6 +95,7 @@ impl Target {
                 url: url.to_owned(),
                 tls,
                 keepalive: Duration::from_secs(30),
+                server_name: None,
             }),
             (Some("https"), None) => Err(bad(
                 "https needs --tls-cert, --tls-key and --tls-ca (mutual TLS)",
@@ -116,6 +119,24 @@ impl Target {
         self
     }
 
+    /// The same tracker, whose certificate must carry `name` instead of the URL's host: an
+    /// address reached without DNS (a Service's, from the kubelet's environment), the
+    /// certificate for the Service's name.
+    pub fn with_server_name(mut self, name: &str) -> Result<Self, ClientError> {
+        if self.tls.is_none() {
+            return Err(ClientError::Url {
+                url: self.url,
+                error: "a server name was given for a plaintext URL".to_owned(),
+            });
+        }
+        rustls_pki_types::ServerName::try_from(name).map_err(|_| ClientError::Url {
+            url: self.url.clone(),
+            error: format!("server name {name:?}: not a DNS name or an IP address"),
+        })?;
+        self.server_name = Some(name.to_owned());
+        Ok(self)
+    }
+
     /// The URL.
     pub fn url(&self) -> &str {
         &self.url
@@ -132,8 +153,12 @@ pub async fn connect(
         error: e.to_string(),
     })?;
     if let Some(tls) = &target.tls {
+        let config = match &target.server_name {
+            Some(name) => tls.client().domain_name(name),
+            None => tls.client(),
+        };
         endpoint = endpoint
-            .tls_config(tls.client())
+            .tls_config(config)
             .map_err(|error| ClientError::Connect {
                 url: url.to_owned(),
                 error,

@@ -410,16 +410,21 @@ impl Pki {
     }
 
     /// A TLS acceptor that requires a client certificate signed by the CA.
-    fn acceptor(&self) -> TlsAcceptor {
+    /// The server's TLS side; a client certificate required, or only checked if one comes.
+    fn acceptor(&self, client_certificate: bool) -> TlsAcceptor {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_cert.clone()).expect("CA");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.into(),
             provider.clone(),
-        )
-        .build()
-        .expect("client verifier");
+        );
+        let builder = if client_certificate {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        let verifier = builder.build().expect("client verifier");
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone()));
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -490,16 +495,24 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 impl ApiServer {
     /// Starts a plain-HTTP server on an ephemeral port of 127.0.0.1.
     pub async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with(None, true).await
     }
 
     /// Starts an HTTPS server on an ephemeral port of 127.0.0.1 that requires a client
     /// certificate signed by its CA (see [`ApiServer::pki`]).
     pub async fn start_tls() -> Self {
-        Self::start_with(Some(Pki::generate())).await
+        Self::start_with(Some(Pki::generate()), true).await
     }
 
-    async fn start_with(pki: Option<Pki>) -> Self {
+    /// Starts an HTTPS server as a cluster serves its pods: no client certificate required,
+    /// who a client is comes from its bearer token ([`ApiServer::set_token`]).
+    pub async fn start_tls_for_tokens(token: &str) -> Self {
+        let server = Self::start_with(Some(Pki::generate()), false).await;
+        server.set_token(Some(token));
+        server
+    }
+
+    async fn start_with(pki: Option<Pki>, client_certificate: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(Mutex::new(State {
@@ -508,7 +521,7 @@ impl ApiServer {
             ..State::default()
         }));
         let (signals, _) = broadcast::channel(4096);
-        let acceptor = pki.as_ref().map(Pki::acceptor);
+        let acceptor = pki.as_ref().map(|p| p.acceptor(client_certificate));
         let task = tokio::spawn(serve(listener, acceptor, state.clone(), signals.clone()));
         Self {
             addr,

@@ -82,13 +82,24 @@ pub async fn serve_on(tracker: &Tracker, addr: SocketAddr) -> Served {
 /// A tracker (a fresh epoch) of the kubeconfig files of `dir`, `names` mapping contexts to
 /// cluster ids, with a 50 ms debounce of file events and `max_staleness`.
 pub fn kube_tracker(dir: &Path, names: &[(&str, &str)], max_staleness: Duration) -> Tracker {
+    kube_tracker_with(Some(dir), None, names, max_staleness)
+}
+
+/// [`kube_tracker`] of `dir`, if any, and of the in-cluster kubeconfig `in_cluster`, if any.
+pub fn kube_tracker_with(
+    dir: Option<&Path>,
+    in_cluster: Option<kube::config::Kubeconfig>,
+    names: &[(&str, &str)],
+    max_staleness: Duration,
+) -> Tracker {
     let names: BTreeMap<String, ClusterId> = names
         .iter()
         .map(|(ctx, id)| ((*ctx).to_owned(), ClusterId::new(id).expect("id")))
         .collect();
     let tracker = Tracker::new(View::new(uuid::Uuid::new_v4().to_string(), 10_000), 1 << 20);
     tokio::spawn(watch_kubeconfigs(
-        dir.to_path_buf(),
+        dir.map(Path::to_path_buf),
+        in_cluster,
         names,
         tracker.clone(),
         Duration::from_millis(50),

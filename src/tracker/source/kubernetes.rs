@@ -4,7 +4,9 @@
 //! kind's initial list completed; the files are watched, so a cluster added, changed or
 //! removed starts, restarts or stops its watchers without a restart of the tracker. A
 //! cluster's id is resolved before it is watched: its own KEP-2149 `ClusterProperty`, else
-//! the context's `--cluster-name` mapping, else the context name.
+//! the context's `--cluster-name` mapping, else the context name. The cluster the tracker
+//! runs in can also be reached as a pod reaches it (`--in-cluster`): by the address the kubelet
+//! gives every pod, with no DNS, which a node's agents may still be holding.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -377,6 +379,78 @@ pub fn watch_cluster(
     })
 }
 
+/// The context of the cluster a tracker runs in, reached as a pod reaches it.
+pub const IN_CLUSTER_CONTEXT: &str = "in-cluster";
+
+/// Where a pod finds its ServiceAccount's token and its cluster's CA.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Why the cluster this process runs in cannot be reached as a pod reaches it.
+#[derive(Debug, thiserror::Error)]
+#[error("--in-cluster: {0} is not set (not running in a Kubernetes pod?)")]
+pub struct NotInCluster(&'static str);
+
+/// A kubeconfig for the API server at `host`:`port` (the `kubernetes` Service's address, which
+/// the kubelet gives every pod: no DNS) with the ServiceAccount token and CA of `account_dir`,
+/// the token read again as the kubelet renews it; its one context is [`IN_CLUSTER_CONTEXT`].
+pub fn in_cluster_kubeconfig(host: &str, port: &str, account_dir: &Path) -> Kubeconfig {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    use ::kube::config::{AuthInfo, Cluster, Context, NamedAuthInfo, NamedCluster, NamedContext};
+    let file = |name: &str| Some(account_dir.join(name).to_string_lossy().into_owned());
+    let name = IN_CLUSTER_CONTEXT.to_owned();
+    Kubeconfig {
+        clusters: vec![NamedCluster {
+            name: name.clone(),
+            cluster: Some(Cluster {
+                server: Some(format!("https://{host}:{port}")),
+                certificate_authority: file("ca.crt"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        auth_infos: vec![NamedAuthInfo {
+            name: name.clone(),
+            auth_info: Some(AuthInfo {
+                token_file: file("token"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        contexts: vec![NamedContext {
+            name: name.clone(),
+            context: Some(Context {
+                cluster: name.clone(),
+                user: Some(name.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        current_context: Some(name),
+        ..Default::default()
+    }
+}
+
+/// [`in_cluster_kubeconfig`] for the pod this process runs in: the address from
+/// `KUBERNETES_SERVICE_HOST` and `KUBERNETES_SERVICE_PORT`, its ServiceAccount's files in
+/// [`SERVICE_ACCOUNT_DIR`].
+pub fn in_cluster() -> Result<Kubeconfig, NotInCluster> {
+    let var = |name: &'static str| {
+        std::env::var(name)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .ok_or(NotInCluster(name))
+    };
+    Ok(in_cluster_kubeconfig(
+        &var("KUBERNETES_SERVICE_HOST")?,
+        &var("KUBERNETES_SERVICE_PORT")?,
+        Path::new(SERVICE_ACCOUNT_DIR),
+    ))
+}
+
 /// The KEP-2149 `ClusterProperty` whose `spec.value` is a cluster's own id.
 const CLUSTER_ID_PROPERTY: &str = "cluster.clusterset.k8s.io";
 
@@ -482,8 +556,28 @@ impl Found {
 
 /// Every context of the kubeconfig files in `dir`, in file and context order. A file that
 /// does not parse is reported and left out.
-fn scan(dir: &Path, names: &BTreeMap<String, ClusterId>) -> Vec<Found> {
-    let mut found = Vec::new();
+/// The contexts to watch: the in-cluster one, if any, and every context of the files of `dir`.
+fn scan(
+    dir: Option<&Path>,
+    in_cluster: Option<&Kubeconfig>,
+    names: &BTreeMap<String, ClusterId>,
+) -> Vec<Found> {
+    let mut found: Vec<Found> = in_cluster
+        .iter()
+        .map(|kubeconfig| Found {
+            file: PathBuf::from("(in-cluster)"),
+            context: IN_CLUSTER_CONTEXT.to_owned(),
+            kubeconfig: (*kubeconfig).clone(),
+            contents: Vec::new(),
+            fallback: match names.get(IN_CLUSTER_CONTEXT) {
+                Some(id) => Ok(id.clone()),
+                None => ClusterId::new(IN_CLUSTER_CONTEXT),
+            },
+        })
+        .collect();
+    let Some(dir) = dir else {
+        return found;
+    };
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries.filter_map(|e| Some(e.ok()?.path())).collect(),
         Err(e) => {
@@ -537,11 +631,16 @@ fn scan(dir: &Path, names: &BTreeMap<String, ClusterId>) -> Vec<Found> {
     found
 }
 
-/// The cluster ids the kubeconfig files of `dir` claim without asking their API servers (each
-/// context's mapping, else its name), to refuse a second source of one at start. A cluster's
-/// own `ClusterProperty` may name another id once it is reached: that is checked then.
-pub fn cluster_ids(dir: &Path, names: &BTreeMap<String, ClusterId>) -> BTreeSet<ClusterId> {
-    scan(dir, names)
+/// The cluster ids the kubeconfig files of `dir` and the in-cluster context claim without
+/// asking their API servers (each context's mapping, else its name), to refuse a second source
+/// of one at start. A cluster's own `ClusterProperty` may name another id once it is reached:
+/// that is checked then.
+pub fn cluster_ids(
+    dir: Option<&Path>,
+    in_cluster: Option<&Kubeconfig>,
+    names: &BTreeMap<String, ClusterId>,
+) -> BTreeSet<ClusterId> {
+    scan(dir, in_cluster, names)
         .into_iter()
         .filter_map(|f| f.fallback.ok())
         .collect()
@@ -929,27 +1028,40 @@ impl Contexts {
     }
 }
 
-/// Watches the kubeconfig files of `dir` and the clusters they name, applying everything to
-/// `tracker`, until the directory watch fails. Each context's cluster id is resolved once its
+/// Watches the kubeconfig files of `dir` and the clusters they name, and the cluster of the
+/// `in_cluster` kubeconfig, applying everything to `tracker`, until the directory watch fails
+/// (without a directory, for ever). Each context's cluster id is resolved once its
 /// client exists and before it is watched: the cluster's own `ClusterProperty`
 /// `cluster.clusterset.k8s.io`, else its mapping in `names`, else the context name; until
 /// then it is in the view unsynced under the mapping or the context name (if that is a valid
 /// id), so the view is not complete while a context is still being resolved. Two contexts
 /// resolving to one id: the second is refused.
 pub async fn watch_kubeconfigs(
-    dir: PathBuf,
+    dir: Option<PathBuf>,
+    in_cluster: Option<Kubeconfig>,
     names: BTreeMap<String, ClusterId>,
     tracker: Tracker,
     debounce: Duration,
     max_staleness: Duration,
 ) -> Result<(), notify::Error> {
-    let tracker = tracker.feed(format!("kubeconfig {}", dir.display()));
+    let feed = match &dir {
+        Some(dir) => format!("kubeconfig {}", dir.display()),
+        None => IN_CLUSTER_CONTEXT.to_owned(),
+    };
+    let tracker = tracker.feed(feed);
     use notify::Watcher as _;
     let (tx, mut files) = tokio::sync::mpsc::unbounded_channel();
-    let mut watch = notify::recommended_watcher(move |event| {
-        let _ = tx.send(event);
-    })?;
-    watch.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    // Without a directory nothing sends, and the sender is kept so that nothing ends either.
+    let (_watch, _unwatched) = match &dir {
+        Some(dir) => {
+            let mut watch = notify::recommended_watcher(move |event| {
+                let _ = tx.send(event);
+            })?;
+            watch.watch(dir, notify::RecursiveMode::NonRecursive)?;
+            (Some(watch), None)
+        }
+        None => (None, Some(tx)),
+    };
     let (reports, mut reported) = tokio::sync::mpsc::unbounded_channel();
     let mut contexts = Contexts {
         by_source: BTreeMap::new(),
@@ -958,7 +1070,7 @@ pub async fn watch_kubeconfigs(
         tracker,
         max_staleness,
     };
-    contexts.rescan(scan(&dir, &names));
+    contexts.rescan(scan(dir.as_deref(), in_cluster.as_ref(), &names));
     loop {
         tokio::select! {
             event = files.recv() => {
@@ -969,7 +1081,7 @@ pub async fn watch_kubeconfigs(
                     tracing::warn!(error = %e, "kubeconfig directory watch");
                 }
                 while let Ok(Some(_)) = tokio::time::timeout(debounce, files.recv()).await {}
-                contexts.rescan(scan(&dir, &names));
+                contexts.rescan(scan(dir.as_deref(), in_cluster.as_ref(), &names));
             }
             Some(report) = reported.recv() => contexts.report(report),
         }
@@ -985,6 +1097,41 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("client error")]
     struct Terse(#[source] std::io::Error);
+
+    #[test]
+    fn in_cluster_reaches_the_address_the_kubelet_gives_with_the_pods_own_files() {
+        let dir = Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+        for (host, server) in [
+            ("10.96.0.1", "https://10.96.0.1:443"),
+            ("fd00:96::1", "https://[fd00:96::1]:443"),
+        ] {
+            let k = in_cluster_kubeconfig(host, "443", dir);
+            let found = scan(None, Some(&k), &BTreeMap::new());
+            assert_eq!(found.len(), 1);
+            assert_eq!(found[0].context, IN_CLUSTER_CONTEXT);
+            let cluster = k.clusters[0].cluster.clone().expect("cluster");
+            assert_eq!(cluster.server.as_deref(), Some(server));
+            assert_eq!(
+                cluster.certificate_authority.as_deref(),
+                Some("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+            );
+            let user = k.auth_infos[0].auth_info.clone().expect("user");
+            assert_eq!(
+                user.token_file.as_deref(),
+                Some("/var/run/secrets/kubernetes.io/serviceaccount/token")
+            );
+            assert_eq!(k.current_context.as_deref(), Some(IN_CLUSTER_CONTEXT));
+        }
+        let names = BTreeMap::from([(
+            IN_CLUSTER_CONTEXT.to_owned(),
+            ClusterId::new("cluster-7").expect("id"),
+        )]);
+        let k = in_cluster_kubeconfig("10.96.0.1", "443", dir);
+        assert_eq!(
+            cluster_ids(None, Some(&k), &names),
+            BTreeSet::from([ClusterId::new("cluster-7").expect("id")])
+        );
+    }
 
     #[test]
     fn causes_are_said_once() {
