@@ -355,12 +355,13 @@ status:
   phase: Running
   podIPs:
     - ip: 10.1.1.11
+    - ip: fd00:10:1:1::11
 ";
 
 /// Two pods of one node: the client's connection to its neighbour leaves node A's outbound
 /// proxy as a tunnel to the neighbour's HBONE address, which TPROXY cannot take from the
 /// node's own output: capture marks it there, it is routed to the loopback device and node
-/// A's own HBONE listener admits it (both decisions in node A's log).
+/// A's own HBONE listener admits it (both decisions in node A's log); over IPv4, then IPv6.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
     let Some((_one_lab, weft, work)) = begin().await else {
@@ -375,27 +376,36 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
     let neighbour = lab
         .pod("cluster-1", "bench", "neighbour")
         .expect("the neighbour");
-    let to = SocketAddr::new(neighbour.ip.into(), LINE_PORT);
-    lab.serve_responder(&neighbour.netns, to, "neighbour")
-        .expect("the neighbour's responder");
+    let neighbour6 = neighbour.ip6.expect("a dual-stack neighbour");
+    let targets = [
+        SocketAddr::new(neighbour.ip.into(), LINE_PORT),
+        SocketAddr::new(neighbour6.into(), LINE_PORT),
+    ];
+    for to in targets {
+        lab.serve_responder(&neighbour.netns, to, "neighbour")
+            .expect("the neighbour's responder");
+    }
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
     let agent = dataplane_lab::agent(&plane, node_a);
-    let log = agent.process.output().mark();
-    let outcome = exchange(&client.netns, None, to, "hello", PROBE_TIMEOUT)
-        .await
-        .outcome;
-    assert_eq!(
-        outcome,
-        ExchangeOutcome::Answered {
-            by: "neighbour".into()
+    for to in targets {
+        let log = agent.process.output().mark();
+        let outcome = exchange(&client.netns, None, to, "hello", PROBE_TIMEOUT)
+            .await
+            .outcome;
+        assert_eq!(
+            outcome,
+            ExchangeOutcome::Answered {
+                by: "neighbour".into()
+            },
+            "{to}"
+        );
+        // Both decisions in node A's log.
+        let destination = format!(r#""destination":"{to}""#);
+        for direction in ["outbound", "inbound"] {
+            let direction = format!(r#""direction":"{direction}""#);
+            let parts = [&destination, r#""verdict":"allow""#, &direction];
+            dataplane_lab::wait_logged(agent, log, &parts).await;
         }
-    );
-    // Both decisions in node A's log.
-    let destination = format!(r#""destination":"{to}""#);
-    for direction in ["outbound", "inbound"] {
-        let direction = format!(r#""direction":"{direction}""#);
-        let parts = [&destination, r#""verdict":"allow""#, &direction];
-        dataplane_lab::wait_logged(agent, log, &parts).await;
     }
     drop(plane);
     dataplane_lab::drop_lab(lab);
@@ -405,7 +415,9 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
 /// address is taken by node A's IPv6 listener, carried in a tunnel (`CONNECT [v6]:port`) and
 /// dialled by node B from the client's own IPv6 address; a port the server's policy does not
 /// admit is refused over IPv6 as over IPv4; node B's decisions name the IPv6 addresses and the
-/// client's proven identity. Then plaintext over IPv6 from the wire, judged by source address.
+/// client's proven identity. Then plaintext over IPv6 from the wire, judged by source address,
+/// and the client's IPv6 connection to an address outside every cluster, dialled directly from
+/// its own address after node A's egress check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
     let Some((_one_lab, weft, work)) = begin().await else {
@@ -413,7 +425,7 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
     };
     let (lab, set, step) =
         dataplane_lab::build_lab_of(work.path(), dataplane_lab::line_port_only());
-    let (client, server, _, node_b) = dataplane_lab::ends(&lab);
+    let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
     let (client6, server6) = (
         client.ip6.expect("a dual-stack client"),
         server.ip6.expect("a dual-stack server"),
@@ -454,6 +466,30 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
         "plaintext over IPv6",
     )
     .await;
+
+    // Outside every cluster over IPv6: node A's egress check, then a direct dial from the
+    // client's own address.
+    let outside = SocketAddr::new(wire6.into(), 7001);
+    dataplane_lab::serve_as_peer(lab.wire(), outside);
+    let agent_a = dataplane_lab::agent(&plane, node_a);
+    let log = agent_a.process.output().mark();
+    let outcome = exchange(&client.netns, None, outside, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert_eq!(
+        outcome,
+        ExchangeOutcome::Answered {
+            by: client6.to_string()
+        },
+        "outside, over IPv6: the peer sees the client's own address"
+    );
+    let destination = format!(r#""destination":"{outside}""#);
+    let parts = [
+        r#""direction":"outbound""#,
+        &destination,
+        r#""verdict":"allow""#,
+    ];
+    dataplane_lab::wait_logged(agent_a, log, &parts).await;
     drop(plane);
     dataplane_lab::drop_lab(lab);
 }
