@@ -72,7 +72,8 @@ pub fn answer<R: Report, B>(report: &R, request: &Request<B>) -> Response<Full<B
     }
     match request.uri().path() {
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n".into()),
-        "/readyz" => match report.ready() {
+        // `/ready` as the issue and ztunnel's admin name it, `/readyz` as Kubernetes does.
+        "/ready" | "/readyz" => match report.ready() {
             Ok(()) => respond(StatusCode::OK, TEXT, "ready\n".into()),
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{why}\n")),
         },
@@ -84,7 +85,7 @@ pub fn answer<R: Report, B>(report: &R, request: &Request<B>) -> Response<Full<B
         other => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            format!("{other}: not found (try /healthz, /readyz, /metrics)\n"),
+            format!("{other}: not found (try /healthz, /ready, /readyz, /metrics)\n"),
         ),
     }
 }

@@ -387,6 +387,18 @@ async fn a_pod_reaches_its_neighbour_through_its_own_node_s_hbone_listener() {
     }
     let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
     let agent = dataplane_lab::agent(&plane, node_a);
+    // Ready, by every name it answers to: the admin endpoint's, and ztunnel's on 15021.
+    for (port, path) in [
+        (15000, "/ready"),
+        (15000, "/readyz"),
+        (15021, "/healthz/ready"),
+    ] {
+        let at = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        let answer = http_get(&node_a.netns, at, path, PROBE_TIMEOUT)
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 200, "{port}{path}");
+    }
     for to in targets {
         let log = agent.process.output().mark();
         let outcome = exchange(&client.netns, None, to, "hello", PROBE_TIMEOUT)

@@ -59,15 +59,18 @@ async fn readiness_and_metrics_follow_the_view() {
         clusters: vec![status("c1", true, 0), status("c2", false, 0)],
         ..Change::default()
     });
-    assert_eq!(
-        http(addr, "GET", "/readyz").await,
-        (503, "not synced: c2\n".into())
-    );
+    for path in ["/readyz", "/ready"] {
+        assert_eq!(
+            http(addr, "GET", path).await,
+            (503, "not synced: c2\n".into())
+        );
+    }
     tracker.apply(Change {
         clusters: vec![status("c2", true, 1500)],
         ..Change::default()
     });
     assert_eq!(http(addr, "GET", "/readyz").await, (200, "ready\n".into()));
+    assert_eq!(http(addr, "GET", "/ready").await, (200, "ready\n".into()));
 
     // A subscriber, to be counted.
     let url = tracking::serve(&tracker).await;
