@@ -463,6 +463,10 @@ async fn ipv6_connections_are_captured_tunnelled_and_judged_as_ipv4_ones_are() {
         "through a tunnel over IPv6, the client's own address",
     )
     .await;
+    // The refusal says why in one word: the server's ingress NetworkPolicy.
+    let refused = format!(r#""destination":"{echo}""#);
+    let ingress = r#""verdict":"deny","layer":"networkpolicy","denial":"ingress""#;
+    dataplane_lab::wait_logged(agent, log, &[&refused, ingress]).await;
 
     // Plaintext over IPv6 from outside every cluster, taken by node B's IPv6 inbound listener
     // and judged by the server's policy on the source's address.

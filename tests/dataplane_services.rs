@@ -151,6 +151,13 @@ async fn a_cluster_ip_a_host_port_and_a_node_port_are_judged_on_their_endpoint_t
             &format!("the ClusterIP with DNAT {dnat}"),
         )
         .await;
+        // Node A's word for it: the destination's node refused the tunnel.
+        let refused = format!(
+            r#""destination":"{}""#,
+            SocketAddr::new(server.ip.into(), ECHO_PORT)
+        );
+        let by_destination = r#""verdict":"deny","layer":"destination","denial":"refused""#;
+        dataplane_lab::wait_logged(agent, log, &[&refused, by_destination]).await;
     }
 
     // A hostPort: from outside (the wire between the nodes) to node A's address, DNATed to the

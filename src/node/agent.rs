@@ -19,11 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::connections::{Connections, Recheck, Tracked};
-use super::decision::{Decision, Direction, Layer};
+use super::decision::{Decision, Denial, Direction, Layer};
 use super::inbound::NodeAdmission;
 use super::local::{self, Local, local_pod, view_complete};
 use super::metrics::{CloseCause, Metrics};
-use super::outbound::{OutboundError, Route, route, route_explained};
+use super::outbound::{Route, route, route_explained};
 use crate::identity::manager::IdentityManager;
 use crate::identity::verify::Expected;
 use crate::identity::{TrustStore, WorkloadId};
@@ -447,7 +447,10 @@ impl Agent {
         if self.mode() != Some(Mode::Captured) {
             let decision = Decision::new(Direction::Outbound, from, original);
             let reason = "capture holds every connection until the view is complete";
-            self.refuse(stream, decision.settled(false, Layer::View, reason));
+            self.refuse(
+                stream,
+                decision.denied(Layer::View, Denial::NotReady, reason),
+            );
             return;
         }
         let s = &self.settings;
@@ -480,12 +483,8 @@ impl Agent {
         let (route, why) = match routed {
             Ok(routed) => routed,
             Err(error) => {
-                let layer = match &error {
-                    OutboundError::NotReady(_) => Layer::View,
-                    OutboundError::Denied { .. } => Layer::NetworkPolicy,
-                    _ => Layer::Admission,
-                };
-                self.refuse(stream, decision.settled(false, layer, error.to_string()));
+                let (layer, denial) = error.cause();
+                self.refuse(stream, decision.denied(layer, denial, error.to_string()));
                 return;
             }
         };
@@ -520,14 +519,15 @@ impl Agent {
                             let decision = match answered.await {
                                 Ok(Ok(())) => {
                                     let reason = format!("{why}; tunnel to {node}");
-                                    decision.settled(true, Layer::NetworkPolicy, reason)
+                                    decision.allowed_by(Layer::NetworkPolicy, reason)
                                 }
                                 Ok(Err(error)) => {
-                                    decision.settled(false, tunnel_layer(&error), error.to_string())
+                                    let (layer, denial) = tunnel_cause(&error);
+                                    decision.denied(layer, denial, error.to_string())
                                 }
-                                Err(_) => decision.settled(
-                                    false,
+                                Err(_) => decision.denied(
                                     Layer::Transport,
+                                    Denial::Unreachable,
                                     "the tunnel ended before the destination's node answered",
                                 ),
                             };
@@ -549,8 +549,8 @@ impl Agent {
                         .await;
                     }
                     Err(error) => {
-                        let layer = tunnel_layer(&error);
-                        self.refuse(stream, decision.settled(false, layer, error.to_string()));
+                        let (layer, denial) = tunnel_cause(&error);
+                        self.refuse(stream, decision.denied(layer, denial, error.to_string()));
                     }
                 }
             }
@@ -562,13 +562,13 @@ impl Agent {
                 {
                     Ok(upstream) => {
                         let reason = format!("{why}; direct");
-                        decision = decision.settled(true, Layer::NetworkPolicy, reason);
+                        decision = decision.allowed_by(Layer::NetworkPolicy, reason);
                         self.carry(stream, upstream, decision, from.ip(), target)
                             .await;
                     }
                     Err(error) => {
                         let reason = format!("connecting to {target}: {error}");
-                        self.refuse(stream, decision.settled(false, Layer::Transport, reason));
+                        self.refuse(stream, decision.unreachable(reason));
                     }
                 }
             }
@@ -607,7 +607,7 @@ impl Agent {
             }
             Err(error) => {
                 let reason = format!("connecting to {original}: {error}");
-                self.refuse(stream, decision.settled(false, Layer::Transport, reason));
+                self.refuse(stream, decision.unreachable(reason));
             }
         }
     }
@@ -969,14 +969,14 @@ async fn pipe(
     }
 }
 
-/// The layer that refused a tunnel: the destination's node when it answered 4xx (its
-/// admission), else the transport.
-fn tunnel_layer(error: &proxy::ClientError) -> Layer {
+/// The layer that refused a tunnel, and why in one word: the destination's node when it
+/// answered 4xx (its admission or policies), else the transport.
+fn tunnel_cause(error: &proxy::ClientError) -> (Layer, Denial) {
     match error {
         proxy::ClientError::Refused { status, .. } if status.is_client_error() => {
-            Layer::Destination
+            (Layer::Destination, Denial::Refused)
         }
-        _ => Layer::Transport,
+        _ => (Layer::Transport, Denial::Unreachable),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The decision log: one JSON-able event per connection judged by a node — who, to whom, as
-//! which identities, the verdict, the layer that decided and the policy behind it — logged
-//! through `tracing` under the target `weft::decision`.
+//! which identities, the verdict, the layer that decided, for a denial why in one word, and
+//! the policy behind it — logged through `tracing` under the target `weft::decision`.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -36,6 +36,58 @@ pub enum Layer {
     Destination,
     /// Carrying it failed after it was allowed (destination unreachable, TLS failed).
     Transport,
+}
+
+/// Why a connection was denied, in one word of a closed set: the `denial` of the decision log
+/// and the `reason` label of the denial counter (the log's `reason` says it in full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Denial {
+    /// The view of the node's cluster is not complete, or capture still holds.
+    NotReady,
+    /// The source is no pod it can be: no local pod outbound, no single live pod inbound.
+    UnknownSource,
+    /// A destination never dialled for a pod (loopback, link-local, multicast, ...).
+    ForbiddenDestination,
+    /// The source pod has no identity to present, or the peer has none to admit.
+    NoIdentity,
+    /// A Service's ClusterIP with no ready endpoint for the port.
+    NoEndpoint,
+    /// Not addressed to a pod of this node (or over a connection to another pod).
+    NotLocal,
+    /// The source claims to be what it is not: a pod that runs as another identity than the
+    /// one proven, or plaintext in a meshed pod's name.
+    Impersonation,
+    /// The source's egress NetworkPolicy.
+    Egress,
+    /// The destination's ingress NetworkPolicy.
+    Ingress,
+    /// Identity rules admit no such peer.
+    Identity,
+    /// The destination's node refused the tunnel.
+    Refused,
+    /// The destination, or its node, could not be reached.
+    Unreachable,
+}
+
+impl Denial {
+    /// The word in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Denial::NotReady => "not_ready",
+            Denial::UnknownSource => "unknown_source",
+            Denial::ForbiddenDestination => "forbidden_destination",
+            Denial::NoIdentity => "no_identity",
+            Denial::NoEndpoint => "no_endpoint",
+            Denial::NotLocal => "not_local",
+            Denial::Impersonation => "impersonation",
+            Denial::Egress => "egress",
+            Denial::Ingress => "ingress",
+            Denial::Identity => "identity",
+            Denial::Refused => "refused",
+            Denial::Unreachable => "unreachable",
+        }
+    }
 }
 
 impl Layer {
@@ -96,6 +148,8 @@ pub struct Decision {
     pub allowed: bool,
     /// The layer that settled it (for an allowed connection: the last one passed).
     pub layer: Layer,
+    /// Why it was denied, in one word.
+    pub denial: Option<Denial>,
     /// Why, naming the deciding policies.
     pub reason: String,
     /// What identity rules in Audit mode would have done, when they would deny.
@@ -115,17 +169,33 @@ impl Decision {
             destination_identity: None,
             allowed: false,
             layer: Layer::View,
+            denial: None,
             reason: String::new(),
             audit: None,
         }
     }
 
-    /// This decision, settled by `layer` as `allowed` for `reason`.
-    pub fn settled(mut self, allowed: bool, layer: Layer, reason: impl Into<String>) -> Self {
-        self.allowed = allowed;
+    /// This decision, allowed: `layer` is the last one passed, `reason` names its policies.
+    pub fn allowed_by(mut self, layer: Layer, reason: impl Into<String>) -> Self {
+        self.allowed = true;
         self.layer = layer;
+        self.denial = None;
         self.reason = reason.into();
         self
+    }
+
+    /// This decision, denied by `layer` for `denial`, said in full in `reason`.
+    pub fn denied(mut self, layer: Layer, denial: Denial, reason: impl Into<String>) -> Self {
+        self.allowed = false;
+        self.layer = layer;
+        self.denial = Some(denial);
+        self.reason = reason.into();
+        self
+    }
+
+    /// This decision, denied as the transport failed: the destination could not be reached.
+    pub fn unreachable(self, reason: impl Into<String>) -> Self {
+        self.denied(Layer::Transport, Denial::Unreachable, reason)
     }
 
     /// "allow" or "deny".
@@ -155,6 +225,7 @@ impl Decision {
             destination_identity = text(&self.destination_identity),
             verdict = self.verdict(),
             layer = self.layer.as_str(),
+            denial = self.denial.map_or("", Denial::as_str),
             reason = %self.reason,
             audit = text(&self.audit),
             "decision"
@@ -174,14 +245,20 @@ mod tests {
             "10.0.0.2:80".parse().expect("addr"),
         );
         assert_eq!(d.verdict(), "deny");
-        let d = d.settled(
-            true,
-            Layer::NetworkPolicy,
-            "allowed by cluster-1/demo/web rule 0",
+        let denied = d
+            .clone()
+            .denied(Layer::NetworkPolicy, Denial::Ingress, "no rule");
+        assert_eq!(
+            (denied.verdict(), denied.layer.as_str()),
+            ("deny", "networkpolicy")
         );
+        let json = serde_json::to_value(&denied).expect("json");
+        assert_eq!(json["denial"], "ingress");
+        let d = denied.allowed_by(Layer::NetworkPolicy, "allowed by cluster-1/demo/web rule 0");
         assert_eq!((d.verdict(), d.layer.as_str()), ("allow", "networkpolicy"));
         let json = serde_json::to_value(&d).expect("json");
         assert_eq!(json["direction"], "plaintext");
         assert_eq!(json["layer"], "networkpolicy");
+        assert_eq!(json["denial"], serde_json::Value::Null);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use http::StatusCode;
 
 use super::connections::{Connections, Recheck};
-use super::decision::{Decision, Direction, Layer};
+use super::decision::{Decision, Denial, Direction, Layer};
 use super::local::{local_pod, view_complete};
 use super::metrics::{CloseCause, Metrics};
 use crate::identity::verify::PeerSide;
@@ -94,13 +94,13 @@ impl NodeAdmission {
         let mut decision = Decision::new(Direction::Plaintext, source, destination);
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         if let Err(reason) = view_complete(&view, &self.cluster) {
-            return decision.settled(false, Layer::View, reason);
+            return decision.denied(Layer::View, Denial::NotReady, reason);
         }
         let engine = view.engine();
         let Some(local) = local_pod(&view, &self.cluster, &self.node, destination.ip()) else {
-            return decision.settled(
-                false,
+            return decision.denied(
                 Layer::Admission,
+                Denial::NotLocal,
                 format!("{} is not a pod of this node", destination.ip()),
             );
         };
@@ -112,9 +112,9 @@ impl NodeAdmission {
             if engine.pod_identity(pod).is_some()
                 && engine.pod_node_address(pod, source.is_ipv6()).is_some()
             {
-                return decision.settled(
-                    false,
+                return decision.denied(
                     Layer::Admission,
+                    Denial::Impersonation,
                     format!(
                         "plaintext from meshed pod {}: its traffic comes through a tunnel",
                         engine.pod_name(pod)
@@ -133,17 +133,19 @@ impl NodeAdmission {
     ) -> Result<(), StatusCode> {
         fn settle(
             decision: &mut Decision,
-            layer: Layer,
+            (layer, denial): (Layer, Denial),
             reason: String,
             status: StatusCode,
         ) -> Result<(), StatusCode> {
-            *decision = decision.clone().settled(false, layer, reason);
+            *decision = decision.clone().denied(layer, denial, reason);
             Err(status)
         }
+        const NOT_LOCAL: (Layer, Denial) = (Layer::Admission, Denial::NotLocal);
+        const IMPERSONATION: (Layer, Denial) = (Layer::Admission, Denial::Impersonation);
         if let Err(reason) = view_complete(view, &self.cluster) {
             return settle(
                 decision,
-                Layer::View,
+                (Layer::View, Denial::NotReady),
                 reason,
                 StatusCode::SERVICE_UNAVAILABLE,
             );
@@ -158,16 +160,17 @@ impl NodeAdmission {
                 to.ip(),
                 inbound.arrived_at.ip()
             );
-            return settle(decision, Layer::Admission, reason, StatusCode::BAD_REQUEST);
+            return settle(decision, NOT_LOCAL, reason, StatusCode::BAD_REQUEST);
         }
         let Some(local) = local_pod(view, &self.cluster, &self.node, to.ip()) else {
             let reason = format!("{} is not a pod of this node", to.ip());
-            return settle(decision, Layer::Admission, reason, StatusCode::BAD_REQUEST);
+            return settle(decision, NOT_LOCAL, reason, StatusCode::BAD_REQUEST);
         };
         let source = engine.address_endpoint(inbound.source);
         let Endpoint::Pod { pod: from, .. } = source else {
             let reason = format!("source {} is no single live pod", inbound.source);
-            return settle(decision, Layer::Admission, reason, StatusCode::FORBIDDEN);
+            let unknown = (Layer::Admission, Denial::UnknownSource);
+            return settle(decision, unknown, reason, StatusCode::FORBIDDEN);
         };
         decision.source_pod = Some(engine.pod_name(from));
         // THREATS 2: the claimed source pod must run as the proven identity.
@@ -179,7 +182,7 @@ impl NodeAdmission {
                 runs_as.map_or_else(|| "no identity".to_owned(), |id| id.to_string()),
                 inbound.peer
             );
-            return settle(decision, Layer::Admission, reason, StatusCode::FORBIDDEN);
+            return settle(decision, IMPERSONATION, reason, StatusCode::FORBIDDEN);
         }
         let judged = self.judge_policies(
             view,
@@ -215,7 +218,7 @@ impl NodeAdmission {
         decision.destination_identity = engine.pod_identity(local).map(|id| id.to_string());
         let dst = match engine.pod_endpoint(local, to.is_ipv6()) {
             Ok(dst) => dst,
-            Err(e) => return decision.settled(false, Layer::Admission, e.to_string()),
+            Err(e) => return decision.denied(Layer::Admission, Denial::NotLocal, e.to_string()),
         };
         let connection = Connection {
             src: source,
@@ -227,7 +230,12 @@ impl NodeAdmission {
         let why = engine.explain(&connection, &verdict);
         let reason = format!("egress {}; ingress {}", why.egress, why.ingress);
         if verdict.verdict() != Verdict::Allow {
-            return decision.settled(false, Layer::NetworkPolicy, reason);
+            let side = if verdict.egress.allows() {
+                Denial::Ingress
+            } else {
+                Denial::Egress
+            };
+            return decision.denied(Layer::NetworkPolicy, side, reason);
         }
         let identity = engine.decide_identity(local, to.port(), Protocol::Tcp, peer);
         if let IdentityVerdict::Denied { policies } = &identity.audited {
@@ -237,15 +245,18 @@ impl NodeAdmission {
             ));
         }
         match identity.enforced {
-            IdentityVerdict::NotSelected => decision.settled(true, Layer::NetworkPolicy, reason),
-            IdentityVerdict::Allowed { policy, rule } => decision.settled(
-                true,
+            IdentityVerdict::NotSelected => decision.allowed_by(Layer::NetworkPolicy, reason),
+            IdentityVerdict::Allowed { policy, rule } => decision.allowed_by(
                 Layer::Identity,
                 format!("{reason}; identity allowed by {policy} rule {rule}"),
             ),
-            IdentityVerdict::Denied { policies } => decision.settled(
-                false,
+            IdentityVerdict::Denied { policies } => decision.denied(
                 Layer::Identity,
+                if peer.is_some() {
+                    Denial::Identity
+                } else {
+                    Denial::NoIdentity
+                },
                 format!(
                     "identity rules: {} admit no {}",
                     policies.join(", "),
@@ -412,6 +423,55 @@ mod tests {
             refused(&a, &inbound("client", "10.0.0.2", "10.0.0.1:81")).0,
             403
         );
+    }
+
+    #[test]
+    fn every_denial_says_why_in_one_word() {
+        use super::super::decision::Denial;
+        let a = admission(true);
+        let mut elsewhere = inbound("client", "10.0.0.2", "10.0.0.1:80");
+        elsewhere.arrived_at = "10.0.0.9:15008".parse().expect("addr");
+        for (tunnel, denial) in [
+            (
+                inbound("client", "10.0.0.2", "10.0.0.2:80"),
+                Denial::NotLocal,
+            ),
+            (elsewhere, Denial::NotLocal),
+            (
+                inbound("client", "10.0.0.4", "10.0.0.1:80"),
+                Denial::Impersonation,
+            ),
+            (
+                inbound("client", "10.9.9.8", "10.0.0.1:80"),
+                Denial::UnknownSource,
+            ),
+            (
+                inbound("client", "10.0.0.3", "10.0.0.1:80"),
+                Denial::Ingress,
+            ),
+            (
+                inbound("client", "10.0.0.2", "10.0.0.1:81"),
+                Denial::Ingress,
+            ),
+            (
+                inbound("rogue", "10.0.0.4", "10.0.0.1:80"),
+                Denial::Identity,
+            ),
+        ] {
+            let (decision, _) = a.judge(&tunnel);
+            assert_eq!(decision.denial, Some(denial), "{}", decision.reason);
+        }
+        let (early, _) = admission(false).judge(&inbound("client", "10.0.0.2", "10.0.0.1:80"));
+        assert_eq!(early.denial, Some(Denial::NotReady));
+        let (allowed, _) = a.judge(&inbound("client", "10.0.0.2", "10.0.0.1:80"));
+        assert_eq!(allowed.denial, None);
+        // Plaintext in the client's name (its node unknown here, so not taken for a meshed
+        // pod's): NetworkPolicy admits app=client, the identity rules no peer without one.
+        let plaintext = a.judge_plaintext(
+            "10.0.0.2:40000".parse().expect("addr"),
+            "10.0.0.1:80".parse().expect("addr"),
+        );
+        assert_eq!(plaintext.denial, Some(Denial::NoIdentity));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A node's counters: connections opened and closed by direction and verdict, bytes carried,
-//! denials by layer, table restores. Labels are bounded sets (direction, verdict, layer):
-//! never an address or an authority a peer chose (THREATS 47).
+//! denials by layer and reason, table restores. Labels are bounded sets (direction, verdict,
+//! layer, reason): never an address or an authority a peer chose (THREATS 47).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +21,8 @@ struct Decided {
 struct Denied {
     direction: &'static str,
     layer: &'static str,
+    /// [`Denial`](super::decision::Denial) in one word.
+    reason: &'static str,
 }
 
 /// Labels of carried bytes.
@@ -78,6 +80,7 @@ impl Metrics {
                 .get_or_create(&Denied {
                     direction,
                     layer: decision.layer.as_str(),
+                    reason: decision.denial.map_or("", |d| d.as_str()),
                 })
                 .inc();
         }
@@ -110,7 +113,7 @@ impl Metrics {
         );
         registry.register(
             "connections_denied",
-            "Connections denied, by direction and the layer that denied them.",
+            "Connections denied, by direction, the layer that denied them and why in one word.",
             self.denied.clone(),
         );
         registry.register(
@@ -133,7 +136,7 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
-    use super::super::decision::Layer;
+    use super::super::decision::{Denial, Layer};
     use super::*;
 
     #[test]
@@ -144,11 +147,11 @@ mod tests {
             "10.0.0.1:1234".parse().expect("addr"),
             "10.0.0.2:80".parse().expect("addr"),
         );
-        m.decided(&d.clone().settled(true, Layer::NetworkPolicy, "ok"));
-        let mut audited = d.clone().settled(true, Layer::NetworkPolicy, "ok");
+        m.decided(&d.clone().allowed_by(Layer::NetworkPolicy, "ok"));
+        let mut audited = d.clone().allowed_by(Layer::NetworkPolicy, "ok");
         audited.audit = Some("identity rules in Audit mode (c/ns/p) would deny".into());
         m.decided(&audited);
-        m.decided(&d.settled(false, Layer::Identity, "no"));
+        m.decided(&d.denied(Layer::Identity, Denial::Identity, "no"));
         m.closed(Direction::Outbound, CloseCause::Done, 10, 20);
         let mut registry = Registry::with_prefix("weft_node");
         m.register(&mut registry);
@@ -166,7 +169,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                r#"weft_node_connections_denied_total{direction="outbound",layer="identity"} 1"#
+                r#"weft_node_connections_denied_total{direction="outbound",layer="identity",reason="identity"} 1"#
             ),
             "{text}"
         );

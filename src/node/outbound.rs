@@ -8,6 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use super::decision::{Denial, Layer};
 use super::local::{local_pod, view_complete};
 use super::services::{self, ServiceError};
 use crate::identity::WorkloadId;
@@ -68,7 +69,30 @@ pub enum OutboundError {
         egress: String,
         /// Why, for the destination.
         ingress: String,
+        /// Whether the source's egress denies it (else the destination's ingress does).
+        by_egress: bool,
     },
+}
+
+impl OutboundError {
+    /// The layer that denies the connection, and why in one word.
+    pub fn cause(&self) -> (Layer, Denial) {
+        match self {
+            OutboundError::NotReady(_) => (Layer::View, Denial::NotReady),
+            OutboundError::NotLocal(_) => (Layer::Admission, Denial::UnknownSource),
+            OutboundError::Forbidden(..) => (Layer::Admission, Denial::ForbiddenDestination),
+            OutboundError::NoIdentity(_) => (Layer::Admission, Denial::NoIdentity),
+            OutboundError::NoEndpoint(_) => (Layer::Admission, Denial::NoEndpoint),
+            OutboundError::Denied { by_egress, .. } => (
+                Layer::NetworkPolicy,
+                if *by_egress {
+                    Denial::Egress
+                } else {
+                    Denial::Ingress
+                },
+            ),
+        }
+    }
 }
 
 /// Routes a TCP connection captured on node `node` of `cluster` from `source` to its
@@ -118,6 +142,7 @@ pub fn route_explained(
             to: original,
             egress: why.egress.to_string(),
             ingress: why.ingress.to_string(),
+            by_egress: !decision.egress.allows(),
         });
     }
     // A node holds its own cluster's policies only: another cluster's pod is judged for
@@ -295,6 +320,7 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("client-out"), "{e}");
+        assert_eq!(e.cause(), (Layer::NetworkPolicy, Denial::Egress));
         assert_eq!(
             route(
                 &r,
@@ -306,6 +332,14 @@ mod tests {
             ),
             Err(OutboundError::NotLocal(ip("10.0.0.2"))),
             "web is not on node-a"
+        );
+        assert_eq!(
+            OutboundError::NotLocal(ip("10.0.0.2")).cause(),
+            (Layer::Admission, Denial::UnknownSource)
+        );
+        assert_eq!(
+            OutboundError::NotReady(c()).cause(),
+            (Layer::View, Denial::NotReady)
         );
         assert_eq!(
             route(
