@@ -413,6 +413,40 @@ async fn bytes_written_before_the_answer_arrive_once_admitted() {
         "{told:?}"
     );
     assert_eq!(f.echoed.load(Ordering::SeqCst), 0, "nothing dialled");
+
+    // The tunnel ends before any read saw the answer (the writer failed first, the refusal
+    // having reset the stream): the answer is told all the same, not lost with the tunnel.
+    let mut tunnel = pool
+        .request(&f.key(), f.client_tls(&f.client_leaf()), f.echo, source())
+        .await
+        .expect("request sent");
+    let answer = tunnel.on_answer();
+    tunnel
+        .write_all(b"early")
+        .await
+        .expect("write before the answer");
+    let failed = tokio::time::timeout(WAIT, async {
+        loop {
+            if tunnel.write_all(b"more").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(failed.is_ok(), "the refusal ends the writes");
+    drop(tunnel);
+    let told = answer.await.expect("told, not dropped");
+    assert!(
+        matches!(
+            told,
+            Err(ClientError::Refused {
+                status: StatusCode::FORBIDDEN,
+                ..
+            })
+        ),
+        "{told:?}"
+    );
 }
 
 #[tokio::test]

@@ -493,6 +493,20 @@ impl Answering {
     }
 }
 
+impl Drop for Answering {
+    /// A tunnel can end before a read saw the answer: a destination's node that refuses a
+    /// CONNECT whose bytes came with it answers and resets the stream, and the write that
+    /// fails first ends the tunnel. The answer is in by then: told, not left to a guess.
+    fn drop(&mut self) {
+        if let Some(notify) = self.notify.take() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(answer) = self.poll_answer(&mut cx) {
+                let _ = notify.send(answer);
+            }
+        }
+    }
+}
+
 impl Receive for Answering {
     fn poll_receive(
         &mut self,
