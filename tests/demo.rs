@@ -175,7 +175,7 @@ spec:
         "{stdout}"
     );
     assert!(
-        stdout.contains("inbound: deny by identity"),
+        stdout.contains("inbound: deny by identity (identity)"),
         "the identity layer decided: {stdout}"
     );
     assert!(
@@ -231,15 +231,15 @@ fn two_clusters_of_two_nodes_decide_across_nodes_at_the_source_and_by_identity()
         "{stdout}"
     );
     assert!(
-        stdout.contains("c1-node-2 outbound: deny by networkpolicy: cluster-1/shop/batch -> 10.2.1.10:5432: egress denied"),
+        stdout.contains("c1-node-2 outbound: deny by networkpolicy (egress): cluster-1/shop/batch -> 10.2.1.10:5432: egress denied"),
         "egress is denied at the source's node: {stdout}"
     );
     assert!(
-        stdout.contains("c2-node-1 inbound: deny by identity"),
+        stdout.contains("c2-node-1 inbound: deny by identity (identity)"),
         "the identity layer decided at the destination: {stdout}"
     );
     assert!(
-        stdout.contains("c2-node-1 plaintext: deny by identity"),
+        stdout.contains("c2-node-1 plaintext: deny by identity (no_identity)"),
         "a source without identity matches no identity rule: {stdout}"
     );
 }

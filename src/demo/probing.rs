@@ -278,8 +278,14 @@ fn print_probe(header: &str, outcome: &Outcome, observed: &Observed) {
                 id.to_owned()
             }
         };
+        // A denial's word, after its layer: `deny by networkpolicy (ingress)`.
+        let denial = if d.denial.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", d.denial)
+        };
         println!(
-            "         {node} {}: {} by {}: {}; identities {} -> {}",
+            "         {node} {}: {} by {}{denial}: {}; identities {} -> {}",
             d.direction,
             d.verdict,
             d.layer,
@@ -302,6 +308,9 @@ struct DecisionLine {
     destination_identity: String,
     verdict: String,
     layer: String,
+    /// Why a denial, in one word (absent from an allow's line, empty in older logs).
+    #[serde(default)]
+    denial: String,
     reason: String,
 }
 
