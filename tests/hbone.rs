@@ -153,8 +153,10 @@ async fn malformed_requests_get_4xx_before_admission_and_without_a_dial() {
             405,
         ),
     ];
+    let mut refused = Vec::new();
     for (case, req, want) in cases {
         assert_eq!(status_of(&mut h2, req).await.as_u16(), want, "{case}");
+        refused.push(want);
     }
     // A header list over the 64 KiB limit is answered by h2 itself (the limit reached it).
     let big = connect(f.echo.to_string(), Some("for=10.0.0.7"));
@@ -183,8 +185,20 @@ async fn malformed_requests_get_4xx_before_admission_and_without_a_dial() {
         StatusCode::BAD_REQUEST,
         "extended CONNECT"
     );
+    refused.push(400);
     assert!(f.seen().is_empty(), "admission asked: {:?}", f.seen());
     assert_eq!(f.echoed.load(Ordering::SeqCst), 0);
+    // Each refusal of ours was told to the admission (the oversized header list is h2's own
+    // answer), so that a node can count them.
+    let told: Vec<u16> = f
+        .gate
+        .malformed
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|s| s.as_u16())
+        .collect();
+    assert_eq!(told, refused);
 }
 
 #[tokio::test]

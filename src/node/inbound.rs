@@ -271,6 +271,12 @@ impl NodeAdmission {
 }
 
 impl Admission for NodeAdmission {
+    fn malformed(&self, _peer: &Peer, refusal: &Refusal) {
+        if let Some(metrics) = &self.metrics {
+            metrics.malformed(refusal.status);
+        }
+    }
+
     fn admit(&self, inbound: &Inbound) -> impl Future<Output = Result<(), Refusal>> + Send {
         let (decision, status) = self.judge(inbound);
         decision.record(self.metrics.as_deref());

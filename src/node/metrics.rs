@@ -41,6 +41,13 @@ struct Closed {
     cause: &'static str,
 }
 
+/// Labels of a CONNECT refused before admission.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Malformed {
+    /// The status answered: one of the few the HBONE server answers, never a peer's text.
+    status: u16,
+}
+
 /// The node's counters; shared behind an `Arc`, registered at each scrape.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -49,6 +56,7 @@ pub struct Metrics {
     closed: Family<Closed, Counter>,
     bytes: Family<Carried, Counter>,
     audit_denials: Counter,
+    malformed: Family<Malformed, Counter>,
 }
 
 /// Why a carried connection ended.
@@ -84,6 +92,15 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Counts a CONNECT refused before admission with `status`.
+    pub fn malformed(&self, status: http::StatusCode) {
+        self.malformed
+            .get_or_create(&Malformed {
+                status: status.as_u16(),
+            })
+            .inc();
     }
 
     /// Counts the end of a carried connection and its bytes.
@@ -125,6 +142,11 @@ impl Metrics {
             "identity_audit_denials",
             "Connections that identity rules in Audit mode would have denied (never enforced).",
             self.audit_denials.clone(),
+        );
+        registry.register(
+            "hbone_requests_malformed",
+            "CONNECTs refused before admission (malformed, ambiguous, not a tunnel), by status.",
+            self.malformed.clone(),
         );
         registry.register(
             "bytes",
@@ -178,5 +200,23 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("10.0.0"), "no addresses in labels: {text}");
+    }
+
+    #[test]
+    fn malformed_connects_are_counted_by_status_only() {
+        let m = Metrics::default();
+        m.malformed(http::StatusCode::BAD_REQUEST);
+        m.malformed(http::StatusCode::BAD_REQUEST);
+        m.malformed(http::StatusCode::METHOD_NOT_ALLOWED);
+        let mut registry = Registry::with_prefix("weft_node");
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            r#"weft_node_hbone_requests_malformed_total{status="400"} 2"#,
+            r#"weft_node_hbone_requests_malformed_total{status="405"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -202,6 +202,12 @@ pub trait Admission: Send + Sync + 'static {
         let _ = (inbound, sent, received, end);
     }
 
+    /// Called when a CONNECT from `peer` is refused before admission, being malformed,
+    /// ambiguous or no tunnel this server carries: nothing was judged, nothing dialled.
+    fn malformed(&self, peer: &Peer, refusal: &Refusal) {
+        let _ = (peer, refusal);
+    }
+
     /// Resolves once `peer` may no longer be served (e.g. `TrustStore::until_distrusted`);
     /// its connection and every tunnel on it then close. Never, by default.
     fn revoked(&self, peer: &Peer) -> impl Future<Output = ()> + Send {
@@ -561,7 +567,10 @@ async fn tunnel<A: Admission>(
 ) {
     let inbound = match inbound(&peer, &req) {
         Ok(inbound) => inbound,
-        Err(refusal) => return refuse(&peer, None, refusal, respond),
+        Err(refusal) => {
+            admission.malformed(&peer, &refusal);
+            return refuse(&peer, None, refusal, respond);
+        }
     };
     if let Err(refusal) = admission.admit(&inbound).await {
         return refuse(&peer, Some(&inbound), refusal, respond);

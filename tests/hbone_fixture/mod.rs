@@ -50,6 +50,8 @@ pub fn source() -> IpAddr {
 #[derive(Default)]
 pub struct Gate {
     pub seen: Mutex<Vec<Inbound>>,
+    /// The statuses of the CONNECTs refused before admission.
+    pub malformed: Mutex<Vec<StatusCode>>,
     pub answered: Mutex<Vec<Instant>>,
     pub refuse: bool,
     /// When set, each admission waits until it reads true.
@@ -69,6 +71,10 @@ impl Admission for Gate {
         } else {
             Ok(())
         }
+    }
+
+    fn malformed(&self, _peer: &Peer, refusal: &Refusal) {
+        self.malformed.lock().expect("lock").push(refusal.status);
     }
 
     async fn revoked(&self, _peer: &Peer) {
