@@ -898,10 +898,11 @@ async fn weft_ca_with_the_development_pki_follows_a_tracker_over_mutual_tls() {
             tokens.to_str().expect("utf-8"),
             "--tracker",
             &format!("https://127.0.0.1:{tracker_port}"),
+            // The CA's own identity: its cluster's view, as no node.
             "--tls-cert",
-            &file("tracker.pem"),
+            &file("ca-client.pem"),
             "--tls-key",
-            &file("tracker-key.pem"),
+            &file("ca-client-key.pem"),
             "--tls-ca",
             &file("root.pem"),
             "--max-ttl",

@@ -162,6 +162,29 @@ async fn a_node_is_who_its_certificate_says() {
         .expect_err("all clusters");
     assert_eq!(e.code(), Code::PermissionDenied);
 
+    // The cluster's CA: its own cluster's view, as no node.
+    let ca = Target::new(
+        &url,
+        Some(tls(
+            &pki.issue("ca", &format!("{TD}/weft/cluster/cluster-2/ca"))
+        )),
+    )
+    .expect("target");
+    let seen = policies_seen(&ca, request("", "cluster-2", OwnCluster))
+        .await
+        .expect("admitted");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|c| c == "cluster-2"),
+        "{seen:?}"
+    );
+    let e = policies_seen(&ca, request("node-a", "cluster-2", OwnCluster))
+        .await
+        .expect_err("a CA is no node");
+    assert_eq!(
+        e.message(),
+        "the CA of cluster cluster-2 may not subscribe as node \"node-a\""
+    );
+
     // An admin's tool gets every cluster's policies and syncs as the offline check would.
     let admin = Target::new(
         &url,

@@ -204,6 +204,12 @@ pub fn generate(
         server: false,
         client: true,
     });
+    leaves.push(Leaf {
+        file: "ca-client",
+        spiffe_id: cluster_id("ca"),
+        server: false,
+        client: true,
+    });
     for leaf in leaves {
         let what = generate(leaf.file);
         let mut p = CertificateParams::default();
@@ -277,7 +283,15 @@ mod tests {
             TtlLimits::default(),
         )
         .expect("the root signs");
-        for name in ["tracker", "admin", "node-0", "node-1", "nodes", "ca"] {
+        for name in [
+            "tracker",
+            "admin",
+            "node-0",
+            "node-1",
+            "nodes",
+            "ca-client",
+            "ca",
+        ] {
             TlsFiles::load(
                 &dir.join(format!("{name}.pem")),
                 &dir.join(format!("{name}-key.pem")),
@@ -303,6 +317,7 @@ mod tests {
             subscriber("nodes"),
             Ok(Subscriber::Node { node: None, .. })
         ));
+        assert!(matches!(subscriber("ca-client"), Ok(Subscriber::Ca { .. })));
         for serving in ["tracker", "ca"] {
             let pem = std::fs::read(dir.join(format!("{serving}.pem"))).expect("read");
             let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");

@@ -6,6 +6,8 @@
 //! - `spiffe://TD/weft/cluster/CLUSTER/nodes`: any node agent of the cluster, the same: one
 //!   certificate that a DaemonSet mounts on every node (what a node gets does not depend on
 //!   which node it is; what proves a node to the CA is its own token);
+//! - `spiffe://TD/weft/cluster/CLUSTER/ca`: the cluster's CA, which gets its own cluster's
+//!   policies only, as a node does;
 //! - `spiffe://TD/weft/cluster/CLUSTER/tracker`: a spoke tracker, which gets the whole view;
 //! - `spiffe://TD/weft/admin/NAME`: an operator's tool (`weft policy check --tracker`), which
 //!   gets the whole view.
@@ -26,7 +28,7 @@ pub enum SubscriberError {
     Certificate(String),
     /// The SPIFFE id names no kind of subscriber weft knows.
     #[error(
-        "client certificate {id}: not a weft subscriber (expected /weft/cluster/CLUSTER/node/NODE, /weft/cluster/CLUSTER/nodes, /weft/cluster/CLUSTER/tracker or /weft/admin/NAME)"
+        "client certificate {id}: not a weft subscriber (expected /weft/cluster/CLUSTER/node/NODE, /weft/cluster/CLUSTER/nodes, /weft/cluster/CLUSTER/ca, /weft/cluster/CLUSTER/tracker or /weft/admin/NAME)"
     )]
     UnknownIdentity {
         /// The SPIFFE id.
@@ -78,6 +80,11 @@ pub enum Subscriber {
         /// Its node's name, or `None` for any node agent of the cluster.
         node: Option<String>,
     },
+    /// The CA of a cluster.
+    Ca {
+        /// Its cluster.
+        cluster: ClusterId,
+    },
     /// A spoke tracker of a cluster.
     Tracker {
         /// Its cluster.
@@ -101,6 +108,7 @@ impl std::fmt::Display for Subscriber {
                 cluster,
                 node: None,
             } => write!(f, "a node agent of cluster {cluster}"),
+            Subscriber::Ca { cluster } => write!(f, "the CA of cluster {cluster}"),
             Subscriber::Tracker { cluster } => write!(f, "the tracker of cluster {cluster}"),
             Subscriber::Admin { name } => write!(f, "admin {name}"),
         }
@@ -133,6 +141,9 @@ impl Subscriber {
             ["weft", "cluster", c, "nodes"] => Ok(Subscriber::Node {
                 cluster: cluster(c)?,
                 node: None,
+            }),
+            ["weft", "cluster", c, "ca"] => Ok(Subscriber::Ca {
+                cluster: cluster(c)?,
             }),
             ["weft", "cluster", c, "tracker"] => Ok(Subscriber::Tracker {
                 cluster: cluster(c)?,
@@ -170,16 +181,14 @@ impl Subscriber {
                 {
                     return Err(impersonation("node", &request.node));
                 }
-                if !request.cluster.is_empty() && request.cluster != cluster.as_str() {
-                    return Err(impersonation("cluster", &request.cluster));
+                self.own_cluster(cluster, request, asked)
+            }
+            // A CA is no node.
+            Subscriber::Ca { cluster } => {
+                if !request.node.is_empty() {
+                    return Err(impersonation("node", &request.node));
                 }
-                if asked == pb::PolicyScope::AllClusters {
-                    return Err(SubscriberError::Forbidden {
-                        who: self.to_string(),
-                        what: "the policies of every cluster",
-                    });
-                }
-                Ok(Scope::Cluster(cluster.clone()))
+                self.own_cluster(cluster, request, asked)
             }
             Subscriber::Tracker { cluster } => {
                 if !request.cluster.is_empty() && request.cluster != cluster.as_str() {
@@ -189,6 +198,32 @@ impl Subscriber {
             }
             Subscriber::Admin { .. } => scope_as_claimed(request, asked),
         }
+    }
+}
+
+impl Subscriber {
+    /// The scope of a subscriber of `cluster` that gets its own cluster's policies only, if
+    /// `request` claims no other cluster and asks for no more.
+    fn own_cluster(
+        &self,
+        cluster: &ClusterId,
+        request: &pb::SubscribeRequest,
+        asked: pb::PolicyScope,
+    ) -> Result<Scope, SubscriberError> {
+        if !request.cluster.is_empty() && request.cluster != cluster.as_str() {
+            return Err(SubscriberError::Impersonation {
+                who: self.to_string(),
+                field: "cluster",
+                claimed: request.cluster.clone(),
+            });
+        }
+        if asked == pb::PolicyScope::AllClusters {
+            return Err(SubscriberError::Forbidden {
+                who: self.to_string(),
+                what: "the policies of every cluster",
+            });
+        }
+        Ok(Scope::Cluster(cluster.clone()))
     }
 }
 
@@ -365,6 +400,32 @@ mod tests {
         assert!(matches!(
             agents.authorize(&request("Node_A", "", OwnCluster)),
             Err(SubscriberError::BadRequest { field: "node", .. })
+        ));
+    }
+
+    #[test]
+    fn a_ca_gets_its_own_cluster_and_is_no_node() {
+        use pb::PolicyScope::{AllClusters, OwnCluster};
+        let ca = id("spiffe://c1.weft/weft/cluster/cluster-1/ca").expect("ca");
+        assert_eq!(ca.to_string(), "the CA of cluster cluster-1");
+        assert_eq!(
+            ca.authorize(&request("", "cluster-1", OwnCluster)),
+            Ok(Scope::Cluster(ClusterId::new("cluster-1").expect("id")))
+        );
+        assert!(matches!(
+            ca.authorize(&request("node-a", "cluster-1", OwnCluster)),
+            Err(SubscriberError::Impersonation { field: "node", .. })
+        ));
+        assert!(matches!(
+            ca.authorize(&request("", "cluster-2", OwnCluster)),
+            Err(SubscriberError::Impersonation {
+                field: "cluster",
+                ..
+            })
+        ));
+        assert!(matches!(
+            ca.authorize(&request("", "", AllClusters)),
+            Err(SubscriberError::Forbidden { .. })
         ));
     }
 
