@@ -47,9 +47,10 @@ pub const DEFAULT_MAX_LOCAL_ERROR_RESET_STREAMS: usize = 256;
 /// carries here, and one more past each 100 streams: 512 leaves a densely packed node ample room,
 /// while one source cannot take more than 512 descriptors and TLS and HTTP/2 states here.
 pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 512;
-/// At most one log line per this interval for connections refused over the per-source cap: a
-/// storm must not become a log storm (THREATS 47).
-const CAP_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one log line per this interval for a refusal a peer can repeat at will (a
+/// connection over the per-source cap, a malformed CONNECT): a storm must not become a log
+/// storm (THREATS 47).
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Default for [`ServerSettings::dial_timeout`].
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for [`ServerSettings::keepalive_interval`].
@@ -300,6 +301,8 @@ pub struct Server<A> {
     settings: ServerSettings,
     admission: Arc<A>,
     sources: Arc<Sources>,
+    /// The log of CONNECTs refused before admission.
+    malformed: Arc<LogThrottle>,
 }
 
 impl<A: Admission> Server<A> {
@@ -328,6 +331,7 @@ impl<A: Admission> Server<A> {
             settings,
             admission,
             sources,
+            malformed: Arc::default(),
         }
     }
 
@@ -440,7 +444,7 @@ impl<A: Admission> Server<A> {
             while let Some(accepted) = connection.accept().await {
                 let (request, respond) = accepted.map_err(http_error)?;
                 tokio::spawn(tunnel(
-                    self.admission.clone(),
+                    (self.admission.clone(), self.malformed.clone()),
                     peer.clone(),
                     dial,
                     revoked.clone(),
@@ -469,17 +473,46 @@ impl<A: Admission> Server<A> {
 struct Sources {
     limit: usize,
     counts: Mutex<SourceCounts>,
+    log: LogThrottle,
 }
 
 #[derive(Default)]
 struct SourceCounts {
     /// Only sources with a connection open: the map is as large as the connections are many.
     open: HashMap<IpAddr, usize>,
-    /// Connections refused since the last log line (a burst's tail is told by the next one).
-    refused: u64,
     /// Connections refused since the server started.
     refused_total: u64,
+}
+
+/// One log line per [`LOG_INTERVAL`] at most for events a peer can repeat at will; each line
+/// tells how many there were since the last (a burst's tail is told by the next line).
+#[derive(Debug, Default)]
+struct LogThrottle {
+    state: Mutex<Throttled>,
+}
+
+#[derive(Debug, Default)]
+struct Throttled {
     logged_at: Option<Instant>,
+    since: u64,
+}
+
+impl LogThrottle {
+    /// Counts one event: `Some(n)` when a line is due, `n` the events it tells (this one
+    /// included), `None` while the interval since the last line runs.
+    fn event(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.since += 1;
+        let now = Instant::now();
+        if state
+            .logged_at
+            .is_some_and(|at| now.duration_since(at) < LOG_INTERVAL)
+        {
+            return None;
+        }
+        state.logged_at = Some(now);
+        Some(std::mem::take(&mut state.since))
+    }
 }
 
 impl Sources {
@@ -487,6 +520,7 @@ impl Sources {
         Self {
             limit,
             counts: Mutex::default(),
+            log: LogThrottle::default(),
         }
     }
 
@@ -508,25 +542,17 @@ impl Sources {
                 ip,
             });
         }
-        counts.refused += 1;
         counts.refused_total += 1;
-        let now = Instant::now();
-        if counts
-            .logged_at
-            .is_some_and(|at| now.duration_since(at) < CAP_LOG_INTERVAL)
-        {
-            return None;
-        }
-        counts.logged_at = Some(now);
-        let refused = std::mem::take(&mut counts.refused);
         drop(counts);
         // One line per interval, naming the latest source only; never a per-source metric.
-        tracing::debug!(
-            latest = %ip,
-            limit = self.limit,
-            refused,
-            "hbone connections refused: their source holds its connection cap"
-        );
+        if let Some(refused) = self.log.event() {
+            tracing::debug!(
+                latest = %ip,
+                limit = self.limit,
+                refused,
+                "hbone connections refused: their source holds its connection cap"
+            );
+        }
         None
     }
 }
@@ -558,7 +584,7 @@ struct Dial {
 
 /// Handles one stream: checks it, asks the admission, dials, then answers 200 and pipes.
 async fn tunnel<A: Admission>(
-    admission: Arc<A>,
+    (admission, malformed): (Arc<A>, Arc<LogThrottle>),
     peer: Arc<Peer>,
     dial: Dial,
     mut revoked: watch::Receiver<bool>,
@@ -569,11 +595,21 @@ async fn tunnel<A: Admission>(
         Ok(inbound) => inbound,
         Err(refusal) => {
             admission.malformed(&peer, &refusal);
-            return refuse(&peer, None, refusal, respond);
+            if let Some(refused) = malformed.event() {
+                tracing::info!(
+                    peer = %peer.identity,
+                    from = %peer.address,
+                    status = refusal.status.as_u16(),
+                    reason = %refusal.reason,
+                    refused,
+                    "hbone requests refused before admission (the latest named)"
+                );
+            }
+            return answer(respond, refusal.status);
         }
     };
     if let Err(refusal) = admission.admit(&inbound).await {
-        return refuse(&peer, Some(&inbound), refusal, respond);
+        return refuse(&peer, &inbound, refusal, respond);
     }
     let destination = inbound.destination;
     // The source's own connection is on its node, not this one: no port to keep clear of.
@@ -663,12 +699,14 @@ fn inbound(peer: &Peer, req: &Request<RecvStream>) -> Result<Inbound, Refusal> {
     })
 }
 
-fn refuse(peer: &Peer, inbound: Option<&Inbound>, refusal: Refusal, respond: SendResponse<Bytes>) {
-    tracing::info!(
+/// Answers a tunnel the admission refused.
+fn refuse(peer: &Peer, inbound: &Inbound, refusal: Refusal, respond: SendResponse<Bytes>) {
+    // The admission's own record (a node's decision log) says it at info.
+    tracing::debug!(
         peer = %peer.identity,
         from = %peer.address,
-        source = ?inbound.map(|i| i.source),
-        destination = ?inbound.map(|i| i.destination),
+        source = %inbound.source,
+        destination = %inbound.destination,
         status = refusal.status.as_u16(),
         reason = %refusal.reason,
         "hbone tunnel refused"
@@ -778,19 +816,26 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn refusals_are_logged_at_most_once_an_interval_with_their_count() {
-        let sources = Arc::new(Sources::new(0));
-        let source = ip("10.0.0.1");
+        let log = LogThrottle::default();
         // The first is told at once; the next ones wait for the interval to pass.
-        assert!(sources.take(source).is_none());
-        assert_eq!(sources.lock().refused, 0);
+        assert_eq!(log.event(), Some(1));
         for _ in 0..3 {
-            assert!(sources.take(source).is_none());
+            assert_eq!(log.event(), None);
         }
-        assert_eq!(sources.lock().refused, 3);
-        assert_eq!(sources.lock().refused_total, 4, "every refusal is counted");
-        tokio::time::advance(CAP_LOG_INTERVAL).await;
-        assert!(sources.take(ip("10.0.0.2")).is_none());
-        assert_eq!(sources.lock().refused, 0, "told, with the 3 before it");
-        assert_eq!(sources.lock().refused_total, 5);
+        tokio::time::advance(LOG_INTERVAL).await;
+        assert_eq!(log.event(), Some(4), "told, with the 3 before it");
+        assert_eq!(log.event(), None);
+
+        // Refusals over the cap are all counted, and logged through such a throttle.
+        let sources = Arc::new(Sources::new(0));
+        for _ in 0..5 {
+            assert!(sources.take(ip("10.0.0.1")).is_none());
+        }
+        assert_eq!(sources.lock().refused_total, 5, "every refusal is counted");
+        assert_eq!(
+            sources.log.event(),
+            None,
+            "logged once already this interval"
+        );
     }
 }
