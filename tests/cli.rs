@@ -315,25 +315,26 @@ fn a_bad_flag_is_refused() {
 fn weft_node_refuses_bad_flags_naming_the_culprit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir_text = dir.path().to_string_lossy().into_owned();
+    let base_args = [
+        "node",
+        "--cluster",
+        "cluster-1",
+        "--node",
+        "n1",
+        "--tracker",
+        "http://127.0.0.1:1",
+        "--insecure",
+        "--ca",
+        "https://127.0.0.1:2",
+        "--ca-root",
+        "/nonexistent/root.pem",
+        "--token-file",
+        "/nonexistent/token",
+        "--bundles",
+        &dir_text,
+    ];
     let base = |extra: &[&str]| -> Output {
-        let mut args = vec![
-            "node",
-            "--cluster",
-            "cluster-1",
-            "--node",
-            "n1",
-            "--tracker",
-            "http://127.0.0.1:1",
-            "--insecure",
-            "--ca",
-            "https://127.0.0.1:2",
-            "--ca-root",
-            "/nonexistent/root.pem",
-            "--token-file",
-            "/nonexistent/token",
-            "--bundles",
-            &dir_text,
-        ];
+        let mut args = base_args.to_vec();
         args.extend_from_slice(extra);
         weft(&args)
     };
@@ -360,6 +361,19 @@ fn weft_node_refuses_bad_flags_naming_the_culprit() {
         &base(&["--tracker-server-name", "localhost"]),
         "a server name was given for a plaintext URL",
     );
+    // A Service's variable the kubelet left unexpanded (the Service came after the pod).
+    let unexpanded = "http://$(WEFT_TRACKER_SERVICE_HOST):19090";
+    let args: Vec<&str> = base_args
+        .iter()
+        .map(|a| {
+            if *a == "http://127.0.0.1:1" {
+                unexpanded
+            } else {
+                a
+            }
+        })
+        .collect();
+    refused(&weft(&args), &format!("tracker {unexpanded}: "));
     // An empty bundle directory holds no trust domain: named, with why.
     refused(&base(&[]), &format!("--bundles {dir_text}: "));
     refused(&weft(&["node", "--node", "n1"]), "--cluster");
