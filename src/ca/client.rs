@@ -84,6 +84,9 @@ fn endpoint(
     if !url.starts_with("https://") {
         return Err(bad("the CA is reached over TLS: use https://".into()));
     }
+    if let Some(error) = crate::endpoint::unreachable_host(url) {
+        return Err(bad(error));
+    }
     let mut tls = ClientTlsConfig::new().ca_certificate(root);
     if let Some(name) = server_name {
         tls = tls.domain_name(name);

@@ -90,19 +90,10 @@ impl Target {
             url: url.to_owned(),
             error: error.to_owned(),
         };
-        // At start, not at each reconnection: a host that can never be reached (a variable
-        // the kubelet left unexpanded, which a URI allows) ends the process, whose restart may
-        // get it right.
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        let host = uri.host().ok_or_else(|| bad("no host"))?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        rustls_pki_types::ServerName::try_from(host)
-            .map_err(|_| bad(&format!("{host:?} is neither a DNS name nor an IP address")))?;
+        // At start, not at each reconnection.
+        if let Some(error) = crate::endpoint::unreachable_host(url) {
+            return Err(bad(&error));
+        }
         match (url.split_once("://").map(|(scheme, _)| scheme), &tls) {
             (Some("https"), Some(_)) | (Some("http"), None) => Ok(Self {
                 url: url.to_owned(),
