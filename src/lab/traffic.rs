@@ -23,7 +23,7 @@ const HTTP_BODY_LIMIT: usize = 4 * 1024 * 1024;
 /// What a responder appends to each line it echoes, before its own name.
 const ANSWERED_BY: &str = " answered by ";
 
-/// Answers every line received on `listener` with the line, [`ANSWERED_BY`] and `who`, until
+/// Answers every line received on `listener` with the line, " answered by " and `who`, until
 /// the peer closes; runs until the task is aborted.
 pub async fn respond(listener: TcpListener, who: String) {
     loop {
