@@ -28,15 +28,48 @@ use weft::ca::{Authenticator as _, TokenReviewer};
 use weft::tracker::replica::Replica;
 use weft::tracker::source::kubernetes::{IN_CLUSTER_CONTEXT, in_cluster_kubeconfig};
 
-/// Every document of every `deploy/*.yaml`, with its file's name.
-fn documents() -> Vec<(String, Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
+/// The directory of the manifests.
+fn deploy_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// Kustomize's own file, which is no manifest.
+const KUSTOMIZATION: &str = "kustomization.yaml";
+
+/// The manifests' files: every `deploy/*.yaml` but [`KUSTOMIZATION`].
+fn manifest_files() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(deploy_dir())
         .expect("deploy/")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != KUSTOMIZATION))
         .collect();
     files.sort();
+    files
+}
+
+#[test]
+fn the_kustomization_applies_every_manifest() {
+    let text = std::fs::read_to_string(deploy_dir().join(KUSTOMIZATION)).expect("read");
+    let k = weft::model::loader::parse_yaml(&text, 0).expect("YAML");
+    assert_eq!(k["kind"], "Kustomization");
+    let mut listed: Vec<String> = k["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| r.as_str().expect("a file").to_owned())
+        .collect();
+    listed.sort();
+    let files: Vec<String> = manifest_files()
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(listed, files);
+}
+
+/// Every document of every manifest, with its file's name.
+fn documents() -> Vec<(String, Value)> {
+    let files = manifest_files();
     let mut docs = Vec::new();
     for file in files {
         let name = file
