@@ -402,43 +402,40 @@ async fn bytes_written_before_the_answer_arrive_once_admitted() {
         ServerSettings::default(),
     )
     .await;
-    let mut tunnel = pool
-        .request(&f.key(), f.client_tls(&f.client_leaf()), f.echo, source())
-        .await
-        .expect("request sent");
-    let answer = tunnel.on_answer();
-    tunnel
-        .write_all(b"early")
-        .await
-        .expect("write before the answer");
-    let read = tokio::time::timeout(WAIT, tunnel.read(&mut back))
-        .await
-        .expect("the refusal in time");
-    assert!(read.is_err(), "{read:?}");
-    let told = answer.await.expect("told");
-    assert!(
+    // A tunnel through the refusing server, told its answer, with bytes written before it.
+    let early = async || {
+        let mut tunnel = pool
+            .request(&f.key(), f.client_tls(&f.client_leaf()), f.echo, source())
+            .await
+            .expect("request sent");
+        let answer = tunnel.on_answer();
+        tunnel
+            .write_all(b"early")
+            .await
+            .expect("write before the answer");
+        (tunnel, answer)
+    };
+    let forbidden = |told: &Result<(), ClientError>| {
         matches!(
             told,
             Err(ClientError::Refused {
                 status: StatusCode::FORBIDDEN,
                 ..
             })
-        ),
-        "{told:?}"
-    );
+        )
+    };
+    let (mut tunnel, answer) = early().await;
+    let read = tokio::time::timeout(WAIT, tunnel.read(&mut back))
+        .await
+        .expect("the refusal in time");
+    assert!(read.is_err(), "{read:?}");
+    let told = answer.await.expect("told");
+    assert!(forbidden(&told), "{told:?}");
     assert_eq!(f.echoed.load(Ordering::SeqCst), 0, "nothing dialled");
 
     // The tunnel ends before any read saw the answer (the writer failed first, the refusal
     // having reset the stream): the answer is told all the same, not lost with the tunnel.
-    let mut tunnel = pool
-        .request(&f.key(), f.client_tls(&f.client_leaf()), f.echo, source())
-        .await
-        .expect("request sent");
-    let answer = tunnel.on_answer();
-    tunnel
-        .write_all(b"early")
-        .await
-        .expect("write before the answer");
+    let (mut tunnel, answer) = early().await;
     let failed = tokio::time::timeout(WAIT, async {
         loop {
             if tunnel.write_all(b"more").await.is_err() {
@@ -451,16 +448,7 @@ async fn bytes_written_before_the_answer_arrive_once_admitted() {
     assert!(failed.is_ok(), "the refusal ends the writes");
     drop(tunnel);
     let told = answer.await.expect("told, not dropped");
-    assert!(
-        matches!(
-            told,
-            Err(ClientError::Refused {
-                status: StatusCode::FORBIDDEN,
-                ..
-            })
-        ),
-        "{told:?}"
-    );
+    assert!(forbidden(&told), "{told:?}");
 }
 
 #[tokio::test]

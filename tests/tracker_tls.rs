@@ -91,22 +91,28 @@ async fn a_node_is_who_its_certificate_says() {
     let url = serve_tls(&pki).await;
     use pb::PolicyScope::{AllClusters, OwnCluster};
 
-    let node = |cluster: &str, node: &str| {
-        let issued = pki.issue(
-            &format!("{cluster}-{node}"),
-            &format!("{TD}/weft/cluster/{cluster}/node/{node}"),
-        );
+    // A subscriber whose certificate carries `{TD}{path}`.
+    let subscriber = |name: &str, path: &str| {
+        let issued = pki.issue(name, &format!("{TD}{path}"));
         Target::new(&url, Some(tls(&issued))).expect("target")
+    };
+    let node = |cluster: &str, node: &str| {
+        subscriber(
+            &format!("{cluster}-{node}"),
+            &format!("/weft/cluster/{cluster}/node/{node}"),
+        )
+    };
+    // Admitted, with cluster-2's policies and no other's.
+    let cluster_2_only = async |target: &Target, request| {
+        let seen = policies_seen(target, request).await.expect("admitted");
+        assert!(
+            !seen.is_empty() && seen.iter().all(|c| c == "cluster-2"),
+            "{seen:?}"
+        );
     };
     let c2 = node("cluster-2", "node-a");
     // Its own cluster's policies, whatever it leaves unsaid.
-    let seen = policies_seen(&c2, request("", "", OwnCluster))
-        .await
-        .expect("admitted");
-    assert!(
-        !seen.is_empty() && seen.iter().all(|c| c == "cluster-2"),
-        "{seen:?}"
-    );
+    cluster_2_only(&c2, request("", "", OwnCluster)).await;
     let seen = policies_seen(&node("cluster-1", "node-a"), request("", "", OwnCluster))
         .await
         .expect("admitted");
@@ -133,22 +139,9 @@ async fn a_node_is_who_its_certificate_says() {
 
     // The certificate of every agent of a cluster (one Secret a DaemonSet mounts): any node
     // of that cluster, its policies only.
-    let agents = Target::new(
-        &url,
-        Some(tls(&pki.issue(
-            "agents",
-            &format!("{TD}/weft/cluster/cluster-2/nodes"),
-        ))),
-    )
-    .expect("target");
+    let agents = subscriber("agents", "/weft/cluster/cluster-2/nodes");
     for node in ["node-a", "node-b"] {
-        let seen = policies_seen(&agents, request(node, "cluster-2", OwnCluster))
-            .await
-            .expect("admitted");
-        assert!(
-            !seen.is_empty() && seen.iter().all(|c| c == "cluster-2"),
-            "{seen:?}"
-        );
+        cluster_2_only(&agents, request(node, "cluster-2", OwnCluster)).await;
     }
     let e = policies_seen(&agents, request("node-a", "cluster-1", OwnCluster))
         .await
@@ -163,20 +156,8 @@ async fn a_node_is_who_its_certificate_says() {
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // The cluster's CA: its own cluster's view, as no node.
-    let ca = Target::new(
-        &url,
-        Some(tls(
-            &pki.issue("ca", &format!("{TD}/weft/cluster/cluster-2/ca"))
-        )),
-    )
-    .expect("target");
-    let seen = policies_seen(&ca, request("", "cluster-2", OwnCluster))
-        .await
-        .expect("admitted");
-    assert!(
-        !seen.is_empty() && seen.iter().all(|c| c == "cluster-2"),
-        "{seen:?}"
-    );
+    let ca = subscriber("ca", "/weft/cluster/cluster-2/ca");
+    cluster_2_only(&ca, request("", "cluster-2", OwnCluster)).await;
     let e = policies_seen(&ca, request("node-a", "cluster-2", OwnCluster))
         .await
         .expect_err("a CA is no node");
@@ -186,11 +167,7 @@ async fn a_node_is_who_its_certificate_says() {
     );
 
     // An admin's tool gets every cluster's policies and syncs as the offline check would.
-    let admin = Target::new(
-        &url,
-        Some(tls(&pki.issue("admin", &format!("{TD}/weft/admin/alice")))),
-    )
-    .expect("target");
+    let admin = subscriber("admin", "/weft/admin/alice");
     let replica = client::sync(
         &admin,
         request("", "", AllClusters),
