@@ -117,7 +117,7 @@ struct CaArgs {
     #[arg(long, requires = "token_audience")]
     in_cluster: bool,
     /// The audience node agents' tokens must be for.
-    #[arg(long, value_name = "AUD")]
+    #[arg(long, value_name = "AUD", conflicts_with = "bootstrap_tokens")]
     token_audience: Option<String>,
     /// The node agent's ServiceAccount: only its tokens authenticate nodes.
     #[arg(
@@ -528,7 +528,7 @@ fn tracker(args: TrackerArgs) -> anyhow::Result<ExitCode> {
         (Some(url), Some(own)) => {
             if !local.contains(&own) {
                 bail!(
-                    "--cluster {own}: no --clusters or --kubeconfig-dir source names it; a spoke watches its own cluster itself"
+                    "--cluster {own}: no --clusters, --kubeconfig-dir or --in-cluster source names it; a spoke watches its own cluster itself"
                 );
             }
             Some((client::Target::new(url, tls.clone())?, own))

@@ -1101,6 +1101,15 @@ fn weft_ca_names_the_flag_or_file_at_fault() {
         ),
         (&["--bootstrap-tokens", "t"][..], "--ca-cert"),
         (&["--kubeconfig", "k"][..], "--token-audience"),
+        (&["--in-cluster"][..], "--token-audience"),
+        (
+            &["--bootstrap-tokens", "t", "--token-audience", "weft-ca"][..],
+            "--token-audience",
+        ),
+        (
+            &["--kubeconfig", "k", "--in-cluster", "--token-audience", "a"][..],
+            "--in-cluster",
+        ),
         (
             &["--bootstrap-tokens", "t", "--trust-domain", "Bad"][..],
             "--trust-domain",

@@ -247,7 +247,9 @@ fn two_sources_of_one_cluster_and_a_spoke_without_its_own_are_refused_at_start()
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("--cluster cluster-9: no --clusters or --kubeconfig-dir source names it"),
+        stderr.contains(
+            "--cluster cluster-9: no --clusters, --kubeconfig-dir or --in-cluster source names it"
+        ),
         "{stderr}"
     );
     let out = weft(&[
