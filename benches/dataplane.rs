@@ -4,7 +4,8 @@
 //! two pod namespaces with capture off (node agents stopped, `weft node --cleanup` in each node
 //! namespace): bulk throughput with 1 and 8 streams, 1 KiB request/response latency on one kept
 //! connection, new connections per second with a 1 KiB exchange each, and the idle RSS of a
-//! node agent. Needs root, `ip` and `nft`; `WEFT_BENCH_SECONDS` sets each timed run (3 s).
+//! node agent. Then the same figures through two plain TCP relays in the node namespaces: the
+//! cost of the two extra hops alone, the ceiling of any pair of user-space proxies here. Needs root, `ip` and `nft`; `WEFT_BENCH_SECONDS` sets each timed run (3 s).
 //!
 //! The `weft` the control plane runs is this build's (`CARGO_BIN_EXE_weft`: `cargo bench`
 //! builds it with the bench profile, i.e. release).
@@ -13,7 +14,7 @@
 mod dataplane_lab;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -161,10 +162,95 @@ fn main() {
     let direct = median_of(runs, || {
         measure("direct", &client.netns, sink_at, echo_at, run)
     });
+    let relayed = relays(node_a, node_b, sink_at, echo_at, || {
+        median_of(runs, || {
+            measure(
+                "relays",
+                &client.netns,
+                SocketAddr::new(node_a.ip.into(), SINK_PORT),
+                SocketAddr::new(node_a.ip.into(), ECHO_PORT),
+                run,
+            )
+        })
+    });
     drop(plane);
     drop(lab);
 
-    report(&through, &direct, &fresh, &after, seconds, runs);
+    report(&through, &direct, &relayed, &fresh, &after, seconds, runs);
+}
+
+/// Runs `measure` while node A and node B each run a plain TCP relay for the sink's and the
+/// echo's ports (A's address to B's, B's to the server; tokio on one thread, weft's copy buffer,
+/// Nagle off, a new A-to-B connection per connection): what any pair of user-space proxies
+/// pays on this machine for the two extra hops alone, with no TLS, no HTTP/2 and no policy.
+fn relays(
+    node_a: &LabNode,
+    node_b: &LabNode,
+    sink_at: SocketAddr,
+    echo_at: SocketAddr,
+    measure: impl FnOnce() -> Figures,
+) -> Figures {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    std::thread::scope(|scope| {
+        for (node, next) in [(node_a, IpAddr::from(node_b.ip)), (node_b, sink_at.ip())] {
+            let listeners: Vec<(TcpListener, SocketAddr)> = [sink_at.port(), echo_at.port()]
+                .into_iter()
+                .map(|port| {
+                    let at = SocketAddr::new(node.ip.into(), port);
+                    let listener = node
+                        .netns
+                        .run(|| TcpListener::bind(at))
+                        .expect("entering a node's namespace")
+                        .expect("a relay listens");
+                    listener
+                        .set_nonblocking(true)
+                        .expect("a non-blocking listener");
+                    (listener, SocketAddr::new(next, port))
+                })
+                .collect();
+            let stopped = stopped.clone();
+            scope.spawn(move || {
+                node.netns
+                    .block_on(relay(listeners, stopped))
+                    .expect("entering a node's namespace")
+            });
+        }
+        let figures = measure();
+        stop.send_replace(true);
+        figures
+    })
+}
+
+/// Accepts on each listener and carries every connection to the listener's next hop, until
+/// `stopped` turns true.
+async fn relay(
+    listeners: Vec<(TcpListener, SocketAddr)>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listener, next) in listeners {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("a relay's listener");
+        tasks.spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(next).await else {
+                        return;
+                    };
+                    let (mut inbound, mut outbound) = (inbound, outbound);
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut inbound,
+                        &mut outbound,
+                        weft::proxy::COPY_BUFFER,
+                        weft::proxy::COPY_BUFFER,
+                    )
+                    .await;
+                });
+            }
+        });
+    }
+    let _ = stopped.wait_for(|&stop| stop).await;
 }
 
 /// Every figure of one side, printed as it is measured.
@@ -386,7 +472,15 @@ fn cleanup(weft: &Path, node: &LabNode) {
 /// Each node's agent: its resident set and the anonymous part of it, in MB.
 type Rss = [(String, (f64, f64))];
 
-fn report(weft: &Figures, direct: &Figures, fresh: &Rss, after: &Rss, seconds: f64, runs: usize) {
+fn report(
+    weft: &Figures,
+    direct: &Figures,
+    relays: &Figures,
+    fresh: &Rss,
+    after: &Rss,
+    seconds: f64,
+    runs: usize,
+) {
     let pct = |a: f64, b: f64| 100.0 * a / b;
     println!();
     println!(
@@ -421,14 +515,26 @@ fn report(weft: &Figures, direct: &Figures, fresh: &Rss, after: &Rss, seconds: f
         weft.conns_per_s,
         direct.conns_per_s,
         pct(weft.conns_per_s, direct.conns_per_s),
-        if weft.failed_conns + direct.failed_conns > 0 {
+        if weft.failed_conns + direct.failed_conns + relays.failed_conns > 0 {
             format!(
-                "; failed: weft {}, direct {}",
-                weft.failed_conns, direct.failed_conns
+                "; failed: weft {}, direct {}, relays {}",
+                weft.failed_conns, direct.failed_conns, relays.failed_conns
             )
         } else {
             String::new()
         }
+    );
+    println!(
+        "two plain TCP relays (the extra hops alone: no TLS, HTTP/2 or policy), against direct: 1 stream {:.2} Gbit/s ({:.0}%), 8 streams {:.2} Gbit/s ({:.0}%), p50 {:.0} µs (+{:.0}), p99 {:.0} µs, new connections {:.0}/s ({:.0}%)",
+        relays.gbps_1,
+        pct(relays.gbps_1, direct.gbps_1),
+        relays.gbps_8,
+        pct(relays.gbps_8, direct.gbps_8),
+        relays.p50_us,
+        relays.p50_us - direct.p50_us,
+        relays.p99_us,
+        relays.conns_per_s,
+        pct(relays.conns_per_s, direct.conns_per_s),
     );
     for ((node, (rss, anon)), (_, (rss_after, anon_after))) in fresh.iter().zip(after) {
         println!(
