@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
@@ -14,9 +14,9 @@ pub trait Report: Clone + Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// The metrics, in the OpenMetrics text format.
     fn metrics(&self) -> String;
-    /// A page of the process's own at `path`, if it has one there.
-    fn extra(&self, path: &str) -> Option<Page> {
-        let _ = path;
+    /// A page of the process's own at `path` (asked with `query`), if it has one there.
+    fn extra(&self, path: &str, query: Option<&str>) -> Option<Page> {
+        let _ = (path, query);
         None
     }
 }
@@ -39,10 +39,10 @@ impl Page {
         }
     }
 
-    /// A JSON document.
-    pub fn json(body: String) -> Self {
+    /// A JSON document with `status`.
+    pub fn json(status: u16, body: String) -> Self {
         Self {
-            status: StatusCode::OK,
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             content_type: "application/json",
             body,
         }
@@ -67,7 +67,7 @@ pub fn answer<R: Report, B>(report: &R, request: &Request<B>) -> Response<Full<B
     if request.method() != http::Method::GET {
         return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "GET only\n".into());
     }
-    if let Some(page) = report.extra(request.uri().path()) {
+    if let Some(page) = report.extra(request.uri().path(), request.uri().query()) {
         return respond(page.status, page.content_type, page.body);
     }
     match request.uri().path() {
@@ -126,4 +126,49 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// An answer of an admin endpoint: its status and body.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Why asking an admin endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GetError {
+    /// The request could not be built from the path.
+    #[error("{0}")]
+    Request(#[from] http::Error),
+    /// The HTTP exchange failed.
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    /// The body could not be read, or is over the limit.
+    #[error("the answer's body: {0}")]
+    Body(String),
+}
+
+/// `GET path` (with its query) of the endpoint `host` over `stream`, reading at most `limit`
+/// bytes of the body.
+pub async fn get<S>(stream: S, host: &str, path: &str, limit: usize) -> Result<HttpAnswer, GetError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(http::header::HOST, host)
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = http_body_util::Limited::new(response.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| GetError::Body(e.to_string()))?
+        .to_bytes();
+    Ok(HttpAnswer { status, body })
 }

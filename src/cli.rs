@@ -12,8 +12,9 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::ca;
-use crate::identity::{id, trust_domain_for};
+use crate::identity::{WorkloadId, id, trust_domain_for};
 use crate::model::{ClusterId, loader};
+use crate::node::explain::{Answer, Question};
 use crate::policy::Engine;
 use crate::probe;
 use crate::tracker::replica::Replica;
@@ -57,6 +58,9 @@ enum Command {
     /// The whole system on this machine, in network namespaces: the two-cluster demo (or
     /// --clusters DIR), step by step, with real traffic through the node agents.
     Demo(crate::demo::DemoArgs),
+    /// Asks this node's agent why a connection would be allowed or denied: the decisions its
+    /// listeners would make, with the deciding policies (its admin endpoint's /explain).
+    Explain(ExplainArgs),
     /// Development certificates.
     Certs {
         #[command(subcommand)]
@@ -386,11 +390,37 @@ impl TlsArgs {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Output {
-    /// An aligned table with the reasons.
+    /// For people: an aligned table with the reasons (`policy check`), one line per decision
+    /// (`explain`).
     Text,
-    /// JSON Lines, one object per probe.
+    /// JSON: one object per probe and line (`policy check`), the node's answer (`explain`).
     Json,
 }
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// The source address.
+    #[arg(long, value_name = "IP")]
+    from: std::net::IpAddr,
+    /// The destination address and port (a Service's or a pod's).
+    #[arg(long, value_name = "IP:PORT")]
+    to: SocketAddr,
+    /// The identity the source proves on a tunnel (by default a meshed source pod's own).
+    #[arg(long, value_name = "SPIFFE_ID", value_parser = parse_workload_id)]
+    identity: Option<WorkloadId>,
+    /// The node agent's admin endpoint (it answers on localhost only).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// How long `weft explain` waits for the node agent.
+const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most of an answer `weft explain` reads.
+const EXPLAIN_LIMIT: usize = 1 << 20;
 
 /// Parses the command line and runs it; errors are printed by `main` as one line.
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -412,10 +442,15 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Ca(args) => ca(args),
         Command::Node(args) => node(*args),
         Command::Demo(args) => Ok(crate::demo::run(args)?),
+        Command::Explain(args) => explain(args),
         Command::Certs {
             command: CertsCommand::Init(args),
         } => certs_init(args),
     }
+}
+
+fn parse_workload_id(s: &str) -> Result<WorkloadId, String> {
+    WorkloadId::parse(s).map_err(|e| e.to_string())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -920,6 +955,44 @@ fn policy_check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         Output::Json => probe::render_json(&outcomes),
     };
     print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let question = Question {
+        from: args.from.to_canonical(),
+        to: args.to,
+        identity: args.identity,
+    };
+    let path = format!("/explain?{}", question.to_query());
+    let asking = || format!("asking the node agent at {} (--admin)", args.admin);
+    let get = async {
+        let stream = tokio::net::TcpStream::connect(args.admin).await?;
+        let host = args.admin.to_string();
+        anyhow::Ok(crate::admin::get(stream, &host, &path, EXPLAIN_LIMIT).await?)
+    };
+    let answer = runtime()?
+        .block_on(async { tokio::time::timeout(EXPLAIN_TIMEOUT, get).await })
+        .map_err(|_| anyhow::anyhow!("no answer within {EXPLAIN_TIMEOUT:?}"))
+        .and_then(|answer| answer)
+        .with_context(asking)?;
+    let body = String::from_utf8_lossy(&answer.body);
+    if answer.status != 200 {
+        bail!(
+            "the node agent at {} answered {}: {}",
+            args.admin,
+            answer.status,
+            body.trim()
+        );
+    }
+    match args.output {
+        Output::Json => println!("{}", body.trim_end()),
+        Output::Text => {
+            let answer: Answer =
+                serde_json::from_str(&body).with_context(|| format!("{}: the answer", asking()))?;
+            print!("{answer}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -421,3 +421,53 @@ fn an_address_in_use_is_named_with_its_cause() {
         "the flag and why: {stderr}"
     );
 }
+
+#[test]
+fn weft_explain_refuses_bad_flags_and_names_an_unreachable_agent() {
+    let refused = |args: &[&str], culprit: &str| {
+        let out = weft(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted {args:?}: {stderr}");
+        assert!(stderr.contains(culprit), "{culprit} not named: {stderr}");
+    };
+    fn explain<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["explain"];
+        args.extend_from_slice(extra);
+        args
+    }
+    refused(&explain(&["--to", "10.0.0.2:80"]), "--from");
+    refused(
+        &explain(&["--from", "pod-a", "--to", "10.0.0.2:80"]),
+        "pod-a",
+    );
+    refused(
+        &explain(&["--from", "10.0.0.1", "--to", "10.0.0.2"]),
+        "10.0.0.2",
+    );
+    refused(
+        &explain(&[
+            "--from",
+            "10.0.0.1",
+            "--to",
+            "10.0.0.2:80",
+            "--identity",
+            "spiffe://td/x",
+        ]),
+        "--identity",
+    );
+    // Nothing listens there: the error says whom it asked, and by which flag.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let free = listener.local_addr().expect("its address").to_string();
+    drop(listener);
+    refused(
+        &explain(&[
+            "--from",
+            "10.0.0.1",
+            "--to",
+            "10.0.0.2:80",
+            "--admin",
+            &free,
+        ]),
+        &format!("asking the node agent at {free} (--admin)"),
+    );
+}

@@ -7,14 +7,15 @@
 //! same cores): node agents stopped and restarted in a loop while a prober sends allowed and
 //! denied traffic (THREATS 29), certificates rotating every few seconds under traffic
 //! (THREATS 11), a node that holds every connection before its first complete view, a pod
-//! reaching its neighbour through its own node, IPv6 end to end on the dual-stack lab, and a
-//! pod cut off until the view has it.
+//! reaching its neighbour through its own node, IPv6 end to end on the dual-stack lab, a pod
+//! cut off until the view has it, and the nodes explaining a connection (`/explain`, `weft
+//! explain`) as their listeners decide it.
 
 mod dataplane_lab;
 mod netns;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -894,4 +895,138 @@ async fn certificates_rotate_under_load_without_breaking_a_connection() {
     }
     drop(plane);
     dataplane_lab::drop_lab(lab);
+}
+
+/// `/explain` on a node's admin endpoint (and `weft explain`, which asks it) answers what the
+/// node's listeners decide: node A lets the client's connection go on to node B, node B admits
+/// the line port and refuses the echo port with the very reason its decision log gives the
+/// real connection; a bad question is a 400 naming it, and only the localhost admin port
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_explain_a_connection_as_their_listeners_decide_it() {
+    let Some((_one_lab, weft, work)) = begin().await else {
+        return;
+    };
+    let (lab, set, step) =
+        dataplane_lab::build_lab_of(work.path(), dataplane_lab::line_port_only());
+    let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
+    let plane = dataplane_lab::start_plane(&lab, weft, work.path(), &set, &step).await;
+    let json = |(status, body): (u16, String)| -> serde_json::Value {
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("the answer is JSON")
+    };
+    let query = |port: u16| format!("from={}&to={}:{port}", client.ip, server.ip);
+
+    // Node A: egress allowed, on to node B, which decides the rest.
+    let at_a = json(ask(node_a, &query(LINE_PORT)).await);
+    assert_eq!(at_a["node"], "cluster-1/node-a", "{at_a}");
+    assert_eq!(at_a["verdict"], "continues", "{at_a}");
+    assert_eq!(at_a["next"], "cluster-2/node-b", "{at_a}");
+    let outbound = &at_a["decisions"][0];
+    assert_eq!(outbound["direction"], "outbound", "{at_a}");
+    assert_eq!(
+        outbound["source_identity"], "spiffe://cluster-1/ns/bench/sa/default",
+        "{at_a}"
+    );
+
+    // Node B: the line port admitted, the echo port refused by the server's policy, as a real
+    // connection is.
+    let line = json(ask(node_b, &query(LINE_PORT)).await);
+    assert_eq!(line["verdict"], "allow", "{line}");
+    assert_eq!(line["decisions"][0]["direction"], "inbound", "{line}");
+    let echo = json(ask(node_b, &query(ECHO_PORT)).await);
+    assert_eq!(echo["verdict"], "deny", "{echo}");
+    let refused = &echo["decisions"][0];
+    assert_eq!(
+        (&refused["layer"], &refused["denial"]),
+        (&"networkpolicy".into(), &"ingress".into()),
+        "{echo}"
+    );
+    let agent_b = dataplane_lab::agent(&plane, node_b);
+    let log = agent_b.process.output().mark();
+    let echo_at = SocketAddr::new(server.ip.into(), ECHO_PORT);
+    let outcome = exchange(&client.netns, None, echo_at, "hello", PROBE_TIMEOUT)
+        .await
+        .outcome;
+    assert!(!outcome.allowed(), "the echo port: {outcome}");
+    let reason = format!(r#""reason":{}"#, refused["reason"]);
+    dataplane_lab::wait_logged(agent_b, log, &[r#""verdict":"deny""#, &reason]).await;
+
+    // `weft explain`, in the node's namespace as in its pod: the same answers, for people.
+    let explain = |node: &LabNode, args: &[String]| {
+        node.netns
+            .run(|| Command::new(weft).arg("explain").args(args).output())
+            .expect("entering the node's namespace")
+            .expect("weft explain runs")
+    };
+    let args = |from: IpAddr, to: SocketAddr| {
+        ["--from", &from.to_string(), "--to", &to.to_string()].map(str::to_owned)
+    };
+    let line_at = SocketAddr::new(server.ip.into(), LINE_PORT);
+    let output = explain(node_a, &args(client.ip.into(), line_at));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        text.starts_with("node cluster-1/node-a: allowed here")
+            && text.contains("allow by networkpolicy")
+            && text.contains("next: node cluster-2/node-b"),
+        "{text}"
+    );
+    let output = explain(node_b, &args(client.ip.into(), echo_at));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("deny by networkpolicy (ingress)"),
+        "{text}{output:?}"
+    );
+    let mut as_json = args(client.ip.into(), echo_at).to_vec();
+    as_json.extend(["--output".to_owned(), "json".to_owned()]);
+    let output = explain(node_b, &as_json);
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(printed, echo, "the JSON output is the endpoint's answer");
+
+    // Neither end on the asked node: a clear error, and a failure from the CLI too.
+    let (status, body) = ask(node_a, &format!("from={}&to={line_at}", server.ip)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("neither end is a pod of node cluster-1/node-a"),
+        "{body}"
+    );
+    let output = explain(node_a, &args(server.ip.into(), line_at));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("answered 404: neither end"),
+        "{stderr}"
+    );
+    // A bad question, and the metrics port, which never explains.
+    let (status, body) = ask(node_a, &format!("from=client&to={line_at}")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("from=\"client\": not an IP address"),
+        "{body}"
+    );
+    let metrics = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15020);
+    let path = format!("/explain?{}", query(LINE_PORT));
+    let answer = http_get(&node_a.netns, metrics, &path, PROBE_TIMEOUT)
+        .await
+        .expect("the metrics endpoint answers");
+    assert_eq!(answer.status, 404, "the metrics port explains nothing");
+    drop(plane);
+    dataplane_lab::drop_lab(lab);
+}
+
+/// The status and body of `/explain?QUERY` on the admin endpoint of `node`'s agent.
+async fn ask(node: &LabNode, query: &str) -> (u16, String) {
+    let admin = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15000);
+    let answer = http_get(
+        &node.netns,
+        admin,
+        &format!("/explain?{query}"),
+        PROBE_TIMEOUT,
+    )
+    .await
+    .expect("/explain answers");
+    (
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    )
 }

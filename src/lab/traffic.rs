@@ -5,9 +5,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -179,14 +176,7 @@ fn io_outcome(error: &std::io::Error, during: &'static str) -> ExchangeOutcome {
     }
 }
 
-/// An HTTP answer: its status and body.
-#[derive(Debug, Clone)]
-pub struct HttpAnswer {
-    /// The status code.
-    pub status: u16,
-    /// The body.
-    pub body: Bytes,
-}
+pub use crate::admin::HttpAnswer;
 
 /// `GET http://ADDR/PATH` from inside `netns` (where an admin endpoint on 127.0.0.1 is the
 /// namespace's own), within `timeout` in all.
@@ -202,25 +192,9 @@ pub async fn http_get(
     };
     let get = async {
         let stream = netns.connect(None, addr, timeout).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        crate::admin::get(stream, &addr.to_string(), path, HTTP_BODY_LIMIT)
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        tokio::spawn(connection);
-        let request = http::Request::get(path)
-            .header(http::header::HOST, addr.to_string())
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| failed(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = http_body_util::Limited::new(response.into_body(), HTTP_BODY_LIMIT)
-            .collect()
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .to_bytes();
-        Ok(HttpAnswer { status, body })
+            .map_err(|e| failed(e.to_string()))
     };
     tokio::time::timeout(timeout, get)
         .await

@@ -20,15 +20,15 @@ use tokio::sync::watch;
 
 use super::connections::{Connections, Recheck, Tracked};
 use super::decision::{Decision, Denial, Direction, Layer};
+use super::explain::{self, ExplainError, Here, Question};
 use super::inbound::NodeAdmission;
 use super::local::{self, Local, local_pod, view_complete};
 use super::metrics::{CloseCause, Metrics};
-use super::outbound::{Route, route, route_explained};
+use super::outbound::{self, Route, route};
 use crate::identity::manager::IdentityManager;
 use crate::identity::verify::Expected;
 use crate::identity::{TrustStore, WorkloadId};
 use crate::model::ClusterId;
-use crate::policy::Endpoint;
 use crate::proxy::pool::certificate_generation;
 use crate::proxy::{self, ClientSettings, Pool, PoolKey, Server, ServerSettings, ServerTls};
 use crate::redirect::{Mode, PodAddr, Redirect, Way, original_destination};
@@ -36,6 +36,9 @@ use crate::tracker::client::{ClientError, Follower, Target, follow};
 use crate::tracker::replica::Replica;
 use crate::tracker::sequence::ReplicaError;
 use crate::tracker::wire::pb;
+
+/// Why a connection is refused while capture holds.
+pub(super) const HOLD_REASON: &str = "capture holds every connection until the view is complete";
 
 /// Where a node listens and how it behaves.
 #[derive(Debug, Clone)]
@@ -446,45 +449,21 @@ impl Agent {
         // is carried until capture of the local pods replaces it.
         if self.mode() != Some(Mode::Captured) {
             let decision = Decision::new(Direction::Outbound, from, original);
-            let reason = "capture holds every connection until the view is complete";
             self.refuse(
                 stream,
-                decision.denied(Layer::View, Denial::NotReady, reason),
+                decision.denied(Layer::View, Denial::NotReady, HOLD_REASON),
             );
             return;
         }
         let s = &self.settings;
-        let (routed, mut decision) = {
+        let judged = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
-            let routed = route_explained(
-                &view,
-                &s.cluster,
-                &s.node,
-                from.ip(),
-                original,
-                s.hbone.port(),
-            );
-            let target = match &routed {
-                Ok((Route::Tunnel { target, .. } | Route::Direct { target }, _)) => *target,
-                Err(_) => original,
-            };
-            let mut decision = Decision::new(Direction::Outbound, from, target);
-            let engine = view.engine();
-            if let Some(pod) = local_pod(&view, &s.cluster, &s.node, from.ip()) {
-                decision.source_pod = Some(engine.pod_name(pod));
-                decision.source_identity = engine.pod_identity(pod).map(|id| id.to_string());
-            }
-            if let Endpoint::Pod { pod, .. } = engine.address_endpoint(target.ip()) {
-                decision.destination_pod = Some(engine.pod_name(pod));
-                decision.destination_identity = engine.pod_identity(pod).map(|id| id.to_string());
-            }
-            (routed, decision)
+            outbound::judge(&view, &s.cluster, &s.node, from, original, s.hbone.port())
         };
-        let (route, why) = match routed {
-            Ok(routed) => routed,
-            Err(error) => {
-                let (layer, denial) = error.cause();
-                self.refuse(stream, decision.denied(layer, denial, error.to_string()));
+        let (route, why, mut decision) = match judged {
+            Ok(judged) => judged,
+            Err(denied) => {
+                self.refuse(stream, *denied);
                 return;
             }
         };
@@ -517,10 +496,7 @@ impl Agent {
                         let metrics = &self.metrics;
                         let settled = async move {
                             let decision = match answered.await {
-                                Ok(Ok(())) => {
-                                    let reason = format!("{why}; tunnel to {node}");
-                                    decision.allowed_by(Layer::NetworkPolicy, reason)
-                                }
+                                Ok(Ok(())) => decision.allowed_by(Layer::NetworkPolicy, why),
                                 Ok(Err(error)) => {
                                     let (layer, denial) = tunnel_cause(&error);
                                     decision.denied(layer, denial, error.to_string())
@@ -561,8 +537,7 @@ impl Agent {
                     .await
                 {
                     Ok(upstream) => {
-                        let reason = format!("{why}; direct");
-                        decision = decision.allowed_by(Layer::NetworkPolicy, reason);
+                        decision = decision.allowed_by(Layer::NetworkPolicy, why);
                         self.carry(stream, upstream, decision, from.ip(), target)
                             .await;
                     }
@@ -657,6 +632,34 @@ impl Agent {
                 .engine()
                 .node_addresses(&s.cluster, &s.node)
                 .contains(&ip)
+    }
+
+    /// The admin endpoint's `/explain` page for `query`: what this node would decide.
+    fn explain(&self, query: &str) -> crate::admin::Page {
+        use crate::admin::Page;
+        let question = match Question::parse(query) {
+            Ok(question) => question,
+            Err(e) => return Page::text(400, format!("{e}\n")),
+        };
+        let s = &self.settings;
+        let answer = if self.is_own_listener(question.to) {
+            Err(ExplainError::OwnListener(question.to))
+        } else {
+            let here = Here {
+                cluster: &s.cluster,
+                node: &s.node,
+                hbone_port: s.hbone.port(),
+                captured: self.mode() == Some(Mode::Captured),
+            };
+            explain::explain(&self.view, &self.admission, here, &question)
+        };
+        match answer {
+            Ok(answer) => Page::json(
+                200,
+                serde_json::to_string_pretty(&answer).unwrap_or_default(),
+            ),
+            Err(e) => Page::text(e.status(), format!("{e}\n")),
+        }
     }
 
     /// Logs and counts a refusal, and resets the connection.
@@ -1034,11 +1037,14 @@ impl crate::admin::Report for NodeReport {
         self.agent.metrics_text()
     }
 
-    fn extra(&self, path: &str) -> Option<crate::admin::Page> {
+    fn extra(&self, path: &str, query: Option<&str>) -> Option<crate::admin::Page> {
         match path {
             "/config_dump" if self.dump => Some(crate::admin::Page::json(
+                200,
                 serde_json::to_string_pretty(&self.agent.config_dump()).unwrap_or_default(),
             )),
+            // Like the config dump, it shows policy: on the localhost admin port only.
+            "/explain" if self.dump => Some(self.agent.explain(query.unwrap_or_default())),
             // ztunnel's readiness path, so that probes written for it work.
             "/healthz/ready" => Some(match self.agent.ready() {
                 Ok(()) => crate::admin::Page::text(200, "ready\n".into()),

@@ -5,10 +5,10 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which of a node's listeners judged the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// From a local pod, on the outbound listener.
@@ -20,7 +20,7 @@ pub enum Direction {
 }
 
 /// The part of the decision that settled it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layer {
     /// The view of the node's cluster is not complete: nothing passes unevaluated.
@@ -40,7 +40,7 @@ pub enum Layer {
 
 /// Why a connection was denied, in one word of a closed set: the `denial` of the decision log
 /// and the `reason` label of the denial counter (the log's `reason` says it in full).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Denial {
     /// The view of the node's cluster is not complete, or capture still holds.
@@ -128,7 +128,7 @@ impl fmt::Display for Direction {
 }
 
 /// One connection's decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// Which listener judged it.
     pub direction: Direction,

@@ -1,6 +1,6 @@
 //! Objects and views for the node module's tests: one cluster, `cluster-1`, namespace `demo`.
 
-use crate::model::{ClusterId, Pod};
+use crate::model::{ClusterId, Node, Pod};
 use crate::tracker::replica::Replica;
 use crate::tracker::view::{Change, Scope, View};
 use crate::tracker::wire::{Object, pb};
@@ -33,6 +33,20 @@ pub(super) fn pod_on(
                 "spec": {"nodeName": node, "serviceAccountName": sa, "hostNetwork": host, "containers": []},
                 "status": {"phase": phase, "podIP": ip}}))
             .expect("pod"),
+        )
+        .expect("valid"),
+    )
+}
+
+/// Node `name` of `cluster-1` at `ip`.
+pub(super) fn node(name: &str, ip: &str) -> Object {
+    Object::Node(
+        Node::from_api(
+            &c(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}))
+            .expect("node"),
         )
         .expect("valid"),
     )

@@ -17,7 +17,7 @@ use crate::identity::verify::PeerSide;
 use crate::identity::{TrustStore, WorkloadId};
 use crate::model::{ClusterId, Protocol};
 use crate::policy::identity::IdentityVerdict;
-use crate::policy::{Connection, Endpoint, PodId, Verdict};
+use crate::policy::{Connection, Endpoint, Engine, PodId, Verdict};
 use crate::proxy::{Admission, Inbound, Peer, Refusal, TunnelEnd};
 use crate::tracker::replica::Replica;
 
@@ -109,9 +109,7 @@ impl NodeAdmission {
             decision.source_pod = Some(engine.pod_name(pod));
             // A meshed pod's traffic is captured at its own node and arrives through a
             // tunnel; plaintext in its name is spoofed or went around capture (THREATS 24).
-            if engine.pod_identity(pod).is_some()
-                && engine.pod_node_address(pod, source.is_ipv6()).is_some()
-            {
+            if meshed_identity(engine, pod, source.is_ipv6()).is_some() {
                 return decision.denied(
                     Layer::Admission,
                     Denial::Impersonation,
@@ -268,6 +266,13 @@ impl NodeAdmission {
             ),
         }
     }
+}
+
+/// The identity pod `pod` proves on its tunnels, if it is meshed: it has an identity, and a
+/// node with an address of the family (`v6`) whose agent captures its traffic.
+pub fn meshed_identity(engine: &Engine, pod: PodId, v6: bool) -> Option<WorkloadId> {
+    engine.pod_node_address(pod, v6)?;
+    engine.pod_identity(pod)
 }
 
 impl Admission for NodeAdmission {

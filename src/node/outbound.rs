@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use super::decision::{Denial, Layer};
+use super::decision::{Decision, Denial, Direction, Layer};
 use super::local::{local_pod, view_complete};
 use super::services::{self, ServiceError};
 use crate::identity::WorkloadId;
@@ -108,7 +108,7 @@ pub fn route(
     route_explained(view, cluster, node, source, original, hbone_port).map(|(route, _)| route)
 }
 
-/// [`route`], with why NetworkPolicy allowed it (for the decision log).
+/// [`route`], with why NetworkPolicy allowed it and where it goes (for the decision log).
 pub fn route_explained(
     view: &Replica,
     cluster: &ClusterId,
@@ -155,25 +155,62 @@ pub fn route_explained(
     };
     let allowed = format!("egress {}; ingress {ingress}", why.egress);
     let direct = Route::Direct { target: original };
+    let direct_allowed = format!("{allowed}; direct");
     let Endpoint::Pod { pod: to, .. } = dst else {
-        return Ok((direct, allowed));
+        return Ok((direct, direct_allowed));
     };
     let (Some(destination), Some(_)) = (
         engine.pod_identity(to),
         engine.pod_node_address(to, original.is_ipv6()),
     ) else {
-        return Ok((direct, allowed));
+        return Ok((direct, direct_allowed));
     };
     let source_id = engine
         .pod_identity(local)
         .ok_or_else(|| OutboundError::NoIdentity(engine.pod_name(local)))?;
+    let node = SocketAddr::new(original.ip(), hbone_port);
     let tunnel = Route::Tunnel {
         source: source_id,
-        node: SocketAddr::new(original.ip(), hbone_port),
+        node,
         destination,
         target: original,
     };
-    Ok((tunnel, allowed))
+    Ok((tunnel, format!("{allowed}; tunnel to {node}")))
+}
+
+/// [`route_explained`] for a connection from `from`, with the decision it starts (the source
+/// and destination pods and their identities, as the decision log names them): denied when
+/// the connection may go nowhere, else still to be settled by carrying it.
+pub fn judge(
+    view: &Replica,
+    cluster: &ClusterId,
+    node: &str,
+    from: SocketAddr,
+    original: SocketAddr,
+    hbone_port: u16,
+) -> Result<(Route, String, Decision), Box<Decision>> {
+    let routed = route_explained(view, cluster, node, from.ip(), original, hbone_port);
+    let target = match &routed {
+        Ok((Route::Tunnel { target, .. } | Route::Direct { target }, _)) => *target,
+        Err(_) => original,
+    };
+    let mut decision = Decision::new(Direction::Outbound, from, target);
+    let engine = view.engine();
+    if let Some(pod) = local_pod(view, cluster, node, from.ip()) {
+        decision.source_pod = Some(engine.pod_name(pod));
+        decision.source_identity = engine.pod_identity(pod).map(|id| id.to_string());
+    }
+    if let Endpoint::Pod { pod, .. } = engine.address_endpoint(target.ip()) {
+        decision.destination_pod = Some(engine.pod_name(pod));
+        decision.destination_identity = engine.pod_identity(pod).map(|id| id.to_string());
+    }
+    match routed {
+        Ok((route, why)) => Ok((route, why, decision)),
+        Err(error) => {
+            let (layer, denial) = error.cause();
+            Err(Box::new(decision.denied(layer, denial, error.to_string())))
+        }
+    }
 }
 
 /// What kind of address `ip` is, if the node must never dial it for a pod: dialled from the
@@ -196,27 +233,14 @@ fn forbidden(ip: IpAddr) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixture::{c, replica_of, service, slice};
+    use super::super::fixture::{c, node, replica_of, service, slice};
     use super::*;
-    use crate::model::{NetworkPolicy, Node};
+    use crate::model::NetworkPolicy;
     use crate::tracker::wire::Object;
 
     /// A running pod whose service account is its app's name.
     fn pod(name: &str, node: &str, app: &str, ip: &str) -> Object {
         super::super::fixture::pod(name, node, app, app, "Running", ip)
-    }
-
-    fn node(name: &str, ip: &str) -> Object {
-        Object::Node(
-            Node::from_api(
-                &c(),
-                &serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": name},
-                    "status": {"addresses": [{"type": "InternalIP", "address": ip}]}}))
-                .expect("node"),
-            )
-            .expect("valid"),
-        )
     }
 
     /// client on node-a may reach web (node-b) on 80 only; db has no node address known.
