@@ -369,7 +369,7 @@ pub fn explain(
 mod tests {
     use std::sync::Arc;
 
-    use super::super::fixture::{c, node, pod, replica_of};
+    use super::super::fixture::{c, node, pod, replica_of, service, slice};
     use super::*;
     use crate::identity::{BundleSet, TrustStore};
     use crate::model::NetworkPolicy;
@@ -452,8 +452,8 @@ mod tests {
         assert!(error.to_string().len() < 400, "{error}");
     }
 
-    /// On node-a: client and web; on node-b: db and other; `outside` (app=client) on no meshed
-    /// node; web admits app=client on 80, db admits nobody.
+    /// On node-a: client and web (Service `web`, 10.96.0.20:8080 to port 80); on node-b: db and
+    /// other; `outside` (app=client) on no meshed node; web admits app=client on 80, db nobody.
     fn node_a(synced: bool) -> (Arc<RwLock<Replica>>, NodeAdmission) {
         let policy = |name: &str, app: &str, from: serde_json::Value| {
             Object::NetworkPolicy(
@@ -489,6 +489,18 @@ mod tests {
                                          "ports": [{"port": 80}]}]),
                 ),
                 policy("db", "db", serde_json::json!([])),
+                service(
+                    "web",
+                    &["10.96.0.20"],
+                    serde_json::json!([{"port": 8080, "targetPort": 80}]),
+                ),
+                slice(
+                    "web-a",
+                    Some("web"),
+                    false,
+                    serde_json::json!([{"addresses": ["10.0.0.2"], "nodeName": "node-a"}]),
+                    serde_json::json!([{"port": 80}]),
+                ),
             ],
             synced,
         )));
@@ -554,6 +566,12 @@ mod tests {
             allowed.decisions[1].source_identity.as_deref(),
             Some("spiffe://cluster-1/ns/demo/sa/client")
         );
+        // Through the Service: judged and dialled as its endpoint, at its target port.
+        let service = ask(true, true, "from=10.0.0.1&to=10.96.0.20:8080").expect("answer");
+        assert_eq!(service.verdict, Outcome::Allow, "{service}");
+        let dialled: Vec<_> = service.decisions.iter().map(|d| d.destination).collect();
+        let endpoint: SocketAddr = "10.0.0.2:80".parse().expect("addr");
+        assert_eq!(dialled, [endpoint, endpoint]);
         let denied = ask(true, true, "from=10.0.0.1&to=10.0.0.2:81").expect("answer");
         assert_eq!(denied.verdict, Outcome::Deny);
         assert_eq!(
