@@ -3,7 +3,8 @@
 //! the agents' token to the CA's audience), and the RBAC they grant: the tracker syncs a
 //! cluster and the CA reviews an agent's token with exactly those permissions, reaching the
 //! test API server as a pod does (its address, a ServiceAccount token, the cluster's CA) while
-//! it enforces them, and no granted permission goes unused.
+//! it enforces them, and no granted permission goes unused. The hub and spoke overlays are
+//! rendered as kustomize renders them and checked the same way.
 
 mod apiserver;
 mod tracking;
@@ -65,30 +66,85 @@ fn the_kustomization_applies_every_manifest() {
         .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
         .collect();
     assert_eq!(listed, files);
+    // Every subdirectory is an overlay the tests render.
+    let mut dirs: Vec<String> = std::fs::read_dir(deploy_dir())
+        .expect("deploy/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .map(|p| p.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs, OVERLAYS);
 }
 
 /// Every document of every manifest, with its file's name.
 fn documents() -> Vec<(String, Value)> {
-    let files = manifest_files();
+    let docs: Vec<_> = manifest_files()
+        .iter()
+        .flat_map(|f| read_documents(f))
+        .collect();
+    assert!(docs.len() > 10, "deploy/ holds the manifests");
+    docs
+}
+
+/// The documents of one manifest file, each with the file's name.
+fn read_documents(file: &Path) -> Vec<(String, Value)> {
+    let name = file
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{name}: {e}"));
     let mut docs = Vec::new();
-    for file in files {
-        let name = file
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        let text = std::fs::read_to_string(&file).expect("read");
-        let mut first_line = 0;
-        for part in text.split("\n---\n") {
-            let doc = weft::model::loader::parse_yaml(part, first_line)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            first_line += part.lines().count() + 1;
-            if !doc.is_null() {
-                docs.push((name.clone(), doc));
-            }
+    let mut first_line = 0;
+    for part in text.split("\n---\n") {
+        let doc = weft::model::loader::parse_yaml(part, first_line)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        first_line += part.lines().count() + 1;
+        if !doc.is_null() {
+            docs.push((name.clone(), doc));
         }
     }
-    assert!(docs.len() > 10, "deploy/ holds the manifests");
+    docs
+}
+
+/// The overlays of deploy/: hub and spoke.
+const OVERLAYS: [&str; 2] = ["hub", "spoke"];
+
+/// The documents of the overlay in `deploy/DIR/` as kustomize renders them: deploy/'s own
+/// (`..`) and the overlay's files, with its JSON patches applied to their targets.
+fn overlay(dir: &str) -> Vec<(String, Value)> {
+    let at = deploy_dir().join(dir);
+    let text =
+        std::fs::read_to_string(at.join(KUSTOMIZATION)).expect("the overlay's kustomization");
+    let k = weft::model::loader::parse_yaml(&text, 0).expect("YAML");
+    assert_eq!(k["kind"], "Kustomization", "{dir}");
+    let mut docs = Vec::new();
+    for resource in k["resources"].as_array().expect("resources") {
+        match resource.as_str().expect("a path") {
+            ".." => docs.extend(documents()),
+            file => docs.extend(read_documents(&at.join(file))),
+        }
+    }
+    for p in k["patches"].as_array().into_iter().flatten() {
+        let (kind, name) = (&p["target"]["kind"], &p["target"]["name"]);
+        let ops = weft::model::loader::parse_yaml(p["patch"].as_str().expect("a patch"), 0)
+            .expect("the patch is YAML");
+        let ops: json_patch::Patch = serde_json::from_value(ops).expect("a JSON patch");
+        let targets: Vec<&mut Value> = docs
+            .iter_mut()
+            .map(|(_, d)| d)
+            .filter(|d| d["kind"] == *kind && d["metadata"]["name"] == *name)
+            .collect();
+        assert_eq!(
+            targets.len(),
+            1,
+            "{dir}: the patch of {kind} {name} has one target"
+        );
+        for target in targets {
+            json_patch::patch(target, &ops).unwrap_or_else(|e| panic!("{dir}: {kind} {name}: {e}"));
+        }
+    }
     docs
 }
 
@@ -142,20 +198,26 @@ fn unknown_fields<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<Vec<St
 
 #[test]
 fn every_manifest_is_made_of_kubernetes_objects_and_fields() {
-    for (file, doc) in documents() {
+    kubernetes_objects_and_fields(&documents());
+}
+
+/// Every document of `docs` is of a kind deploy/ deals in, with only fields Kubernetes knows,
+/// in `weft-system` if namespaced.
+fn kubernetes_objects_and_fields(docs: &[(String, Value)]) {
+    for (file, doc) in docs {
         let kind = doc["kind"].as_str().unwrap_or_default();
         let unknown = match kind {
-            "Namespace" => unknown_fields::<Namespace>(&doc),
-            "ConfigMap" => unknown_fields::<ConfigMap>(&doc),
-            "ServiceAccount" => unknown_fields::<ServiceAccount>(&doc),
-            "Service" => unknown_fields::<Service>(&doc),
-            "ClusterRole" => unknown_fields::<ClusterRole>(&doc),
-            "ClusterRoleBinding" => unknown_fields::<ClusterRoleBinding>(&doc),
-            "Role" => unknown_fields::<Role>(&doc),
-            "RoleBinding" => unknown_fields::<RoleBinding>(&doc),
-            "Deployment" => unknown_fields::<Deployment>(&doc),
-            "DaemonSet" => unknown_fields::<DaemonSet>(&doc),
-            "CustomResourceDefinition" => unknown_fields::<CustomResourceDefinition>(&doc),
+            "Namespace" => unknown_fields::<Namespace>(doc),
+            "ConfigMap" => unknown_fields::<ConfigMap>(doc),
+            "ServiceAccount" => unknown_fields::<ServiceAccount>(doc),
+            "Service" => unknown_fields::<Service>(doc),
+            "ClusterRole" => unknown_fields::<ClusterRole>(doc),
+            "ClusterRoleBinding" => unknown_fields::<ClusterRoleBinding>(doc),
+            "Role" => unknown_fields::<Role>(doc),
+            "RoleBinding" => unknown_fields::<RoleBinding>(doc),
+            "Deployment" => unknown_fields::<Deployment>(doc),
+            "DaemonSet" => unknown_fields::<DaemonSet>(doc),
+            "CustomResourceDefinition" => unknown_fields::<CustomResourceDefinition>(doc),
             other => Err(format!("a kind deploy/ has no business with: {other:?}")),
         };
         let name = &doc["metadata"]["name"];
@@ -174,6 +236,91 @@ fn every_manifest_is_made_of_kubernetes_objects_and_fields() {
                 "{file}: {name}"
             );
         }
+    }
+}
+
+#[test]
+fn hub_and_spoke_render_to_trackers_wired_to_each_other() {
+    for dir in OVERLAYS {
+        let docs = overlay(dir);
+        kubernetes_objects_and_fields(&docs);
+        containers_run_weft_as_it_accepts(&docs);
+    }
+    // The hub: the spokes reach its tracker, as its own agents do, at the port it serves.
+    let hub = overlay("hub");
+    let lb: Service = typed(find(&hub, "Service", "weft-tracker-hub"));
+    assert_eq!(
+        lb.spec.as_ref().and_then(|s| s.type_.as_deref()),
+        Some("LoadBalancer")
+    );
+    let (_, _, hub_line) = container(&hub, "weft-tracker");
+    let listen = port_of(flag(&hub_line, "--listen").expect("--listen"));
+    assert_eq!(service_target(&hub, "weft-tracker-hub", 19090), listen);
+    assert_eq!(
+        flag(&hub_line, "--upstream"),
+        None,
+        "the hub follows no one"
+    );
+
+    // A spoke: its own cluster from its own API server, the rest from the hub, over TLS with
+    // its tracker's certificate, at an address it can dial.
+    let spoke = overlay("spoke");
+    let (_, _, line) = container(&spoke, "weft-tracker");
+    let upstream = flag(&line, "--upstream").expect("--upstream");
+    assert!(upstream.starts_with("https://"), "{upstream}");
+    assert_eq!(
+        weft::endpoint::unreachable_host(upstream),
+        None,
+        "{upstream}"
+    );
+    assert_eq!(port_of(upstream), listen, "the hub's port");
+    let own = flag(&line, "--cluster").expect("--cluster");
+    let config: ConfigMap = typed(find(&spoke, "ConfigMap", "weft-config"));
+    assert_eq!(
+        config
+            .data
+            .as_ref()
+            .and_then(|d| d.get("cluster"))
+            .map(String::as_str),
+        Some(own)
+    );
+    // The start check of `weft tracker`: a spoke's own cluster is one its sources name.
+    let names: BTreeMap<String, weft::model::ClusterId> = line
+        .iter()
+        .filter_map(|a| a.strip_prefix("--cluster-name="))
+        .filter_map(|m| m.split_once('='))
+        .map(|(context, id)| {
+            (
+                context.to_owned(),
+                weft::model::ClusterId::new(id).expect("id"),
+            )
+        })
+        .collect();
+    assert!(line.iter().any(|a| a == "--in-cluster"), "{line:?}");
+    let dir = tempfile::tempdir().expect("a directory");
+    let kubeconfig = in_cluster_kubeconfig("10.96.0.1", "443", dir.path());
+    let ids = weft::tracker::source::kubernetes::cluster_ids(None, Some(&kubeconfig), &names);
+    assert!(
+        ids.iter().any(|id| id.as_str() == own),
+        "--cluster {own} among {ids:?}"
+    );
+    assert!(
+        flag(&line, "--tls-cert").is_some(),
+        "the spoke's client certificate"
+    );
+    // Everything else is deploy/'s own.
+    let base = documents();
+    for (kind, name) in [("DaemonSet", "weft-node"), ("Deployment", "weft-ca")] {
+        assert_eq!(
+            find(&spoke, kind, name),
+            find(&base, kind, name),
+            "{kind} {name}"
+        );
+        assert_eq!(
+            find(&hub, kind, name),
+            find(&base, kind, name),
+            "{kind} {name}"
+        );
     }
 }
 
@@ -309,15 +456,20 @@ fn http_probe(probe: Option<&k8s_openapi::api::core::v1::Probe>) -> (String, Str
 
 #[test]
 fn every_container_runs_weft_with_arguments_it_accepts_and_files_it_mounts() {
-    let docs = documents();
-    let workloads = workloads(&docs);
+    containers_run_weft_as_it_accepts(&documents());
+}
+
+/// Every container of `docs`'s three workloads runs weft with arguments it accepts and files
+/// it mounts, locked down, with probes on ports it serves.
+fn containers_run_weft_as_it_accepts(docs: &[(String, Value)]) {
+    let workloads = workloads(docs);
     assert_eq!(
         workloads.keys().collect::<Vec<_>>(),
         ["weft-ca", "weft-node", "weft-tracker"]
     );
     for (name, (_, spec)) in &workloads {
         for container in &spec.containers {
-            let line = command_line(&docs, container);
+            let line = command_line(docs, container);
             assert_eq!(line[0], "weft", "{name}");
             if let Err(e) = weft::cli::Cli::try_parse_from(&line) {
                 panic!("{name}: weft refuses {line:?}:\n{e}");
