@@ -214,6 +214,11 @@ struct NodeArgs {
     /// An HBONE connection without tunnels for this long is closed.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     idle_timeout: Duration,
+    /// At SIGTERM or SIGINT, how long the connections already carried may go on (new ones
+    /// fail closed at once); a second signal ends them at once. Keep it under the pod's
+    /// terminationGracePeriodSeconds.
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Tunnels one HBONE connection carries at once.
     #[arg(long, value_name = "N", env = "WEFT_MAX_STREAMS_PER_CONNECTION", default_value_t = crate::proxy::pool::DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     max_streams_per_connection: usize,
@@ -823,6 +828,7 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         readiness: args.readiness,
         mark: args.mark,
         table_check_interval: args.table_check_interval,
+        drain_timeout: args.drain_timeout,
         server: crate::proxy::ServerSettings {
             max_connections_per_source: args.max_connections_per_source,
             from_source: !args.dial_from_node,
@@ -859,7 +865,10 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         let followed = trust.clone();
         tokio::spawn(async move { followed.follow_dir(bundles, Duration::from_secs(5)).await });
         let agent = Agent::new(settings, identities, trust, redirect);
-        agent.run(target, stop_signal()).await?;
+        // The first signal drains, a second stops at once.
+        agent
+            .run(target, stop_signals(1)?, stop_signals(2)?)
+            .await?;
         Ok(ExitCode::SUCCESS)
     })
 }
@@ -872,21 +881,21 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
-/// Resolves at SIGINT or SIGTERM (how a DaemonSet's pod is stopped).
-async fn stop_signal() {
+/// Resolves at the `n`th SIGINT or SIGTERM from now (SIGTERM is how a DaemonSet's pod is
+/// stopped). Call it inside the runtime.
+fn stop_signals(n: usize) -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+    let watching = "watching for SIGTERM and SIGINT";
+    let mut term = signal(SignalKind::terminate()).context(watching)?;
+    let mut int = signal(SignalKind::interrupt()).context(watching)?;
+    Ok(async move {
+        for _ in 0..n {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = int.recv() => {}
             }
         }
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 /// `target`, whose certificate must carry `name` when one is given.

@@ -8,8 +8,8 @@
 //! denied traffic (THREATS 29), certificates rotating every few seconds under traffic
 //! (THREATS 11), a node that holds every connection before its first complete view, a pod
 //! reaching its neighbour through its own node, IPv6 end to end on the dual-stack lab, a pod
-//! cut off until the view has it, and the nodes explaining a connection (`/explain`, `weft
-//! explain`) as their listeners decide it.
+//! cut off until the view has it, the nodes explaining a connection (`/explain`, `weft
+//! explain`) as their listeners decide it, and agents told to stop draining what they carry.
 
 mod dataplane_lab;
 mod netns;
@@ -1029,4 +1029,161 @@ async fn ask(node: &LabNode, query: &str) -> (u16, String) {
         answer.status,
         String::from_utf8_lossy(&answer.body).into_owned(),
     )
+}
+
+/// One line of the lab's responder protocol on an open connection: its answer, or why none.
+async fn say(
+    (lines, write): &mut (
+        tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+        tokio::net::tcp::OwnedWriteHalf,
+    ),
+    line: &str,
+) -> Result<String, String> {
+    write
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    match tokio::time::timeout(PROBE_TIMEOUT, lines.next_line()).await {
+        Ok(Ok(Some(answer))) => Ok(answer),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// An agent told to stop (SIGTERM, as a DaemonSet's pod is stopped) drains: it is no longer
+/// ready, its listeners close at once so that a new connection fails closed as with no agent,
+/// and a connection it carries goes on. Node B (its HBONE server: the tunnel's connection told
+/// to carry no new tunnel) exits as soon as that connection ends; node A (its outbound
+/// listener), with the connection left open, at `--drain-timeout`, the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_told_to_stop_drains_what_it_carries() {
+    const DRAIN: Duration = Duration::from_secs(5);
+    // A connection with no listener to take it fails by timing out (capture drops it).
+    const NEW: Duration = Duration::from_secs(1);
+    let Some((_one_lab, weft, work)) = begin().await else {
+        return;
+    };
+    let (lab, set, step) = dataplane_lab::build_lab(work.path());
+    let (client, server, node_a, node_b) = dataplane_lab::ends(&lab);
+    let to = dataplane_lab::server_addr(&lab, LINE_PORT);
+    lab.serve_responder(&server.netns, to, "server")
+        .expect("the server's responder");
+    let options = PlaneOptions {
+        node_args: vec!["--drain-timeout".into(), format!("{}s", DRAIN.as_secs())],
+        ..PlaneOptions::default()
+    };
+    let mut plane =
+        dataplane_lab::start_plane_with(&lab, weft, work.path(), &set, &step, &options).await;
+    let open = || async {
+        let stream = client
+            .netns
+            .connect(None, to, PROBE_TIMEOUT)
+            .await
+            .expect("a connection through both agents");
+        let (read, write) = stream.into_split();
+        let mut talk = (BufReader::new(read).lines(), write);
+        let answer = say(&mut talk, "hello").await;
+        assert_eq!(answer, Ok("hello answered by server".to_owned()));
+        talk
+    };
+    let how = Stop::Terminate { grace: DRAIN * 3 };
+
+    // Node B, while the connection is open; the connection then ends.
+    let mut talk = open().await;
+    let agent_b = dataplane_lab::agent(&plane, node_b);
+    let log = agent_b.process.output().mark();
+    let stopping = async {
+        let ended = plane.stop_node(1, how).await;
+        (ended, Instant::now())
+    };
+    let meanwhile = async {
+        let draining = eventually(Duration::from_secs(5), async || {
+            readiness(node_b).await.contains("draining")
+        })
+        .await;
+        assert!(draining.is_some(), "node B says it is draining");
+        // A tunnel node A opened before the GOAWAY reached it is still taken; then none is.
+        let refused = eventually(Duration::from_secs(2), async || {
+            !exchange(&client.netns, None, to, "new", NEW)
+                .await
+                .outcome
+                .allowed()
+        })
+        .await;
+        assert!(refused.is_some(), "new connections while node B drains");
+        let new = exchange(&client.netns, None, to, "new", NEW).await.outcome;
+        assert!(
+            !new.allowed(),
+            "a new connection while node B drains: {new}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let answer = say(&mut talk, "still there?").await;
+        assert_eq!(answer, Ok("still there? answered by server".to_owned()));
+        drop(talk);
+        Instant::now()
+    };
+    let ((ended, exited), closed) = tokio::join!(stopping, meanwhile);
+    assert!(
+        ended.is_some_and(|status| status.success()),
+        "node B exits cleanly: {ended:?}"
+    );
+    let after = exited - closed;
+    assert!(
+        after < DRAIN / 2,
+        "node B exited {after:?} after its last connection ended"
+    );
+    dataplane_lab::wait_logged(agent_b, log, &["node agent drained"]).await;
+    plane.start_node(1).expect("node B's agent starts again");
+    let revision = plane.revision().await.expect("the tracker's revision");
+    plane
+        .wait_nodes(&set, revision)
+        .await
+        .expect("node B is ready again");
+
+    // Node A, the connection left open: it is closed at the drain's end.
+    let mut talk = open().await;
+    let agent_a = dataplane_lab::agent(&plane, node_a);
+    let log = agent_a.process.output().mark();
+    let told = Instant::now();
+    let stopping = plane.stop_node(0, how);
+    let meanwhile = async {
+        tokio::time::sleep(DRAIN / 2).await;
+        let answer = say(&mut talk, "still there?").await;
+        assert_eq!(answer, Ok("still there? answered by server".to_owned()));
+        let new = exchange(&client.netns, None, to, "new", NEW).await.outcome;
+        assert!(
+            !new.allowed(),
+            "a new connection while node A drains: {new}"
+        );
+    };
+    let (ended, ()) = tokio::join!(stopping, meanwhile);
+    let took = told.elapsed();
+    assert!(
+        ended.is_some_and(|status| status.success()),
+        "node A exits cleanly: {ended:?}"
+    );
+    assert!(
+        took >= DRAIN && took < DRAIN * 2,
+        "node A exited {took:?} after SIGTERM, with a drain of {DRAIN:?}"
+    );
+    dataplane_lab::wait_logged(agent_a, log, &["the drain timed out"]).await;
+    assert!(
+        say(&mut talk, "gone?").await.is_err(),
+        "the connection is closed with the agent"
+    );
+    drop(plane);
+    dataplane_lab::drop_lab(lab);
+}
+
+/// What the readiness endpoint of `node`'s agent says (15021, `/healthz/ready`), or why it
+/// does not answer.
+async fn readiness(node: &LabNode) -> String {
+    let at = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15021);
+    match http_get(&node.netns, at, "/healthz/ready", PROBE_TIMEOUT).await {
+        Ok(answer) => format!(
+            "{} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        ),
+        Err(e) => e.to_string(),
+    }
 }

@@ -589,6 +589,15 @@ fn the_parts_are_wired_to_one_another() {
         Some(vec!["NET_ADMIN".to_owned()]),
         "NET_ADMIN, and nothing more"
     );
+    // The agent's drain ends before the kubelet's kill.
+    let drain: i64 = flag(&node_line, "--drain-timeout")
+        .and_then(|d| d.strip_suffix('s'))
+        .and_then(|d| d.parse().ok())
+        .expect("--drain-timeout in seconds");
+    let grace = node_pod
+        .termination_grace_period_seconds
+        .expect("a termination grace period");
+    assert!(drain < grace, "--drain-timeout {drain}s, grace {grace}s");
     assert!(
         node.env.as_deref().unwrap_or_default().iter().any(|v| {
             v.name == "NODE_NAME"

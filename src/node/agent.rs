@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use super::connections::{Connections, Recheck, Tracked};
 use super::decision::{Decision, Denial, Direction, Layer};
@@ -63,6 +64,8 @@ pub struct Settings {
     pub mark: u32,
     /// How often weft's table is checked against what it should hold.
     pub table_check_interval: Duration,
+    /// How long open connections may go on once the agent is told to stop.
+    pub drain_timeout: Duration,
     /// The HBONE server's limits.
     pub server: ServerSettings,
     /// The HBONE client pool's limits.
@@ -142,6 +145,10 @@ pub struct Agent {
     server_configs: Mutex<HashMap<WorkloadId, Arc<ServerConfig>>>,
     /// The HBONE server, once running (for its counters).
     hbone: std::sync::OnceLock<Arc<Server<NodeAdmission>>>,
+    /// The tasks of connections taken by the outbound and plaintext listeners.
+    handlers: TaskTracker,
+    /// Told to stop: the listeners are closed, open connections go on to their end.
+    draining: AtomicBool,
 }
 
 impl Agent {
@@ -182,16 +189,22 @@ impl Agent {
             client_configs: Mutex::default(),
             server_configs: Mutex::default(),
             hbone: std::sync::OnceLock::new(),
+            handlers: TaskTracker::new(),
+            draining: AtomicBool::new(false),
         })
     }
 
-    /// Binds every listener, then follows `tracker` and serves until `shutdown` resolves.
-    /// weft's table is left in place on exit: while no agent listens, captured connections
-    /// fail closed.
+    /// Binds every listener, then follows `tracker` and serves until `shutdown` resolves; then
+    /// drains: the listeners close (new connections fail closed, as with no agent), the peers
+    /// of its HBONE connections are told to open no more tunnels on them, and the connections
+    /// already carried go on until they end, [`Settings::drain_timeout`] passes or `at_once`
+    /// resolves. weft's table is left in place on exit: while no agent listens, captured
+    /// connections fail closed.
     pub async fn run(
         self: Arc<Self>,
         tracker: Target,
         shutdown: impl Future<Output = ()>,
+        at_once: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let s = &self.settings;
         let bind = |what: &'static str, addr: SocketAddr| async move {
@@ -248,11 +261,12 @@ impl Agent {
                 }
             }
         });
+        let mut listening = tokio::task::JoinSet::new();
         for listener in outbound {
-            tasks.spawn(self.clone().accept(listener, Self::outbound));
+            listening.spawn(self.clone().accept(listener, Self::outbound));
         }
         for listener in inbound {
-            tasks.spawn(self.clone().accept(listener, Self::plaintext));
+            listening.spawn(self.clone().accept(listener, Self::plaintext));
         }
         let server = Arc::new(Server::with_tls(
             Box::new(NodeTls(self.clone())),
@@ -264,7 +278,7 @@ impl Agent {
         ));
         let _ = self.hbone.set(server.clone());
         for listener in hbone {
-            tasks.spawn(server.clone().run(listener));
+            listening.spawn(server.clone().run(listener));
         }
         for (listener, dump) in [(admin, true), (metrics, false), (readiness, false)] {
             let report = NodeReport {
@@ -278,7 +292,29 @@ impl Agent {
             ));
         }
         shutdown.await;
-        tracing::info!("node agent stopping; capture stays in place");
+        // The peers first (GOAWAY), then the listeners; ready no more once both are done.
+        server.drain();
+        listening.shutdown().await;
+        self.handlers.close();
+        self.draining.store(true, Ordering::Relaxed);
+        let timeout = self.settings.drain_timeout;
+        tracing::info!(
+            open = self.connections.len(),
+            ?timeout,
+            "node agent draining: listeners closed, open connections go on; capture stays in place"
+        );
+        let drained = async { tokio::join!(self.handlers.wait(), server.drained()) };
+        tokio::select! {
+            _ = drained => tracing::info!("node agent drained"),
+            () = tokio::time::sleep(timeout) => tracing::info!(
+                open = self.connections.len(),
+                "node agent stopping: the drain timed out, closing what is still open"
+            ),
+            () = at_once => tracing::info!(
+                open = self.connections.len(),
+                "node agent stopping at once, closing what is still open"
+            ),
+        }
         tasks.shutdown().await;
         Ok(())
     }
@@ -418,7 +454,8 @@ impl Agent {
         }
     }
 
-    /// Accepts on `listener` for ever, handling each connection in its own task.
+    /// Accepts on `listener` until its task is aborted, handling each connection in a task
+    /// that draining waits for.
     async fn accept<F, Fut>(self: Arc<Self>, listener: TcpListener, handle: F)
     where
         F: Fn(Arc<Self>, TcpStream, SocketAddr) -> Fut + Send + Copy + 'static,
@@ -429,7 +466,7 @@ impl Agent {
                 Ok((stream, from)) => {
                     // Small writes of interactive traffic must not wait (Nagle).
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(handle(self.clone(), stream, from));
+                    self.handlers.spawn(handle(self.clone(), stream, from));
                 }
                 // Out of descriptors (THREATS 45), an aborted connection: back off, no spin.
                 Err(error) => {
@@ -814,6 +851,9 @@ impl Agent {
 
     /// `Err` with the reason until the node may take traffic.
     fn ready(&self) -> Result<(), String> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining: stopping, open connections go on to their end".into());
+        }
         let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
         let local = self.local.read().unwrap_or_else(PoisonError::into_inner);
         let ready = local::ready(&view, &self.settings.cluster, &local, &self.identities);

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 
 use super::authority::{canonical_authority, forwarded_for};
 use super::stream::{H2Io, Received, keepalive};
@@ -303,6 +304,10 @@ pub struct Server<A> {
     sources: Arc<Sources>,
     /// The log of CONNECTs refused before admission.
     malformed: Arc<LogThrottle>,
+    /// Every connection's and tunnel's task, waited for when draining.
+    tasks: TaskTracker,
+    /// Turned true to drain: accept nothing more, tell every connection's peer (GOAWAY).
+    draining: watch::Sender<bool>,
 }
 
 impl<A: Admission> Server<A> {
@@ -332,15 +337,34 @@ impl<A: Admission> Server<A> {
             admission,
             sources,
             malformed: Arc::default(),
+            tasks: TaskTracker::new(),
+            draining: watch::Sender::new(false),
         }
     }
 
-    /// Accepts connections on `listener` for ever, serving each in its own task; a connection
-    /// from a source that holds [`ServerSettings::max_connections_per_source`] already is closed
-    /// at once.
+    /// Starts draining: the listeners stop accepting, and every connection's peer is told to
+    /// open no more tunnels on it (GOAWAY) while the tunnels it carries go on.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+        self.tasks.close();
+    }
+
+    /// Resolves once draining and every connection has ended.
+    pub async fn drained(&self) {
+        self.tasks.wait().await;
+    }
+
+    /// Accepts connections on `listener` until the server drains, serving each in its own
+    /// task; a connection from a source that holds
+    /// [`ServerSettings::max_connections_per_source`] already is closed at once.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let mut draining = self.draining.subscribe();
         loop {
-            let (tcp, from) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = draining.wait_for(|draining| *draining) => return,
+            };
+            let (tcp, from) = match accepted {
                 Ok(accepted) => accepted,
                 // Out of descriptors, an aborted connection: back off rather than spin.
                 Err(e) => {
@@ -362,7 +386,7 @@ impl<A: Admission> Server<A> {
                 tracing::debug!(%from, error = %e, "hbone: TCP_NODELAY not set");
             }
             let server = self.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _slot = slot;
                 if let Err(e) = server.serve(tcp, from).await {
                     // Debug shows the h2 cause (GOAWAY reason) that hyper's Display hides.
@@ -441,9 +465,22 @@ impl<A: Admission> Server<A> {
         };
         // Accepting drives the connection, the streams of every tunnel on it included.
         let served = async {
-            while let Some(accepted) = connection.accept().await {
+            let mut draining = self.draining.subscribe();
+            let mut told = false;
+            loop {
+                let accepted = tokio::select! {
+                    accepted = connection.accept() => Some(accepted),
+                    _ = draining.wait_for(|draining| *draining), if !told => None,
+                };
+                let Some(accepted) = accepted else {
+                    // The peer opens no more tunnels here; those open go on to their end.
+                    connection.graceful_shutdown();
+                    told = true;
+                    continue;
+                };
+                let Some(accepted) = accepted else { break };
                 let (request, respond) = accepted.map_err(http_error)?;
-                tokio::spawn(tunnel(
+                self.tasks.spawn(tunnel(
                     (self.admission.clone(), self.malformed.clone()),
                     peer.clone(),
                     dial,
