@@ -1053,7 +1053,8 @@ async fn say(
 /// ready, its listeners close at once so that a new connection fails closed as with no agent,
 /// and a connection it carries goes on. Node B (its HBONE server: the tunnel's connection told
 /// to carry no new tunnel) exits as soon as that connection ends; node A (its outbound
-/// listener), with the connection left open, at `--drain-timeout`, the connection closed.
+/// listener), with the connection left open, at `--drain-timeout`, the connection closed; and,
+/// told twice, at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_told_to_stop_drains_what_it_carries() {
     const DRAIN: Duration = Duration::from_secs(5);
@@ -1170,6 +1171,33 @@ async fn an_agent_told_to_stop_drains_what_it_carries() {
         say(&mut talk, "gone?").await.is_err(),
         "the connection is closed with the agent"
     );
+
+    // Node A again, told twice: the second signal ends the drain at once.
+    plane.start_node(0).expect("node A's agent starts again");
+    plane
+        .wait_nodes(&set, revision)
+        .await
+        .expect("node A is ready again");
+    let mut talk = open().await;
+    let pid = dataplane_lab::agent(&plane, node_a)
+        .process
+        .pid()
+        .expect("node A's agent's pid");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let draining = eventually(Duration::from_secs(5), async || {
+        readiness(node_a).await.contains("draining")
+    })
+    .await;
+    assert!(draining.is_some(), "node A says it is draining");
+    let told = Instant::now();
+    let ended = plane.stop_node(0, how).await;
+    let took = told.elapsed();
+    assert!(
+        ended.is_some_and(|status| status.success()) && took < DRAIN / 2,
+        "node A told twice: {ended:?} after {took:?}"
+    );
+    assert!(say(&mut talk, "gone?").await.is_err(), "closed at once");
     drop(plane);
     dataplane_lab::drop_lab(lab);
 }
