@@ -444,30 +444,17 @@ fn weft_explain_refuses_bad_flags_and_names_an_unreachable_agent() {
         &explain(&["--from", "10.0.0.1", "--to", "10.0.0.2"]),
         "10.0.0.2",
     );
-    refused(
-        &explain(&[
-            "--from",
-            "10.0.0.1",
-            "--to",
-            "10.0.0.2:80",
-            "--identity",
-            "spiffe://td/x",
-        ]),
-        "--identity",
-    );
+    // A good question, with `extra`.
+    fn asked<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+        explain(&[&["--from", "10.0.0.1", "--to", "10.0.0.2:80"], extra].concat())
+    }
+    refused(&asked(&["--identity", "spiffe://td/x"]), "--identity");
     // Nothing listens there: the error says whom it asked, and by which flag.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     let free = listener.local_addr().expect("its address").to_string();
     drop(listener);
     refused(
-        &explain(&[
-            "--from",
-            "10.0.0.1",
-            "--to",
-            "10.0.0.2:80",
-            "--admin",
-            &free,
-        ]),
+        &asked(&["--admin", &free]),
         &format!("asking the node agent at {free} (--admin)"),
     );
 }
