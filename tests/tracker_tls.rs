@@ -2,8 +2,9 @@
 //! certificate (a SPIFFE id), never from its request; a node agent gets its own cluster's
 //! policies only and may not subscribe as another node or cluster (the certificate of every
 //! agent of a cluster: as any of its nodes); certificates from another
-//! CA, none at all, or an identity that is no weft subscriber are refused; and `weft policy
-//! check --tracker https://…` answers as the offline check.
+//! CA, none at all, or an identity that is no weft subscriber are refused; renewed files are
+//! used by each new connection, on both sides; and `weft policy check --tracker https://…`
+//! answers as the offline check.
 
 mod pki;
 
@@ -28,10 +29,17 @@ fn tls(issued: &Issued) -> TlsFiles {
 
 /// A tracker of the example's third step served with mutual TLS; its URL.
 async fn serve_tls(pki: &Pki) -> String {
+    serve_tls_with(tls(
+        &pki.issue("tracker", &format!("{TD}/weft/cluster/cluster-1/tracker"))
+    ))
+    .await
+}
+
+/// [`serve_tls`] with the tracker's TLS files `server`.
+async fn serve_tls_with(server: TlsFiles) -> String {
     let mut source = ClustersetSource::new(Path::new(EXAMPLE).join("3-allow-from-cluster-1"));
     let tracker = Tracker::new(View::new("epoch-1", 100), 1 << 20);
     tracker.apply(source.rescan().expect("example loads"));
-    let server = tls(&pki.issue("tracker", &format!("{TD}/weft/cluster/cluster-1/tracker")));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -382,4 +390,63 @@ fn the_tracker_needs_tls_files_or_an_explicit_insecure() {
         stderr.contains("--tls-cert /nonexistent/cert.pem"),
         "{stderr}"
     );
+}
+
+/// Renewed certificates are used without a restart (a Secret is rewritten in place): the
+/// tracker presents what its files hold to each new connection, and a subscriber presents
+/// what its files hold at each connection; files that change into something unusable leave
+/// the last good ones in use.
+#[tokio::test]
+async fn renewed_files_are_used_by_each_new_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "mesh");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let served = pki.issue("tracker", &format!("{TD}/weft/cluster/cluster-1/tracker"));
+    let url = serve_tls_with(tls(&served)).await;
+    let client = pki.issue("admin", &format!("{TD}/weft/admin/alice"));
+    let admin = Target::new(&url, Some(tls(&client))).expect("target");
+    let sync = || {
+        client::sync(
+            &admin,
+            request("", "", pb::PolicyScope::AllClusters),
+            Duration::from_secs(5),
+        )
+    };
+    // Renewing: the certificate and its key replaced, as the kubelet swaps a Secret's files.
+    let renew = |files: &Issued, with: &Issued| {
+        for (from, to) in [(&with.cert, &files.cert), (&with.key, &files.key)] {
+            std::fs::copy(from, to).expect("renewed");
+        }
+    };
+    sync().await.expect("synced");
+
+    // The tracker's files now hold a certificate of a CA the subscriber does not trust: a
+    // new connection gets it.
+    let elsewhere = rogue.issue("elsewhere", &format!("{TD}/weft/cluster/cluster-1/tracker"));
+    renew(&served, &elsewhere);
+    sync()
+        .await
+        .expect_err("the tracker's new certificate, from an unknown CA");
+    renew(
+        &served,
+        &pki.issue("renewed", &format!("{TD}/weft/cluster/cluster-1/tracker")),
+    );
+    sync().await.expect("synced with the renewed certificate");
+
+    // The subscriber's files likewise: its next connection presents the new certificate.
+    let mallory = rogue.issue("mallory", &format!("{TD}/weft/admin/alice"));
+    let kept = pki.issue("alice-renewed", &format!("{TD}/weft/admin/alice"));
+    renew(&client, &mallory);
+    sync()
+        .await
+        .expect_err("the subscriber's new certificate, from an unknown CA");
+    renew(&client, &kept);
+    sync()
+        .await
+        .expect("synced with the renewed client certificate");
+
+    // Files that change into what does not load: the last good ones stay in use.
+    std::fs::write(&served.cert, "not a certificate\n").expect("broken");
+    std::fs::write(&client.key, "not a key\n").expect("broken");
+    sync().await.expect("still synced with the last good files");
 }

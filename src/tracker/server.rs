@@ -244,28 +244,35 @@ impl Tracker {
         tls: Option<&TlsFiles>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
-        let mut builder = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE))
-            .http2_keepalive_timeout(Some(KEEPALIVE / 3))
-            .tcp_keepalive(Some(KEEPALIVE));
         let mut tracker = self.clone();
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls.server())?;
-            tracker.authenticated = true;
-        }
+        tracker.authenticated = tls.is_some();
         let (close, closing) = tokio::sync::watch::channel(false);
         tracker.closing = Some(closing);
-        builder
-            .add_service(tracker.service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async move {
-                    shutdown.await;
-                    // Streams never end by themselves: end them, or the drain waits forever.
-                    let _ = close.send(true);
-                },
-            )
-            .await
+        let shutdown = async move {
+            shutdown.await;
+            // Streams never end by themselves: end them, or the drain waits forever.
+            let _ = close.send(true);
+        };
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE))
+            .http2_keepalive_timeout(Some(KEEPALIVE / 3))
+            .tcp_keepalive(Some(KEEPALIVE))
+            .add_service(tracker.service());
+        match tls {
+            // Each connection with the certificate the files hold when it comes.
+            Some(tls) => {
+                let incoming = super::tls::incoming(listener, tls.clone());
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        }
     }
 
     /// The gRPC service.
