@@ -151,13 +151,8 @@ fn hundred_new_pods() -> Duration {
         let tokens = dir.path().join("tokens");
         std::fs::write(&tokens, "bench-token-0123456789 node-0\n").expect("write");
         let serving = root.issue("serving", "spiffe://cluster-0/weft/ca");
-        let identity = weft::tracker::tls::identity(
-            "--serving-cert",
-            &serving.cert,
-            "--serving-key",
-            &serving.key,
-        )
-        .expect("identity");
+        let identity =
+            weft::tracker::tls::ServingFiles::load(&serving.cert, &serving.key).expect("identity");
         let ca = weft::ca::Ca::new(
             signer,
             Arc::new(weft::ca::BootstrapTokens::load(&tokens).expect("tokens")),

@@ -672,12 +672,7 @@ fn ca(args: CaArgs) -> anyhow::Result<ExitCode> {
     if let Some(td) = &flagged {
         signer.check_trust_domain(td)?;
     }
-    let serving = tls::identity(
-        "--serving-cert",
-        &args.serving_cert,
-        "--serving-key",
-        &args.serving_key,
-    )?;
+    let serving = tls::ServingFiles::load(&args.serving_cert, &args.serving_key)?;
     let (agent_namespace, agent_account) = args
         .agent_service_account
         .split_once('/')

@@ -7,7 +7,7 @@ mod apiserver;
 mod pki;
 mod tracking;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use weft::model::{ClusterId, Pod};
 use weft::tracker::client;
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
-use weft::tracker::tls;
+use weft::tracker::tls::ServingFiles;
 use weft::tracker::view::{Change, View};
 use weft::tracker::wire::{self, Object};
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
@@ -119,13 +119,7 @@ async fn fixture(limits: TtlLimits, authn: Option<Arc<dyn Authenticator>>) -> Fi
     let signer =
         Signer::load(&pki.ca_file(), &pki.ca_key_file(), None, &td, limits).expect("signer");
     let serving = pki.issue("serving", "spiffe://cluster-1/weft/ca");
-    let identity = tls::identity(
-        "--serving-cert",
-        &serving.cert,
-        "--serving-key",
-        &serving.key,
-    )
-    .expect("serving identity");
+    let identity = ServingFiles::load(&serving.cert, &serving.key).expect("serving identity");
     let authn = authn.unwrap_or_else(|| Arc::new(BootstrapTokens::load(&tokens).expect("tokens")));
     let ca = Ca::new(signer, authn, Authorizer::new(cid(C1), td, view.clone()));
     let url = tracking::serve_ca(ca, identity).await;
@@ -1119,4 +1113,47 @@ fn weft_ca_names_the_flag_or_file_at_fault() {
         assert!(!ok, "{extra:?}");
         assert!(stderr.contains(says), "{extra:?}: {stderr}");
     }
+}
+
+/// A renewed serving certificate is presented from the next connection on, with no restart
+/// (the Secret's files replaced in place); files that change into what does not load leave
+/// the last good ones in use.
+#[tokio::test]
+async fn a_renewed_serving_certificate_is_used_by_each_new_connection() {
+    let f = fixture(TtlLimits::default(), None).await;
+    let ask = async |channel: Channel| {
+        let (csr, _) = csr(&[]);
+        ca_client::create_certificate(channel, TA, csr.as_bytes(), WEB, Duration::ZERO).await
+    };
+    ask(f.channel().await).await.expect("signed");
+    let (cert, key) = (
+        f.dir.path().join("serving.pem"),
+        f.dir.path().join("serving-key.pem"),
+    );
+    let (good_cert, good_key) = (
+        f.dir.path().join("good.pem"),
+        f.dir.path().join("good-key.pem"),
+    );
+    std::fs::copy(&cert, &good_cert).expect("kept");
+    std::fs::copy(&key, &good_key).expect("kept");
+    let renew = |with_cert: &Path, with_key: &Path| {
+        std::fs::copy(with_cert, &cert).expect("renewed");
+        std::fs::copy(with_key, &key).expect("renewed");
+    };
+    // Renewed by a CA the nodes do not trust: the next connection is refused at TLS.
+    let rogue = pki::Pki::new(f.dir.path(), "rogue");
+    let untrusted = rogue.issue("rogue-serving", "spiffe://cluster-1/weft/ca");
+    renew(&untrusted.cert, &untrusted.key);
+    let refused = ca_client::connect(&f.url, Certificate::from_pem(&f.root)).await;
+    assert!(refused.is_err(), "a certificate the nodes do not trust");
+    // Renewed by the cluster's CA: served again.
+    renew(&good_cert, &good_key);
+    ask(f.channel().await)
+        .await
+        .expect("signed after the renewal");
+    // Files broken: the last good ones stay.
+    std::fs::write(&cert, "not a certificate\n").expect("broken");
+    ask(f.channel().await)
+        .await
+        .expect("the last good certificate, while the files are broken");
 }

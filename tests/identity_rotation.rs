@@ -21,7 +21,7 @@ use weft::model::{ClusterId, Pod};
 use weft::tracker::client;
 use weft::tracker::replica::Replica;
 use weft::tracker::server::Tracker;
-use weft::tracker::tls;
+use weft::tracker::tls::ServingFiles;
 use weft::tracker::view::{Change, View};
 use weft::tracker::wire::{Object, pb};
 
@@ -100,13 +100,7 @@ async fn ca(
     let signer =
         Signer::load(&root.ca_file(), &root.ca_key_file(), None, &td, limits).expect("signer");
     let serving = root.issue(&format!("{name}-serving"), "spiffe://x/weft/ca");
-    let identity = tls::identity(
-        "--serving-cert",
-        &serving.cert,
-        "--serving-key",
-        &serving.key,
-    )
-    .expect("serving identity");
+    let identity = ServingFiles::load(&serving.cert, &serving.key).expect("serving identity");
     let ca = Ca::new(
         signer,
         Arc::new(BootstrapTokens::load(&tokens).expect("tokens")),

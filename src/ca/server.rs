@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use super::authn::{Authenticator, AuthnError};
@@ -15,6 +14,7 @@ use super::authz::{Authorizer, AuthzError};
 use super::pb;
 use super::signer::{CsrError, MAX_CSR_BYTES, Signer};
 use crate::identity::WorkloadId;
+use crate::tracker::tls::{self, ServingFiles};
 
 /// A request is a CSR and an identity; anything larger is not one.
 const MAX_REQUEST_BYTES: usize = MAX_CSR_BYTES + 8192;
@@ -149,23 +149,20 @@ impl Ca {
         pb::ca_server::CaServer::new(self.clone()).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
-    /// Serves the service over TLS with `identity` (the CA's serving certificate and key) on
-    /// `listener` until `shutdown` resolves.
+    /// Serves the service over TLS with `serving` (the CA's serving certificate and key, as
+    /// their files hold them at each connection) on `listener` until `shutdown` resolves.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
-        identity: Identity,
+        serving: ServingFiles,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
+        let incoming = tls::incoming(listener, move || serving.server_config());
         tonic::transport::Server::builder()
-            .tls_config(ServerTlsConfig::new().identity(identity))?
             .http2_keepalive_interval(Some(KEEPALIVE))
             .http2_keepalive_timeout(Some(KEEPALIVE / 3))
             .add_service(self.service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await
     }
 }

@@ -261,7 +261,8 @@ impl Tracker {
         match tls {
             // Each connection with the certificate the files hold when it comes.
             Some(tls) => {
-                let incoming = super::tls::incoming(listener, tls.clone());
+                let tls = tls.clone();
+                let incoming = super::tls::incoming(listener, move || tls.server_config());
                 router
                     .serve_with_incoming_shutdown(incoming, shutdown)
                     .await

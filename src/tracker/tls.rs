@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -44,43 +45,70 @@ pub enum TlsError {
     },
 }
 
-/// A certificate chain, its key and the CA that peers are verified against, as their files
-/// held them when last read: read again when one of them changes, the last good ones kept
-/// (and the failure logged) while the new ones do not load. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    paths: Arc<[PathBuf; 3]>,
-    loaded: Arc<Mutex<Loaded>>,
-}
-
-/// What the files held when last read, and how they looked then.
+/// Files read again when one of them changes (a Secret's files are replaced as a whole when
+/// it is renewed): what they held when last read, the last good reading kept, and the failure
+/// logged, while the new files do not load.
 #[derive(Debug)]
-struct Loaded {
-    stamp: Stamp,
-    material: Material,
+struct Watched<T> {
+    files: Vec<File>,
+    read: Reader<T>,
+    loaded: Mutex<(Stamp, T)>,
 }
 
-/// The PEM material of the three files, checked, and the server configuration made of it.
-#[derive(Debug, Clone)]
-struct Material {
-    chain: Vec<u8>,
-    key: Vec<u8>,
-    ca: Vec<u8>,
-    server: Arc<rustls::ServerConfig>,
+/// A file, with the flag that names it.
+type File = (&'static str, PathBuf);
+
+/// How the files are read and checked.
+type Reader<T> = fn(&[File]) -> Result<T, TlsError>;
+
+/// Each file's inode, length and modification time: any renewal changes them.
+type Stamp = Vec<Option<(u64, u64, SystemTime)>>;
+
+fn stamp(files: &[File]) -> Stamp {
+    files
+        .iter()
+        .map(|(_, path)| {
+            let meta = std::fs::metadata(path).ok()?;
+            Some((meta.ino(), meta.len(), meta.modified().ok()?))
+        })
+        .collect()
 }
 
-/// Each file's inode, length and modification time: a Secret's files are replaced, not
-/// edited, so any renewal changes them.
-type Stamp = [Option<(u64, u64, SystemTime)>; 3];
+impl<T: Clone> Watched<T> {
+    /// Reads `files` (each with the flag that names it) with `read`; an error names the file.
+    fn load(files: Vec<File>, read: Reader<T>) -> Result<Self, TlsError> {
+        let loaded = Mutex::new((stamp(&files), read(&files)?));
+        Ok(Self {
+            files,
+            read,
+            loaded,
+        })
+    }
 
-/// The flags that name the files, in the order of [`TlsFiles::paths`].
-const FLAGS: [&str; 3] = ["--tls-cert", "--tls-key", "--tls-ca"];
-
-fn stamp(paths: &[PathBuf; 3]) -> Stamp {
-    paths.each_ref().map(|path| {
-        let meta = std::fs::metadata(path).ok()?;
-        Some((meta.ino(), meta.len(), meta.modified().ok()?))
-    })
+    /// What the files hold now: read again if they changed since last read.
+    fn current(&self) -> T {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = stamp(&self.files);
+        if now != loaded.0 {
+            // Once per change, not at every connection while the new files are bad.
+            loaded.0 = now;
+            let first = self
+                .files
+                .first()
+                .map(|(_, path)| path.display().to_string());
+            match (self.read)(&self.files) {
+                Ok(fresh) => {
+                    tracing::info!(file = first, "TLS files read again");
+                    loaded.1 = fresh;
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    "TLS files changed but do not load; the last good ones stay"
+                ),
+            }
+        }
+        loaded.1.clone()
+    }
 }
 
 fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -91,96 +119,120 @@ fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn certificates(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    let pem = read(flag, path)?;
-    let bad = |error: String| TlsError::Pem {
+fn bad(flag: &'static str, path: &Path, error: String) -> TlsError {
+    TlsError::Pem {
         flag,
         path: path.to_owned(),
         error,
-    };
+    }
+}
+
+fn certificates(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    let pem = read(flag, path)?;
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(&pem) {
-        cert.map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+        cert.map_err(|e| bad(flag, path, format!("not a PEM certificate: {e}")))?;
         count += 1;
     }
     if count == 0 {
-        return Err(bad("no PEM certificate in the file".into()));
+        return Err(bad(flag, path, "no PEM certificate in the file".into()));
     }
     Ok(pem)
 }
 
-/// A certificate chain and its key, read from the PEM files named by `cert_flag` and
-/// `key_flag`.
-pub fn identity(
-    cert_flag: &'static str,
-    cert: &Path,
-    key_flag: &'static str,
-    key: &Path,
-) -> Result<Identity, TlsError> {
-    let chain = certificates(cert_flag, cert)?;
-    let key_pem = read(key_flag, key)?;
-    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
-        flag: key_flag,
-        path: key.to_owned(),
-        error: format!("no PEM private key: {e}"),
-    })?;
-    Ok(Identity::from_pem(chain, key_pem))
+/// A certificate chain and its key as PEM, checked, and the server configuration that
+/// presents them.
+struct Served {
+    chain: Vec<u8>,
+    key: Vec<u8>,
+    config: Arc<rustls::ServerConfig>,
 }
 
-/// The CA certificates (PEM) of the file named by `flag`, to verify peers against.
-pub fn ca_certificate(flag: &'static str, path: &Path) -> Result<Certificate, TlsError> {
-    Ok(Certificate::from_pem(certificates(flag, path)?))
+/// Reads `cert` and `key` (in that order, then what `clients` reads) into a configuration
+/// serving HTTP/2 that asks for client certificates verified by what `clients` gives, or
+/// for none.
+fn served(
+    (cert_flag, cert): &File,
+    (key_flag, key): &File,
+    clients: impl FnOnce() -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError>,
+) -> Result<Served, TlsError> {
+    let chain = certificates(cert_flag, cert)?;
+    let key_pem = read(key_flag, key)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| bad(key_flag, key, format!("no PEM private key: {e}")))?;
+    let clients = clients()?;
+    let certs = CertificateDer::pem_slice_iter(&chain)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert_flag, cert, e.to_string()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert_flag, cert, e.to_string()))?;
+    let builder = match clients {
+        Some(clients) => builder.with_client_cert_verifier(clients),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, private).map_err(|e| {
+        bad(
+            key_flag,
+            key,
+            format!("does not match {}: {e}", cert.display()),
+        )
+    })?;
+    // gRPC is HTTP/2 only.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Served {
+        chain,
+        key: key_pem,
+        config: Arc::new(config),
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A certificate chain, its key and the CA that peers are verified against (mutual TLS), as
+/// their files hold them now. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TlsFiles(Arc<Watched<Material>>);
+
+/// The checked PEM material of [`TlsFiles`], and the server configuration made of it.
+#[derive(Debug, Clone)]
+struct Material {
+    chain: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+    server: Arc<rustls::ServerConfig>,
 }
 
 impl Material {
-    /// Reads and checks the files of `paths` (those of [`FLAGS`]).
-    fn read(paths: &[PathBuf; 3]) -> Result<Self, TlsError> {
-        let [cert, key, ca] = paths.each_ref();
-        let chain = certificates(FLAGS[0], cert)?;
-        let key_pem = read(FLAGS[1], key)?;
-        let ca_pem = certificates(FLAGS[2], ca)?;
-        let bad = |flag: &'static str, path: &Path, error: String| TlsError::Pem {
-            flag,
-            path: path.to_owned(),
-            error,
+    fn read(files: &[File]) -> Result<Self, TlsError> {
+        let [cert, key, (ca_flag, ca)] = files else {
+            unreachable!("TlsFiles watches three files");
         };
-        let private = PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| bad(FLAGS[1], key, format!("no PEM private key: {e}")))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for root in CertificateDer::pem_slice_iter(&ca_pem).flatten() {
-            roots
-                .add(root)
-                .map_err(|e| bad(FLAGS[2], ca, format!("not a CA certificate: {e}")))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| bad(FLAGS[2], ca, e.to_string()))?;
-        let certs = CertificateDer::pem_slice_iter(&chain)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(FLAGS[0], cert, e.to_string()))?;
-        let mut server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(FLAGS[0], cert, e.to_string()))?
-            .with_client_cert_verifier(clients)
-            .with_single_cert(certs, private)
-            .map_err(|e| {
-                bad(
-                    FLAGS[1],
-                    key,
-                    format!("does not match {}: {e}", cert.display()),
-                )
-            })?;
-        // gRPC is HTTP/2 only.
-        server.alpn_protocols = vec![b"h2".to_vec()];
+        let mut ca_pem = Vec::new();
+        let clients = || {
+            ca_pem = certificates(ca_flag, ca)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for root in CertificateDer::pem_slice_iter(&ca_pem).flatten() {
+                roots
+                    .add(root)
+                    .map_err(|e| bad(ca_flag, ca, format!("not a CA certificate: {e}")))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| bad(ca_flag, ca, e.to_string()))?;
+            Ok(Some(verifier))
+        };
+        let served = served(cert, key, clients)?;
         Ok(Self {
-            chain,
-            key: key_pem,
+            chain: served.chain,
+            key: served.key,
             ca: ca_pem,
-            server: Arc::new(server),
+            server: served.config,
         })
     }
 }
@@ -188,59 +240,61 @@ impl Material {
 impl TlsFiles {
     /// Reads and checks the PEM files of `--tls-cert`, `--tls-key` and `--tls-ca`.
     pub fn load(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
-        let paths = [cert.to_owned(), key.to_owned(), ca.to_owned()];
-        let loaded = Loaded {
-            stamp: stamp(&paths),
-            material: Material::read(&paths)?,
-        };
-        Ok(Self {
-            paths: Arc::new(paths),
-            loaded: Arc::new(Mutex::new(loaded)),
-        })
-    }
-
-    /// The material as the files hold it now, read again if they changed since last read.
-    fn current(&self) -> Material {
-        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = stamp(&self.paths);
-        if now != loaded.stamp {
-            // Once per change, not at every connection while the new files are bad.
-            loaded.stamp = now;
-            match Material::read(&self.paths) {
-                Ok(material) => {
-                    tracing::info!(cert = %self.paths[0].display(), "TLS files read again");
-                    loaded.material = material;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "TLS files changed but do not load; the last good ones stay");
-                }
-            }
-        }
-        loaded.material.clone()
+        let files = vec![
+            ("--tls-cert", cert.to_owned()),
+            ("--tls-key", key.to_owned()),
+            ("--tls-ca", ca.to_owned()),
+        ];
+        Ok(Self(Arc::new(Watched::load(files, Material::read)?)))
     }
 
     /// The server's side, as the files hold it now: its certificate, and a client certificate
     /// required and verified against the CA.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.current().server
+        self.0.current().server
     }
 
     /// The client's side, as the files hold it now: the server verified against the CA (and
     /// its name against the URL's host), and this certificate presented.
     pub fn client(&self) -> ClientTlsConfig {
-        let material = self.current();
+        let material = self.0.current();
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(material.ca))
             .identity(Identity::from_pem(material.chain, material.key))
     }
 }
 
-/// The connections of `listener`, each after a TLS handshake with what `tls` holds at its
-/// accept (within [`HANDSHAKE_TIMEOUT`]; one that fails is logged and dropped), for tonic's
-/// `serve_with_incoming`. Accepting stops once the stream is dropped.
+/// A serving certificate and its key, with no client certificate asked for (the CA's: nodes
+/// authenticate with tokens), as their files hold them now. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ServingFiles(Arc<Watched<Arc<rustls::ServerConfig>>>);
+
+impl ServingFiles {
+    /// Reads and checks the PEM files of `--serving-cert` and `--serving-key`.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let files = vec![
+            ("--serving-cert", cert.to_owned()),
+            ("--serving-key", key.to_owned()),
+        ];
+        let read = |files: &[File]| match files {
+            [cert, key] => served(cert, key, || Ok(None)).map(|served| served.config),
+            _ => unreachable!("ServingFiles watches two files"),
+        };
+        Ok(Self(Arc::new(Watched::load(files, read)?)))
+    }
+
+    /// The server configuration, as the files hold it now.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.0.current()
+    }
+}
+
+/// The connections of `listener`, each after a TLS handshake with the configuration `tls`
+/// gives at its accept (within [`HANDSHAKE_TIMEOUT`]; one that fails is logged and dropped),
+/// for tonic's `serve_with_incoming`. Accepting stops once the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
-    tls: TlsFiles,
+    tls: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
     let (accepted, stream) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -261,7 +315,7 @@ pub fn incoming(
             if let Err(error) = tcp.set_nodelay(true) {
                 tracing::debug!(%peer, %error, "TCP_NODELAY not set");
             }
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls());
             let accepted = accepted.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

@@ -270,7 +270,7 @@ pub async fn http(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16,
 }
 
 /// Serves `ca` over TLS with `identity` on an ephemeral loopback port; returns its URL.
-pub async fn serve_ca(ca: weft::ca::Ca, identity: tonic::transport::Identity) -> String {
+pub async fn serve_ca(ca: weft::ca::Ca, serving: weft::tracker::tls::ServingFiles) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -279,7 +279,7 @@ pub async fn serve_ca(ca: weft::ca::Ca, identity: tonic::transport::Identity) ->
         listener.local_addr().expect("addr").port()
     );
     tokio::spawn(async move {
-        ca.serve(listener, identity, std::future::pending())
+        ca.serve(listener, serving, std::future::pending())
             .await
             .expect("serve");
     });
