@@ -288,7 +288,8 @@ pub fn explain(
             Endpoint::Pod { pod, .. } => meshed_identity(engine, pod, question.from.is_ipv6()),
             _ => None,
         };
-        if local(question.from).is_none() && local(to.ip()).is_none() {
+        let source_is_local = local(question.from).is_some();
+        if !source_is_local && local(to.ip()).is_none() {
             let whereabouts = [question.from, to.ip()]
                 .map(|ip| match engine.address_endpoint(ip) {
                     Endpoint::Pod { pod, .. } => match engine.pod_node_address(pod, ip.is_ipv6()) {
@@ -302,7 +303,7 @@ pub fn explain(
                 .join("; ");
             return Err(ExplainError::NotHere { node, whereabouts });
         }
-        (local(question.from).is_some(), meshed)
+        (source_is_local, meshed)
     };
     let proven = question.identity.clone().or(meshed);
     let tunnel_to = |peer: WorkloadId, destination: SocketAddr, arrived_at: SocketAddr| {

@@ -74,7 +74,7 @@ fn stamp(files: &[File]) -> Stamp {
         .collect()
 }
 
-impl<T: Clone> Watched<T> {
+impl<T> Watched<T> {
     /// Reads `files` (each with the flag that names it) with `read`; an error names the file.
     fn load(files: Vec<File>, read: Reader<T>) -> Result<Self, TlsError> {
         let loaded = Mutex::new((stamp(&files), read(&files)?));
@@ -85,8 +85,8 @@ impl<T: Clone> Watched<T> {
         })
     }
 
-    /// What the files hold now: read again if they changed since last read.
-    fn current(&self) -> T {
+    /// `f` of what the files hold now: read again if they changed since last read.
+    fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         let now = stamp(&self.files);
         if now != loaded.0 {
@@ -107,7 +107,7 @@ impl<T: Clone> Watched<T> {
                 ),
             }
         }
-        loaded.1.clone()
+        f(&loaded.1)
     }
 }
 
@@ -197,7 +197,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub struct TlsFiles(Arc<Watched<Material>>);
 
 /// The checked PEM material of [`TlsFiles`], and the server configuration made of it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Material {
     chain: Vec<u8>,
     key: Vec<u8>,
@@ -251,16 +251,17 @@ impl TlsFiles {
     /// The server's side, as the files hold it now: its certificate, and a client certificate
     /// required and verified against the CA.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.0.current().server
+        self.0.with(|material| material.server.clone())
     }
 
     /// The client's side, as the files hold it now: the server verified against the CA (and
     /// its name against the URL's host), and this certificate presented.
     pub fn client(&self) -> ClientTlsConfig {
-        let material = self.0.current();
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(material.ca))
-            .identity(Identity::from_pem(material.chain, material.key))
+        self.0.with(|material| {
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&material.ca))
+                .identity(Identity::from_pem(&material.chain, &material.key))
+        })
     }
 }
 
@@ -285,7 +286,7 @@ impl ServingFiles {
 
     /// The server configuration, as the files hold it now.
     pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        self.0.current()
+        self.0.with(Arc::clone)
     }
 }
 
