@@ -810,8 +810,6 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("--bundles {}: {e}", bundles.display()))?;
     let trust = crate::identity::TrustStore::new(bundle_set)
         .map_err(|e| anyhow::anyhow!("--bundles {}: {e}", bundles.display()))?;
-    let root = std::fs::read(&ca_root)
-        .map_err(|e| anyhow::anyhow!("--ca-root {}: {e}", ca_root.display()))?;
     let settings = Settings {
         cluster,
         node,
@@ -844,12 +842,12 @@ fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let channel = ca::client::lazy(
+        let authority = ca::client::RemoteCa::with_root_file(
             &ca_url,
-            tonic::transport::Certificate::from_pem(root),
+            &ca_root,
             args.ca_server_name.as_deref(),
+            ca::client::Token::File(token_file),
         )?;
-        let authority = ca::client::RemoteCa::new(channel, ca::client::Token::File(token_file));
         let identities = Arc::new(crate::identity::manager::IdentityManager::new(
             Arc::new(authority),
             crate::identity::manager::Renewal {

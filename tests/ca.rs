@@ -1157,3 +1157,66 @@ async fn a_renewed_serving_certificate_is_used_by_each_new_connection() {
         .await
         .expect("the last good certificate, while the files are broken");
 }
+
+/// A node agent's root for the CA (`--ca-root`) is read again when its file changes: the
+/// next call verifies the CA against the new roots; a file that changes into what does not
+/// load leaves the last good roots; a bad file at start is refused, naming the flag.
+#[tokio::test]
+async fn a_node_s_renewed_ca_root_is_used_from_its_next_call() {
+    use weft::identity::manager::Authority as _;
+    let f = fixture(TtlLimits::default(), None).await;
+    let file = f.dir.path().join("ca-root.pem");
+    std::fs::write(&file, &f.root).expect("root");
+    let ca = ca_client::RemoteCa::with_root_file(
+        &f.url,
+        &file,
+        None,
+        ca_client::Token::Fixed(TA.into()),
+    )
+    .expect("the CA");
+    let web = weft::identity::WorkloadId::parse(WEB).expect("id");
+    let sign = async || {
+        let (pem, _) = csr(&[]);
+        ca.sign(pem.into_bytes(), &web, Duration::ZERO).await
+    };
+    sign().await.expect("signed");
+
+    // Only another CA's root: the CA no longer verifies.
+    let rogue = pki::Pki::new(f.dir.path(), "rogue");
+    std::fs::copy(rogue.ca_file(), &file).expect("replaced");
+    sign()
+        .await
+        .expect_err("a root the CA's certificate does not chain to");
+    // Both roots, as during a rotation: verified again.
+    let both = format!(
+        "{}{}",
+        f.root,
+        std::fs::read_to_string(rogue.ca_file()).expect("rogue")
+    );
+    std::fs::write(&file, both).expect("bundle");
+    sign().await.expect("signed with the bundle");
+    // Broken: the last good roots stay.
+    std::fs::write(&file, "not a certificate\n").expect("broken");
+    sign().await.expect("signed with the last good roots");
+
+    // At start, a file that is no root is refused, named.
+    let e = ca_client::RemoteCa::with_root_file(
+        &f.url,
+        &file,
+        None,
+        ca_client::Token::Fixed(TA.into()),
+    )
+    .expect_err("no root");
+    assert!(
+        e.to_string().starts_with("--ca-root ") && e.to_string().contains("no PEM certificate"),
+        "{e}"
+    );
+    let e = ca_client::RemoteCa::with_root_file(
+        "http://127.0.0.1:1",
+        &file,
+        None,
+        ca_client::Token::Fixed(TA.into()),
+    )
+    .expect_err("plaintext");
+    assert!(matches!(e, CaClientError::Url { .. }), "{e}");
+}

@@ -1,6 +1,8 @@
 //! The node agent's side of the CA: a TLS channel to it (the CA verified against the
 //! configured root), and one call that turns a CSR into a certificate chain.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
@@ -9,6 +11,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::pb;
+use crate::tracker::tls::{self, File, Watched};
 
 /// Why no certificate came from the CA.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,9 @@ pub enum CaClientError {
     /// The CA answered with something that is not a certificate for the identity asked for.
     #[error("CA answer: {0}")]
     Answer(String),
+    /// The root file cannot be used.
+    #[error("{0}")]
+    Root(String),
 }
 
 /// A certificate chain from the CA.
@@ -72,6 +78,21 @@ pub fn lazy(
     Ok(endpoint(url, root, server_name)?.connect_lazy())
 }
 
+/// Why `url` cannot be the CA's: it must be `https://` and name a host that can be dialled.
+fn check_url(url: &str) -> Result<(), CaClientError> {
+    let bad = |error: String| CaClientError::Url {
+        url: url.to_owned(),
+        error,
+    };
+    if !url.starts_with("https://") {
+        return Err(bad("the CA is reached over TLS: use https://".into()));
+    }
+    match crate::endpoint::unreachable_host(url) {
+        Some(error) => Err(bad(error)),
+        None => Ok(()),
+    }
+}
+
 fn endpoint(
     url: &str,
     root: Certificate,
@@ -81,12 +102,7 @@ fn endpoint(
         url: url.to_owned(),
         error,
     };
-    if !url.starts_with("https://") {
-        return Err(bad("the CA is reached over TLS: use https://".into()));
-    }
-    if let Some(error) = crate::endpoint::unreachable_host(url) {
-        return Err(bad(error));
-    }
+    check_url(url)?;
     let mut tls = ClientTlsConfig::new().ca_certificate(root);
     if let Some(name) = server_name {
         tls = tls.domain_name(name);
@@ -168,14 +184,63 @@ impl Token {
 /// The CA as the node's identity manager sees it: a channel and the node's credential.
 #[derive(Debug, Clone)]
 pub struct RemoteCa {
-    channel: Channel,
+    channel: Arc<CaChannel>,
     token: Token,
+}
+
+/// Where the channel to the CA comes from.
+#[derive(Debug)]
+enum CaChannel {
+    /// One made by the caller.
+    Fixed(Channel),
+    /// One made from the root file, made again when the file changes (a renewed root
+    /// bundle takes effect at once, for the connections made from then on).
+    Root(Watched<Channel>),
 }
 
 impl RemoteCa {
     /// The CA on `channel`, called with `token`.
     pub fn new(channel: Channel, token: Token) -> Self {
-        Self { channel, token }
+        Self {
+            channel: Arc::new(CaChannel::Fixed(channel)),
+            token,
+        }
+    }
+
+    /// The CA at `url`, verified against the roots of the file `root` (`--ca-root`, read
+    /// again when it changes) for `server_name` or the URL's host, connected at its first
+    /// call; called with `token`. Call it inside the runtime.
+    pub fn with_root_file(
+        url: &str,
+        root: &Path,
+        server_name: Option<&str>,
+        token: Token,
+    ) -> Result<Self, CaClientError> {
+        // A bad URL is named as such, not as a bad root file.
+        check_url(url)?;
+        let (url, server_name) = (url.to_owned(), server_name.map(str::to_owned));
+        let read = move |files: &[File]| {
+            let [(flag, path)] = files else {
+                unreachable!("the CA's root is one file");
+            };
+            let pem = tls::certificates(flag, path)?;
+            lazy(&url, Certificate::from_pem(pem), server_name.as_deref())
+                .map_err(|e| tls::bad(flag, path, e.to_string()))
+        };
+        let watched = Watched::load(vec![("--ca-root", root.to_owned())], read)
+            .map_err(|e| CaClientError::Root(e.to_string()))?;
+        Ok(Self {
+            channel: Arc::new(CaChannel::Root(watched)),
+            token,
+        })
+    }
+
+    /// The channel to call on now.
+    fn channel(&self) -> Channel {
+        match &*self.channel {
+            CaChannel::Fixed(channel) => channel.clone(),
+            CaChannel::Root(watched) => watched.with(Channel::clone),
+        }
     }
 }
 
@@ -188,15 +253,9 @@ impl crate::identity::manager::Authority for RemoteCa {
     ) -> crate::identity::manager::AuthorityFuture<'a> {
         Box::pin(async move {
             let token = self.token.read()?;
-            let svid = create_certificate(
-                self.channel.clone(),
-                &token,
-                &csr,
-                &identity.to_string(),
-                ttl,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let svid = create_certificate(self.channel(), &token, &csr, &identity.to_string(), ttl)
+                .await
+                .map_err(|e| e.to_string())?;
             let chain = svid
                 .chain
                 .iter()

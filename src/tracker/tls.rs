@@ -48,18 +48,25 @@ pub enum TlsError {
 /// Files read again when one of them changes (a Secret's files are replaced as a whole when
 /// it is renewed): what they held when last read, the last good reading kept, and the failure
 /// logged, while the new files do not load.
-#[derive(Debug)]
-struct Watched<T> {
+pub(crate) struct Watched<T> {
     files: Vec<File>,
     read: Reader<T>,
     loaded: Mutex<(Stamp, T)>,
 }
 
+impl<T> std::fmt::Debug for Watched<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
 /// A file, with the flag that names it.
-type File = (&'static str, PathBuf);
+pub(crate) type File = (&'static str, PathBuf);
 
 /// How the files are read and checked.
-type Reader<T> = fn(&[File]) -> Result<T, TlsError>;
+type Reader<T> = Box<dyn Fn(&[File]) -> Result<T, TlsError> + Send + Sync>;
 
 /// Each file's inode, length and modification time: any renewal changes them.
 type Stamp = Vec<Option<(u64, u64, SystemTime)>>;
@@ -76,7 +83,11 @@ fn stamp(files: &[File]) -> Stamp {
 
 impl<T> Watched<T> {
     /// Reads `files` (each with the flag that names it) with `read`; an error names the file.
-    fn load(files: Vec<File>, read: Reader<T>) -> Result<Self, TlsError> {
+    pub(crate) fn load(
+        files: Vec<File>,
+        read: impl Fn(&[File]) -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Self, TlsError> {
+        let read: Reader<T> = Box::new(read);
         let loaded = Mutex::new((stamp(&files), read(&files)?));
         Ok(Self {
             files,
@@ -86,7 +97,7 @@ impl<T> Watched<T> {
     }
 
     /// `f` of what the files hold now: read again if they changed since last read.
-    fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         let now = stamp(&self.files);
         if now != loaded.0 {
@@ -119,7 +130,8 @@ fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn bad(flag: &'static str, path: &Path, error: String) -> TlsError {
+/// The error of a file named by `flag` whose content is not what it must be.
+pub(crate) fn bad(flag: &'static str, path: &Path, error: String) -> TlsError {
     TlsError::Pem {
         flag,
         path: path.to_owned(),
@@ -127,7 +139,8 @@ fn bad(flag: &'static str, path: &Path, error: String) -> TlsError {
     }
 }
 
-fn certificates(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+/// The PEM certificates of the file named by `flag`, checked: at least one, all PEM.
+pub(crate) fn certificates(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     let pem = read(flag, path)?;
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(&pem) {
