@@ -450,3 +450,68 @@ async fn renewed_files_are_used_by_each_new_connection() {
     std::fs::write(&client.key, "not a key\n").expect("broken");
     sync().await.expect("still synced with the last good files");
 }
+
+/// Connections that never finish TLS cannot pile up from one source: past
+/// `PENDING_HANDSHAKES_PER_SOURCE` under way, a new one is reset at accept, and once they are
+/// gone a subscriber from that source is served again.
+#[tokio::test]
+async fn a_source_s_pending_handshakes_are_capped() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path(), "mesh");
+    let url = serve_tls(&pki).await;
+    let addr = url.trim_start_matches("https://").to_owned();
+    let mut stalled = Vec::new();
+    for _ in 0..weft::tracker::tls::PENDING_HANDSHAKES_PER_SOURCE {
+        stalled.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // One more from the same source: reset at once, not left waiting for its ClientHello.
+    let mut over = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "over the cap, the connection is closed at accept: {read:?}"
+    );
+    // A stalled one is still open, waiting for its handshake.
+    let waiting =
+        tokio::time::timeout(Duration::from_millis(300), stalled[0].read(&mut byte)).await;
+    assert!(waiting.is_err(), "a pending handshake is kept: {waiting:?}");
+    drop(stalled);
+    let admin = Target::new(
+        &url,
+        Some(tls(&pki.issue("admin", &format!("{TD}/weft/admin/alice")))),
+    )
+    .expect("target");
+    let synced = succeeds_soon(|| {
+        client::sync(
+            &admin,
+            request("", "", pb::PolicyScope::AllClusters),
+            Duration::from_secs(5),
+        )
+    })
+    .await;
+    assert!(synced, "served again once the stalled connections are gone");
+}
+
+/// Whether `attempt` succeeds within a few tries a short while apart (a closed connection's
+/// slot is given back once its task sees it closed).
+async fn succeeds_soon<F, Fut, T, E>(attempt: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    for _ in 0..20 {
+        if attempt().await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}

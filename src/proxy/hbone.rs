@@ -329,7 +329,10 @@ impl<A: Admission> Server<A> {
             .max_frame_size(settings.max_frame_size)
             // Lets `:protocol` requests reach us so that they get a 400, not a bare reset.
             .enable_connect_protocol();
-        let sources = Arc::new(Sources::new(settings.max_connections_per_source));
+        let sources = Arc::new(Sources::new(
+            "hbone connections",
+            settings.max_connections_per_source,
+        ));
         Self {
             tls,
             h2,
@@ -506,8 +509,11 @@ impl<A: Admission> Server<A> {
     }
 }
 
-/// Connections open per source address, against [`ServerSettings::max_connections_per_source`].
-struct Sources {
+/// Connections open per source address, against a limit
+/// ([`ServerSettings::max_connections_per_source`] for HBONE).
+pub(crate) struct Sources {
+    /// What is counted, for the log: `hbone connections`, say.
+    what: &'static str,
     limit: usize,
     counts: Mutex<SourceCounts>,
     log: LogThrottle,
@@ -553,8 +559,10 @@ impl LogThrottle {
 }
 
 impl Sources {
-    fn new(limit: usize) -> Self {
+    /// At most `limit` of `what` per source address.
+    pub(crate) fn new(what: &'static str, limit: usize) -> Self {
         Self {
+            what,
             limit,
             counts: Mutex::default(),
             log: LogThrottle::default(),
@@ -567,7 +575,7 @@ impl Sources {
     }
 
     /// A place for one more connection from `ip`, or `None` if it holds its limit already.
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d: one source, one count.
         let ip = ip.to_canonical();
         let mut counts = self.lock();
@@ -584,10 +592,11 @@ impl Sources {
         // One line per interval, naming the latest source only; never a per-source metric.
         if let Some(refused) = self.log.event() {
             tracing::debug!(
+                what = self.what,
                 latest = %ip,
                 limit = self.limit,
                 refused,
-                "hbone connections refused: their source holds its connection cap"
+                "refused: their source holds its cap"
             );
         }
         None
@@ -595,7 +604,7 @@ impl Sources {
 }
 
 /// One open connection's place in [`Sources`], given back when dropped.
-struct Slot {
+pub(crate) struct Slot {
     sources: Arc<Sources>,
     ip: IpAddr,
 }
@@ -828,7 +837,7 @@ mod tests {
 
     #[test]
     fn each_source_holds_up_to_its_cap_and_gets_places_back() {
-        let sources = Arc::new(Sources::new(2));
+        let sources = Arc::new(Sources::new("connections", 2));
         let a = [sources.take(ip("10.0.0.1")), sources.take(ip("10.0.0.1"))];
         assert!(a.iter().all(Option::is_some));
         assert!(sources.take(ip("10.0.0.1")).is_none());
@@ -864,7 +873,7 @@ mod tests {
         assert_eq!(log.event(), None);
 
         // Refusals over the cap are all counted, and logged through such a throttle.
-        let sources = Arc::new(Sources::new(0));
+        let sources = Arc::new(Sources::new("connections", 0));
         for _ in 0..5 {
             assert!(sources.take(ip("10.0.0.1")).is_none());
         }

@@ -17,8 +17,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+use crate::proxy::hbone::Sources;
+
 /// Time from accept until a client's TLS handshake is done; past it the connection is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes one source address may have under way at once (a node's agent has one); past
+/// it, a new connection is reset at accept, before TLS or a task.
+pub const PENDING_HANDSHAKES_PER_SOURCE: usize = 32;
 
 /// Why TLS material cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +317,10 @@ pub fn incoming(
     tls: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
     let (accepted, stream) = tokio::sync::mpsc::channel(64);
+    let pending = Arc::new(Sources::new(
+        "TLS handshakes",
+        PENDING_HANDSHAKES_PER_SOURCE,
+    ));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -325,6 +335,11 @@ pub fn incoming(
                 },
                 () = accepted.closed() => return,
             };
+            // A storm of connections that never finish TLS costs an accept and a reset each.
+            let Some(slot) = pending.take(peer.ip()) else {
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                continue;
+            };
             // Updates are small and must not wait for the peer's delayed ACK (Nagle).
             if let Err(error) = tcp.set_nodelay(true) {
                 tracing::debug!(%peer, %error, "TCP_NODELAY not set");
@@ -332,7 +347,9 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls());
             let accepted = accepted.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(slot);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let _ = accepted.send(Ok(stream)).await;
                     }
