@@ -2,8 +2,9 @@
 //! verify each other against, read from PEM files and checked when read, so that a wrong
 //! file is named at start rather than at the first handshake; read again when they change
 //! (a renewed Secret is rewritten in place), so that each new connection, the tracker's as a
-//! server (`incoming`) and a subscriber's as a client, uses the current ones. The CA's
-//! serving certificate is read the same way (`identity`).
+//! server (`incoming`, which also bounds each source's handshakes) and a subscriber's as a
+//! client, uses the current ones. The CA's serving certificate (`ServingFiles`) and a node's
+//! root for the CA are read the same way.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
