@@ -978,6 +978,25 @@ async fn the_nodes_explain_a_connection_as_their_listeners_decide_it() {
         text.contains("deny by networkpolicy (ingress)"),
         "{text}{output:?}"
     );
+    // Over IPv6 as over IPv4: the same pods, the same decisions.
+    let (client6, server6) = (
+        client.ip6.expect("a dual-stack client"),
+        server.ip6.expect("a dual-stack server"),
+    );
+    for (port, verdict) in [
+        (LINE_PORT, "allow by networkpolicy"),
+        (ECHO_PORT, "deny by networkpolicy (ingress)"),
+    ] {
+        let to = SocketAddr::new(server6.into(), port);
+        let output = explain(node_b, &args(client6.into(), to));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            text.contains(&format!("inbound {client6} (cluster-1/bench/client"))
+                && text.contains(&format!("-> {to} (cluster-2/bench/server"))
+                && text.contains(verdict),
+            "{text}{output:?}"
+        );
+    }
     let mut as_json = args(client.ip.into(), echo_at).to_vec();
     as_json.extend(["--output".to_owned(), "json".to_owned()]);
     let output = explain(node_b, &as_json);
