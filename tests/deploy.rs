@@ -785,6 +785,16 @@ fn unused(grants: &[Grant], asked: &[(Attributes, bool)]) -> Vec<String> {
     out
 }
 
+/// `server` refused nothing, and every permission of `granted` was used.
+fn exactly_what_was_needed(granted: &[Grant], server: &ApiServer) {
+    assert_eq!(refused(server), Vec::<String>::new(), "nothing refused");
+    assert_eq!(
+        unused(granted, &server.authorized()),
+        Vec::<String>::new(),
+        "granted but never needed"
+    );
+}
+
 /// What a pod of `server`'s cluster is given to reach it: the server's address, and in
 /// `dir` its ServiceAccount's token and the cluster's CA, as the kubelet mounts them.
 fn in_cluster(server: &ApiServer, dir: &Path, token: &str) -> kube::config::Kubeconfig {
@@ -897,12 +907,7 @@ async fn the_tracker_syncs_a_cluster_with_exactly_the_permissions_its_role_grant
             .passes(),
         "the IdentityPolicy"
     );
-    assert_eq!(refused(&server), Vec::<String>::new(), "nothing refused");
-    assert_eq!(
-        unused(&granted, &server.authorized()),
-        Vec::<String>::new(),
-        "granted but never needed"
-    );
+    exactly_what_was_needed(&granted, &server);
 
     // Control: without one of its rules the tracker is refused, and says it is not synced.
     let fewer: Vec<Grant> = granted
@@ -966,12 +971,7 @@ async fn the_ca_reviews_an_agent_s_token_with_exactly_the_permissions_its_roles_
     let granted = grants(docs, "weft-ca");
     let (node, server) = review(granted.clone()).await;
     assert_eq!(node, Ok("node-1".to_owned()));
-    assert_eq!(refused(&server), Vec::<String>::new(), "nothing refused");
-    assert_eq!(
-        unused(&granted, &server.authorized()),
-        Vec::<String>::new(),
-        "granted but never needed"
-    );
+    exactly_what_was_needed(&granted, &server);
 
     // Control: the pod read is refused outside the agent's namespace's RoleBinding.
     let cluster_wide: Vec<Grant> = granted

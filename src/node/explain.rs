@@ -15,7 +15,7 @@ use super::local::{local_pod, view_complete};
 use super::outbound::{self, Route};
 use crate::identity::WorkloadId;
 use crate::model::ClusterId;
-use crate::policy::Endpoint;
+use crate::policy::{Endpoint, Engine};
 use crate::proxy::Inbound;
 use crate::tracker::replica::Replica;
 
@@ -290,18 +290,17 @@ pub fn explain(
         };
         let source_is_local = local(question.from).is_some();
         if !source_is_local && local(to.ip()).is_none() {
-            let whereabouts = [question.from, to.ip()]
-                .map(|ip| match engine.address_endpoint(ip) {
-                    Endpoint::Pod { pod, .. } => match engine.pod_node_address(pod, ip.is_ipv6()) {
-                        Some((node, _)) => {
-                            format!("{ip} is pod {} on {node}", engine.pod_name(pod))
-                        }
-                        None => format!("{ip} is pod {}, on no meshed node", engine.pod_name(pod)),
-                    },
-                    _ => format!("{ip} is no pod of the view"),
+            let ends = [question.from, to.ip()]
+                .map(|ip| match whereabouts(engine, ip) {
+                    Some((pod, Some((_, node)))) => format!("{ip} is pod {pod} on {node}"),
+                    Some((pod, None)) => format!("{ip} is pod {pod}, on no meshed node"),
+                    None => format!("{ip} is no pod of the view"),
                 })
                 .join("; ");
-            return Err(ExplainError::NotHere { node, whereabouts });
+            return Err(ExplainError::NotHere {
+                node,
+                whereabouts: ends,
+            });
         }
         (source_is_local, meshed)
     };
@@ -351,19 +350,24 @@ pub fn explain(
         let inbound = tunnel_to(peer, target, tunnel);
         return Ok(Answer::new(node, vec![outbound, inbound], None));
     }
-    let next = {
-        let view = read();
-        let engine = view.engine();
-        match engine.address_endpoint(target.ip()) {
-            Endpoint::Pod { pod, .. } => engine
-                .pod_node_address(pod, target.is_ipv6())
-                .zip(engine.pod_cluster(pod))
-                .map(|((name, _), cluster)| format!("{cluster}/{name}")),
-            _ => None,
-        }
+    let next = match whereabouts(read().engine(), target.ip()) {
+        Some((_, Some((cluster, name)))) => format!("{cluster}/{name}"),
+        _ => format!("of {}", target.ip()),
     };
-    let next = next.unwrap_or_else(|| format!("of {}", target.ip()));
     Ok(Answer::new(node, vec![outbound], Some(next)))
+}
+
+/// The pod at `ip` (`cluster/namespace/name`) and the cluster and name of its meshed node,
+/// if the view has them.
+fn whereabouts(engine: &Engine, ip: IpAddr) -> Option<(String, Option<(String, String)>)> {
+    let Endpoint::Pod { pod, .. } = engine.address_endpoint(ip) else {
+        return None;
+    };
+    let node = engine
+        .pod_node_address(pod, ip.is_ipv6())
+        .zip(engine.pod_cluster(pod))
+        .map(|((name, _), cluster)| (cluster.to_string(), name));
+    Some((engine.pod_name(pod), node))
 }
 
 #[cfg(test)]
